@@ -1,0 +1,1 @@
+"""Collect the runs of a sweep and compare arms at matched tokens."""

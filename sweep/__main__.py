@@ -1,0 +1,64 @@
+"""`python -m sweep +experiment=NAME -m` runs the whole sweep; without `-m`, `arm=NAME` runs one arm here."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sweep.schema import Config, register
+
+register()
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The typed Config of a composed Hydra config (the `hydra` node dropped)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Single-arm mode: run the arm (and the stages it needs that are not done) in the foreground."""
+    from sweep.launch import job_state
+    from sweep.plan import PlanError, arm_table, build_plan
+
+    if cfg.arm is None:
+        sys.exit("error: choose an arm (arm=NAME), or run the whole sweep with -m")
+    try:
+        plan = build_plan([to_config(cfg)], [list(HydraConfig.get().overrides.task)])
+    except PlanError as exc:
+        sys.exit(f"error: {exc}")
+    print(arm_table(plan), flush=True)
+    if plan.config.sweep.dry_run:
+        return
+    from sweep.manifest import record_plan
+
+    record_plan(plan)
+    for job in plan.jobs:
+        if job_state(job) == "completed":
+            print(f"{job.name}: already completed ({job.run_dir})")
+            continue
+        print(f"{job.name}: running in the foreground ({job.run_dir})", flush=True)
+        if job.stage.run is not None:
+            job.stage.run.progress = True
+        job.stage()
+        print(f"{job.name}: {job_state(job)}")
+
+
+def _multirun_flag_first(argv: list[str]) -> list[str]:
+    """Let `-m` stand anywhere (`python -m sweep +experiment=X -m a=b`): Hydra's argparse wants it before overrides."""
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    return flags + [a for a in argv if a not in ("-m", "--multirun")]
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = _multirun_flag_first(sys.argv[1:])
+    main()

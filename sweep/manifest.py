@@ -1,0 +1,78 @@
+"""`<sweep dir>/manifest.json`: what a sweep is made of and every job id each part has had.
+
+Written atomically under a file lock, so two invocations cannot tear or interleave it. An arm
+whose signature changed keeps its old entries under `previous` (its old run dir stays on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from sweep.plan import SweepPlan
+from train.runlog import write_json_atomic
+
+MANIFEST = "manifest.json"
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and dirtiness of the code being launched (the project's own checkout)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep dir (no {MANIFEST})")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
+
+
+def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[str, Any]:
+    """Merge the plan (and new job ids) into the manifest; returns what was written."""
+    plan.dir.mkdir(parents=True, exist_ok=True)
+    path = plan.dir / MANIFEST
+    with FileLock(str(path) + ".lock"):
+        manifest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"jobs": {}}
+        manifest.update(
+            experiment=plan.name,
+            sweep_dir=str(plan.dir),
+            pairs=plan.pairs,
+            ops={k: asdict(v) for k, v in plan.config.ops.items()},
+            git=git_state(),
+            updated=time.time(),
+        )
+        for job in plan.jobs:
+            entry = manifest["jobs"].get(job.name, {})
+            if entry and entry.get("signature") != job.signature:
+                previous = entry.pop("previous", [])
+                entry = {"previous": [*previous, entry]}
+            entry.update(
+                kind=job.kind,
+                signature=job.signature,
+                run_dir=str(job.run_dir),
+                depends_on=job.depends_on,
+                overrides=job.overrides,
+                derived=job.row,
+            )
+            entry.setdefault("job_ids", [])
+            if job_ids and job.name in job_ids:
+                entry["job_ids"].append(job_ids[job.name])
+            manifest["jobs"][job.name] = entry
+        write_json_atomic(path, manifest)
+    return manifest

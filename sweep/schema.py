@@ -1,0 +1,123 @@
+"""The Hydra schema: dataclasses registered in the ConfigStore, so YAML is type-checked at compose time.
+
+The YAML files under `conf/` choose values; these classes say which keys exist and of what type.
+Model, data, rule and operating-point nodes are the trainer's own plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from train.config import DataConfig, ModelConfig, WandbConfig
+from train.rules import OperatingPoint, RuleConfig
+
+
+@dataclass
+class ArmSpec:
+    """One arm: an operating point (named, or another arm's derived point) moved by a rule to a batch."""
+
+    rule: str = "none"  # a key of `rules`
+    batch_size: int = MISSING
+    op: str = ""  # a key of `ops` ...
+    from_arm: str = ""  # ... or another arm, whose derived hyperparameters become this arm's operating point
+    token_budget: int = 0  # 0: the experiment's budget (matched budgets are the default)
+
+
+@dataclass
+class WarmupSpec:
+    """The from-scratch run on the `warmup` split whose final weights every arm branches from."""
+
+    enabled: bool = True
+    op: str = "base"
+    batch_size: int = MISSING
+    token_budget: int = MISSING
+    lr_warmup_tokens: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    description: str = ""
+    ratio: int = 16  # large batch / small batch
+    large_batch: int = MISSING
+    small_batch: int = MISSING
+    token_budget: int = MISSING
+    arms: dict[str, ArmSpec] = field(default_factory=dict)
+    pairs: list[list[str]] = field(default_factory=list)
+    warmup: WarmupSpec = field(default_factory=WarmupSpec)
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # fp32 | bf16
+
+
+@dataclass
+class TrainerConfig:
+    """How every run of the sweep trains; only result-affecting fields enter an arm's signature."""
+
+    seq_len: int = 128
+    micro_batch_size: int = 0  # per rank; 0 = whole per-rank batch in one pass
+    grad_clip: float = 1e9
+    init_seed: int = 0
+    data_seed: int = 0
+    val_samples: int = 32
+    val_every_tokens: int = 0
+    checkpoint_every_tokens: int = 0
+    keep_checkpoints: int = 2
+    log_every_steps: int = 1
+
+
+@dataclass
+class ResourcesConfig:
+    """Per-job resources. One task per GPU; on CPU, `tasks_per_node` ranks (gloo)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    mem_gb: int = 0
+    timeout_min: int = 240
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * (self.gpus_per_node or self.tasks_per_node)
+
+
+@dataclass
+class SweepOptions:
+    root: str = "sweeps"
+    dir: str = "${sweep.root}/${experiment.name}"
+    dry_run: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    ops: dict[str, OperatingPoint] = field(default_factory=dict)
+    rules: dict[str, RuleConfig] = field(default_factory=dict)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sweep: SweepOptions = field(default_factory=SweepOptions)
+    arm: str | None = None  # the arm this job runs; the experiment's sweep sets it
+
+
+def register() -> None:
+    """Register the schema and the resolvers the YAML uses; safe to call more than once."""
+    if not OmegaConf.has_resolver("intdiv"):
+        OmegaConf.register_new_resolver("intdiv", lambda a, b: int(a) // int(b))
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)

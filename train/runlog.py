@@ -1,0 +1,140 @@
+"""What a run tells the world (rank 0 only): `status.json`, `metrics.jsonl` and its W&B run.
+
+`metrics.jsonl` is the source of truth: one JSON object per logged row, every row carrying
+`tokens`. W&B mirrors it; a W&B failure is a warning, never a reason to stop training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from train.config import RunConfig
+
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        status: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return status
+
+
+def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
+    """Drop rows logged after `last_step` (they are superseded by the resumed run's rows)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a row torn by a kill
+            continue
+        if row.get("step", -1) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Status, metrics file and W&B for one run, resumed after `resume_step`. Construct it on rank 0 only."""
+
+    HEARTBEAT_S = 2.0
+
+    def __init__(self, cfg: RunConfig, total_steps: int, resume_step: int) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.status: dict[str, Any] = {
+            "name": cfg.name,
+            "stage": cfg.stage,
+            "signature": cfg.signature,
+            "state": "running",
+            "step": 0,
+            "total_steps": total_steps,
+            "tokens": 0,
+            "token_budget": cfg.token_budget,
+            "loss": None,
+            "tokens_per_s": None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "heartbeat": time.time(),
+            "error": None,
+        }
+        self._last_beat = 0.0
+        # Rows past the checkpoint we resume from are superseded by the rows this run will log.
+        truncate_metrics(self.run_dir, resume_step)
+        self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115 - line-buffered
+        self._wandb: Any = self._start_wandb()
+
+    def _start_wandb(self) -> Any:
+        if self.cfg.wandb.mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            run = wandb.init(
+                id=self.cfg.signature,
+                resume="allow",
+                mode=self.cfg.wandb.mode,
+                project=self.cfg.wandb.project,
+                entity=self.cfg.wandb.entity or None,
+                group=self.cfg.sweep_name or None,
+                job_type=self.cfg.stage,
+                name=self.cfg.name,
+                tags=list(self.cfg.tags),
+                dir=str(self.run_dir),
+                config=self.cfg.extra_config,
+            )
+            run.define_metric("tokens")
+            run.define_metric("*", step_metric="tokens")
+            return run
+        except Exception as exc:
+            warnings.warn(f"W&B unavailable, logging to {METRICS_FILE} only: {exc}", stacklevel=2)
+            return None
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            try:
+                self._wandb.log(row)
+            except Exception as exc:
+                warnings.warn(f"W&B log failed, continuing without it: {exc}", stacklevel=2)
+                self._wandb = None
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        """Merge `fields` into status.json; rewritten at most every HEARTBEAT_S unless forced."""
+        self.status.update(fields)
+        now = time.time()
+        if force or now - self._last_beat >= self.HEARTBEAT_S:
+            self.status["heartbeat"] = now
+            write_json_atomic(self.run_dir / STATUS_FILE, self.status)
+            self._last_beat = now
+
+    def close(self, state: str, error: str | None = None) -> None:
+        self.update(force=True, state=state, error=error, finished=time.time())
+        self._metrics.close()
+        if self._wandb is not None:
+            try:
+                self._wandb.finish(exit_code=0 if state == "completed" else 1)
+            except Exception as exc:
+                warnings.warn(f"W&B finish failed: {exc}", stacklevel=2)
