@@ -64,11 +64,13 @@ def analyze(sweep_dir: str | Path, spec: BinSpec | None = None, pairs: list[list
     table.to_csv(out / "pairs.csv", index=False)
     binned.to_csv(out / "bins.csv", index=False)
     header = f"# {manifest.get('experiment', sweep_dir.name)}: pairwise loss gap vs tokens\n\n"
+    n_bins = binned["bin"].nunique() if len(binned) else 0
     notes = [
-        f"Training loss binned on tokens ({len(binned['bin'].unique()) if len(binned) else 0} common bins). "
-        "mean_gap = a - b averaged over bins (nats); gap_se its standard error over bins; same_sign = share of "
-        "bins with the sign of the mean; op_spread = mean |gap| between operating points at equal batch size; "
-        "gap_over_spread << 1 means the rule maps one batch size onto the other.",
+        f"Training loss binned on tokens ({n_bins} bins). mean_gap = a - b averaged over the pair's common "
+        "bins (nats); gap_se its standard error over bins; "
+        "same_sign = share of bins with the sign of the mean; "
+        "op_spread = mean |gap| between operating points at equal batch size; gap_over_spread << 1 means "
+        "the rule maps one batch size onto the other.",
     ]
     if missing:
         notes.append(f"No metrics yet for arm(s) {', '.join(missing)}: their pairs are left out.")

@@ -73,7 +73,9 @@ def summarize_gap(gap: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def pair_table(runs: pd.DataFrame, pairs: list[list[str]], spec: BinSpec, kind: str = "train") -> pd.DataFrame:
+def pair_table(
+    runs: pd.DataFrame, pairs: list[list[str]], spec: BinSpec, kind: str = "train"
+) -> pd.DataFrame:
     """One row per declared pair: gap statistics and the operating-point spread it is judged against."""
     batch = runs.groupby("arm")["batch_size"].first().to_dict()
     pair_of = {arm: i for i, pair in enumerate(pairs) for arm in pair}
@@ -90,6 +92,16 @@ def pair_table(runs: pd.DataFrame, pairs: list[list[str]], spec: BinSpec, kind: 
         spread = [s for arm in (a, b) for s in spreads.get(arm, []) if np.isfinite(s)]
         op_spread = float(np.mean(spread)) if spread else float("nan")
         ratio = abs(stats["mean_gap"]) / op_spread if op_spread > 0 else float("nan")
-        out.append({"pair": f"{a}-{b}", "a": a, "b": b, "batch_a": batch.get(a), "batch_b": batch.get(b), **stats,
-                    "op_spread": op_spread, "gap_over_spread": ratio})
+        out.append(
+            {
+                "pair": f"{a}-{b}",
+                "a": a,
+                "b": b,
+                "batch_a": batch.get(a),
+                "batch_b": batch.get(b),
+                **stats,
+                "op_spread": op_spread,
+                "gap_over_spread": ratio,
+            }
+        )
     return pd.DataFrame(out)

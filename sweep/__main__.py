@@ -54,7 +54,9 @@ def main(cfg: DictConfig) -> None:
 
 
 def _multirun_flag_first(argv: list[str]) -> list[str]:
-    """Let `-m` stand anywhere (`python -m sweep +experiment=X -m a=b`): Hydra's argparse wants it before overrides."""
+    """Let `-m` stand anywhere (`python -m sweep +experiment=X -m a=b`).
+
+    Hydra's argparse accepts overrides on one side of the flag only."""
     flags = [a for a in argv if a in ("-m", "--multirun")]
     return flags + [a for a in argv if a not in ("-m", "--multirun")]
 

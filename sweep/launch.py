@@ -44,7 +44,9 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
         plan.dir.mkdir(parents=True, exist_ok=True)
         keys = ["arm", "op", "rule", "batch_size", "seq_len", "micro_batch_size", "grad_accum", "lr", "beta1"]
         keys += ["beta2", "eps", "token_budget", "signature"]
-        (plan.dir / "plan.json").write_text(json.dumps([{k: j.row[k] for k in keys} for j in plan.arms], indent=2))
+        (plan.dir / "plan.json").write_text(
+            json.dumps([{k: j.row[k] for k in keys} for j in plan.arms], indent=2)
+        )
         print(f"dry run: wrote {plan.dir / 'plan.json'}; nothing was run")
         return {}
     states = {j.name: job_state(j) for j in plan.jobs}
@@ -71,8 +73,11 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
 
 def _resources(plan: SweepPlan) -> dict[str, Any]:
     res = plan.config.resources
-    return {"timeout_min": res.timeout_min, "tasks_per_node": res.gpus_per_node or res.tasks_per_node,
-            "gpus_per_node": res.gpus_per_node}
+    return {
+        "timeout_min": res.timeout_min,
+        "tasks_per_node": res.gpus_per_node or res.tasks_per_node,
+        "gpus_per_node": res.gpus_per_node,
+    }
 
 
 def _run_local(plan: SweepPlan, todo: list[Job], opts: LauncherOptions) -> dict[str, str]:
@@ -114,11 +119,22 @@ def _run_local(plan: SweepPlan, todo: list[Job], opts: LauncherOptions) -> dict[
                     bar = None
                     if budget:
                         # disable=None: a bar on a terminal, plain start/end lines in a log file.
-                        bar = tqdm(total=budget, desc=f"{job.name:>8}", unit="tok", unit_scale=True, position=position,
-                                   leave=True, dynamic_ncols=True, disable=None)
+                        bar = tqdm(
+                            total=budget,
+                            desc=f"{job.name:>8}",
+                            unit="tok",
+                            unit_scale=True,
+                            position=position,
+                            leave=True,
+                            dynamic_ncols=True,
+                            disable=None,
+                        )
                         position += 1
                     if bar is None or bar.disable:
-                        print(f"{job.name}: running (local job {handle.job_id}, log {handle.paths.stderr})", flush=True)
+                        print(
+                            f"{job.name}: running (local job {handle.job_id}, log {handle.paths.stderr})",
+                            flush=True,
+                        )
                     running[job.name] = (job, handle, bar)
                     pending.remove(job)
             time.sleep(opts.poll_s)
@@ -141,7 +157,11 @@ def _finished_state(job: Job, handle: Any) -> str:
     error = (status or {}).get("error")
     if not error:
         exc = handle.exception()
-        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}" if exc else ""
+        error = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            if exc
+            else ""
+        )
     log = Path(handle.paths.stderr)
     print(f"{job.name}: {state}: {error}\n  log: {log}", file=sys.stderr)
     return state

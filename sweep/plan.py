@@ -70,9 +70,13 @@ def _derive(name: str, cfg: Config, chain: tuple[str, ...] = ()) -> OperatingPoi
     elif spec.op in cfg.ops:
         base = cfg.ops[spec.op]
     else:
-        raise PlanError(f"arm {name}: op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
+        raise PlanError(
+            f"arm {name}: op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})"
+        )
     if spec.rule not in cfg.rules:
-        raise PlanError(f"arm {name}: rule {spec.rule!r} is not one of the experiment's rules ({', '.join(cfg.rules)})")
+        raise PlanError(
+            f"arm {name}: rule {spec.rule!r} is not one of the experiment's rules ({', '.join(cfg.rules)})"
+        )
     try:
         return apply_rule(base, cfg.rules[spec.rule], spec.batch_size)
     except RuleError as exc:
@@ -80,7 +84,14 @@ def _derive(name: str, cfg: Config, chain: tuple[str, ...] = ()) -> OperatingPoi
 
 
 def _run_config(
-    cfg: Config, name: str, kind: str, point: OperatingPoint, batch: BatchPlan, budget: int, init: str, run_root: Path
+    cfg: Config,
+    name: str,
+    kind: str,
+    point: OperatingPoint,
+    batch: BatchPlan,
+    budget: int,
+    init: Job | None,
+    run_root: Path,
 ) -> RunConfig:
     data_dir = data_dir_for(cfg.data)
     optimizer = OptimizerConfig(
@@ -102,7 +113,8 @@ def _run_config(
         "precision": cfg.precision.dtype,
         "token_budget": budget,
         "lr_warmup_tokens": lr_warmup,
-        "init": init or f"seed:{cfg.trainer.init_seed}",
+        # The branch point by its identity (the warmup's signature), never by its path.
+        "init": f"warmup:{init.signature}" if init else f"seed:{cfg.trainer.init_seed}",
         "data_seed": cfg.trainer.data_seed,
         "val_samples": cfg.trainer.val_samples,
     }
@@ -122,7 +134,7 @@ def _run_config(
         micro_batch_size=batch.micro_batch_size,
         lr_warmup_tokens=lr_warmup,
         precision=cfg.precision.dtype,
-        init_checkpoint=init,
+        init_checkpoint=str(init.run_dir) if init else "",
         init_seed=cfg.trainer.init_seed,
         data_seed=cfg.trainer.data_seed,
         val_every_tokens=cfg.trainer.val_every_tokens,
@@ -181,10 +193,11 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         try:
             prepare = _prepare_job(cfg.data)
             jobs.setdefault(prepare.name, prepare)
-            init, deps = "", [prepare.name]
+            init: Job | None = None
+            deps = [prepare.name]
             if cfg.experiment.warmup.enabled:
                 warmup = _warmup_job(cfg, run_root, prepare.name)
-                init, deps = warmup.run_dir.as_posix(), [warmup.name]
+                init, deps = warmup, [warmup.name]
                 if warmup.name in jobs and jobs[warmup.name].signature != warmup.signature:
                     raise PlanError("jobs of this sweep need different warmups: sweep one warmup at a time")
                 jobs.setdefault(warmup.name, warmup)
@@ -194,15 +207,21 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
             errors.append(str(exc))
             continue
         if arm.name in jobs:
-            errors.append(f"arm name {arm.name!r} appears twice in the sweep: sweep arm alone, or name variants")
+            errors.append(
+                f"arm name {arm.name!r} appears twice in the sweep: sweep arm alone, or name variants"
+            )
         elif arm.signature in arm_sigs:
-            errors.append(f"arms {arm_sigs[arm.signature]} and {arm.name} are the same run (signature {arm.signature})")
+            errors.append(
+                f"arms {arm_sigs[arm.signature]} and {arm.name} are the same run (signature {arm.signature})"
+            )
         else:
             jobs[arm.name] = arm
             arm_sigs[arm.signature] = arm.name
     for pair in first.experiment.pairs:
         if len(pair) != 2 or any(a not in first.experiment.arms for a in pair):
-            errors.append(f"pair {pair} must name two arms of the experiment ({', '.join(first.experiment.arms)})")
+            errors.append(
+                f"pair {pair} must name two arms of the experiment ({', '.join(first.experiment.arms)})"
+            )
     if errors:
         raise PlanError("the sweep cannot run:\n" + "\n".join(f"  - {e}" for e in dict.fromkeys(errors)))
     return SweepPlan(first.experiment.name, sweep_dir, list(jobs.values()), first.experiment.pairs, first)
@@ -218,15 +237,27 @@ def _warmup_job(cfg: Config, run_root: Path, prepare: str) -> Job:
         raise PlanError(f"warmup: op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
     point = cfg.ops[spec.op]
     batch = plan_batches(
-        spec.batch_size, cfg.trainer.micro_batch_size, cfg.resources.world_size, cfg.trainer.seq_len, spec.token_budget
+        spec.batch_size,
+        cfg.trainer.micro_batch_size,
+        cfg.resources.world_size,
+        cfg.trainer.seq_len,
+        spec.token_budget,
     )
-    run = _run_config(cfg, "warmup", "warmup", point, batch, spec.token_budget, "", run_root)
-    return Job("warmup", "warmup", run.signature, Path(run.run_dir), StageJob("train", run=run), [prepare], [],
-               _row("warmup", spec.op, "none", run, batch))
+    run = _run_config(cfg, "warmup", "warmup", point, batch, spec.token_budget, None, run_root)
+    return Job(
+        "warmup",
+        "warmup",
+        run.signature,
+        Path(run.run_dir),
+        StageJob("train", run=run),
+        [prepare],
+        [],
+        _row("warmup", spec.op, "none", run, batch),
+    )
 
 
 def _arm_job(
-    cfg: Config, overrides: list[str], variant: list[str], run_root: Path, init: str, deps: list[str]
+    cfg: Config, overrides: list[str], variant: list[str], run_root: Path, init: Job | None, deps: list[str]
 ) -> Job:
     assert cfg.arm is not None
     spec = cfg.experiment.arms.get(cfg.arm)
@@ -234,7 +265,11 @@ def _arm_job(
     budget = (spec.token_budget if spec else 0) or cfg.experiment.token_budget
     try:
         batch = plan_batches(
-            point.reference_batch, cfg.trainer.micro_batch_size, cfg.resources.world_size, cfg.trainer.seq_len, budget
+            point.reference_batch,
+            cfg.trainer.micro_batch_size,
+            cfg.resources.world_size,
+            cfg.trainer.seq_len,
+            budget,
         )
     except BatchError as exc:
         raise PlanError(f"arm {cfg.arm}: {exc}") from exc
@@ -245,7 +280,9 @@ def _arm_job(
     op = spec.op if spec and spec.op else f"arm {spec.from_arm}" if spec else "?"
     row = _row(name, op, spec.rule if spec else "?", run, batch)
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
-    return Job(name, "arm", run.signature, Path(run.run_dir), StageJob("train", run=run), deps, overrides, row)
+    return Job(
+        name, "arm", run.signature, Path(run.run_dir), StageJob("train", run=run), deps, overrides, row
+    )
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

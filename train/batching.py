@@ -19,7 +19,9 @@ class BatchPlan:
     tokens_per_step: int
 
 
-def plan_batches(batch_size: int, micro_batch_size: int, world_size: int, seq_len: int, token_budget: int) -> BatchPlan:
+def plan_batches(
+    batch_size: int, micro_batch_size: int, world_size: int, seq_len: int, token_budget: int
+) -> BatchPlan:
     """Derive accumulation and step count, refusing anything that does not divide exactly.
 
     `micro_batch_size` 0 means the whole per-rank batch in one pass; a micro-batch larger than
@@ -42,4 +44,6 @@ def plan_batches(batch_size: int, micro_batch_size: int, world_size: int, seq_le
             f"token budget {token_budget} is not a positive multiple of the step's "
             f"{tokens_per_step} tokens (batch {batch_size} x seq_len {seq_len})"
         )
-    return BatchPlan(batch_size, world_size, micro, per_rank // micro, token_budget // tokens_per_step, tokens_per_step)
+    return BatchPlan(
+        batch_size, world_size, micro, per_rank // micro, token_budget // tokens_per_step, tokens_per_step
+    )

@@ -43,7 +43,11 @@ def _init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -83,7 +87,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     rank, world, device = _init_distributed()
     meta = load_meta(cfg.data_dir)
     if meta["vocab_size"] > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}"
+        )
     plan = plan_batches(cfg.batch_size, cfg.micro_batch_size, world, cfg.seq_len, cfg.token_budget)
     stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
     if plan.steps * cfg.batch_size > stream.n_windows:
@@ -144,9 +150,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             save_checkpoint(cfg.run_dir, step, state, cfg.keep_checkpoints)
 
     def crossed(step: int, every_tokens: int) -> bool:
-        return every_tokens > 0 and (step * plan.tokens_per_step) // every_tokens > (
-            (step - 1) * plan.tokens_per_step
-        ) // every_tokens
+        return (
+            every_tokens > 0
+            and (step * plan.tokens_per_step) // every_tokens
+            > ((step - 1) * plan.tokens_per_step) // every_tokens
+        )
 
     if start_step == 0:
         validate(0)
@@ -155,8 +163,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if log is not None and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.token_budget, initial=start_step * plan.tokens_per_step, desc=cfg.name, unit="tok",
-                   unit_scale=True)
+        bar = tqdm(
+            total=cfg.token_budget,
+            initial=start_step * plan.tokens_per_step,
+            desc=cfg.name,
+            unit="tok",
+            unit_scale=True,
+        )
     window_time, window_tokens = time.perf_counter(), 0
     try:
         for step in range(start_step, plan.steps):
@@ -195,9 +208,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 tokens_per_s = window_tokens / max(now - window_time, 1e-9)
                 if done % cfg.log_every_steps == 0 or done == plan.steps:
                     row = {"step": done, "tokens": done * plan.tokens_per_step, "loss": loss, "lr": lr}
-                    row.update(grad_norm=grad_norm.item(), batch_size=cfg.batch_size, tokens_per_s=tokens_per_s)
+                    row.update(
+                        grad_norm=grad_norm.item(), batch_size=cfg.batch_size, tokens_per_s=tokens_per_s
+                    )
                     log.log(row)
-                log.update(step=done, tokens=done * plan.tokens_per_step, loss=loss, tokens_per_s=tokens_per_s)
+                log.update(
+                    step=done, tokens=done * plan.tokens_per_step, loss=loss, tokens_per_s=tokens_per_s
+                )
                 if bar is not None:
                     bar.update(plan.tokens_per_step)
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

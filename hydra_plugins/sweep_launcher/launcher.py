@@ -17,9 +17,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 class SweepLauncher(Launcher):
-    def __init__(self, executor: str = "local", max_parallel: int = 1, poll_s: float = 0.5, analyze: bool = True):
-        self.options: dict[str, Any] = dict(executor=executor, max_parallel=max_parallel, poll_s=poll_s,
-                                            analyze=analyze)
+    def __init__(
+        self, executor: str = "local", max_parallel: int = 1, poll_s: float = 0.5, analyze: bool = True
+    ):
+        self.options: dict[str, Any] = dict(
+            executor=executor, max_parallel=max_parallel, poll_s=poll_s, analyze=analyze
+        )
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 

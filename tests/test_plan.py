@@ -1,0 +1,158 @@
+"""Composition of every experiment, the arm table, signatures and refusals before anything runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sweep.plan import PlanError, build_plan
+from tests.conftest import REPO, compose
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def _plan(overrides: list[str], arms: list[str], tmp_path: Path):
+    base = [f"sweep.root={tmp_path}", *overrides]
+    return build_plan([compose([*base, f"arm={a}"]) for a in arms], [[*base, f"arm={a}"] for a in arms])
+
+
+def _arms(experiment: str) -> list[str]:
+    return list(compose([f"+experiment={experiment}"]).experiment.arms)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_dry_runs(experiment, tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweep",
+            f"+experiment={experiment}",
+            "-m",
+            "sweep.dry_run=true",
+            f"sweep.root={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads((tmp_path / experiment / "plan.json").read_text())
+    assert sorted(r["arm"] for r in plan) == sorted(_arms(experiment))
+    keys = {
+        "arm",
+        "op",
+        "rule",
+        "batch_size",
+        "seq_len",
+        "micro_batch_size",
+        "grad_accum",
+        "lr",
+        "beta1",
+        "beta2",
+    }
+    assert keys | {"eps", "token_budget", "signature"} <= set(plan[0])
+    assert not (tmp_path / experiment / "runs").exists()  # a dry run runs nothing
+    assert "signature" in out.stdout and "beta2" in out.stdout  # the arm table was printed
+
+
+def test_sqrt_rule_arms_follow_the_seed_relations(tmp_path):
+    plan = _plan(["+experiment=sqrt_rule"], ["A", "H", "B", "J"], tmp_path)
+    rows = {j.name: j.row for j in plan.arms}
+    a, h, b, j = rows["A"], rows["H"], rows["B"], rows["J"]
+    r = a["batch_size"] // h["batch_size"]
+    assert r == 16 and j["batch_size"] == a["batch_size"] and b["batch_size"] == h["batch_size"]
+    assert h["lr"] == pytest.approx(a["lr"] / 4) and h["beta1"] == pytest.approx(a["beta1"] ** (1 / r))
+    assert h["eps"] == pytest.approx(a["eps"] * 4)
+    assert (
+        b["lr"] == a["lr"] and b["beta1"] == a["beta1"] and b["beta2"] == pytest.approx(a["beta2"] ** (1 / r))
+    )
+    assert (
+        j["lr"] == pytest.approx(4 * a["lr"])
+        and j["beta1"] == a["beta1"]
+        and j["beta2"] == pytest.approx(0.95)
+    )
+    assert len({row["token_budget"] for row in rows.values()}) == 1  # matched budgets
+    assert plan.pairs == [["A", "H"], ["J", "B"]]
+
+
+def test_seed_scale_override_line(tmp_path):
+    plan = _plan(
+        [
+            "+experiment=sqrt_rule",
+            "model=qwen2_5_0_5b",
+            "op@ops.base=seed_baseline",
+            "experiment.token_budget=1048576000",
+        ],
+        ["A", "H", "J"],
+        tmp_path,
+    )
+    rows = {j.name: j.row for j in plan.arms}
+    assert (rows["A"]["batch_size"], rows["A"]["lr"]) == (512, 1e-4)
+    assert (rows["H"]["batch_size"], rows["H"]["lr"]) == (32, pytest.approx(2.5e-5))
+    assert (rows["J"]["lr"], rows["J"]["beta1"], rows["J"]["beta2"]) == (
+        pytest.approx(4e-4),
+        0.9,
+        pytest.approx(0.95),
+    )
+
+
+def test_signature_ignores_intervals_but_not_hyperparameters(tmp_path):
+    sig = lambda extra: _plan(["+experiment=sqrt_rule", *extra], ["A"], tmp_path).arms[0].signature  # noqa: E731
+    base = sig([])
+    assert sig(["trainer.val_every_tokens=8192", "trainer.checkpoint_every_tokens=8192"]) == base
+    assert sig(["trainer.micro_batch_size=16"]) == base
+    assert sig(["ops.base.lr=0.003"]) != base
+    assert sig(["experiment.token_budget=2097152"]) != base
+    other_root = _plan(["+experiment=sqrt_rule"], ["A"], tmp_path / "elsewhere").arms[0].signature
+    assert other_root == base  # paths are not identity
+    run_dir = _plan(["+experiment=sqrt_rule"], ["A"], tmp_path).arms[0].run_dir
+    assert run_dir == tmp_path / "sqrt_rule" / "runs" / f"A-{base}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ops.base.beta2=1.0"], "beta2=1.0, outside"),
+        (["trainer.micro_batch_size=3"], "not divisible by micro-batch 3"),
+        (["resources.tasks_per_node=3"], "not divisible by world size 3"),
+        (["experiment.token_budget=1000"], "not a positive multiple"),
+        (["experiment.arms.J.from_arm=J"], "cycle"),
+        (["experiment.arms.H.rule=nope"], "rule 'nope' is not one of"),
+    ],
+)
+def test_invalid_arms_are_refused_before_anything_runs(overrides, message, tmp_path):
+    with pytest.raises(PlanError, match=message):
+        _plan(["+experiment=sqrt_rule", *overrides], ["A", "H", "B", "J"], tmp_path)
+    assert not (tmp_path / "sqrt_rule").exists()
+
+
+def test_cli_reports_refusal_clearly(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweep",
+            "+experiment=sqrt_rule",
+            "-m",
+            "ops.base.beta1=1.5",
+            f"sweep.root={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "the sweep cannot run" in out.stderr + out.stdout and "beta1=" in out.stderr + out.stdout
+    assert not (tmp_path / "sqrt_rule" / "runs").exists()
+
+
+def test_typo_in_config_fails_at_compose_time():
+    with pytest.raises(Exception, match="learning_rate"):
+        compose(["+experiment=sqrt_rule", "ops.base.learning_rate=1"])
