@@ -217,6 +217,15 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         else:
             jobs[arm.name] = arm
             arm_sigs[arm.signature] = arm.name
+    if first.trainer.val_samples < 1:
+        errors.append(
+            f"trainer.val_samples={first.trainer.val_samples}: validation needs at least one sequence"
+        )
+    if first.trainer.seq_len > first.model.max_position_embeddings:
+        errors.append(
+            f"trainer.seq_len={first.trainer.seq_len} exceeds model.max_position_embeddings="
+            f"{first.model.max_position_embeddings}"
+        )
     for pair in first.experiment.pairs:
         if len(pair) != 2 or any(a not in first.experiment.arms for a in pair):
             errors.append(

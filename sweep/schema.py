@@ -119,5 +119,6 @@ def register() -> None:
     """Register the schema and the resolvers the YAML uses; safe to call more than once."""
     if not OmegaConf.has_resolver("intdiv"):
         OmegaConf.register_new_resolver("intdiv", lambda a, b: int(a) // int(b))
+        OmegaConf.register_new_resolver("intmul", lambda a, b: int(a) * int(b))
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)

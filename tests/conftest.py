@@ -32,3 +32,29 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return to_config(hydra_compose(config_name="config", overrides=overrides))
+
+
+def _slurm_up() -> str | None:
+    """None if a SLURM controller answers here, else why not."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sinfo"):
+        return "no SLURM client on this machine (slurm/cluster.sh up starts one)"
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 or not out.stdout.strip():
+        return f"no SLURM controller answers: {out.stderr.strip()} (slurm/cluster.sh up starts one)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """Skip without a running cluster, unless SWEEP_REQUIRE_SLURM=1 (CI), where that is a failure."""
+    import os
+
+    why = _slurm_up()
+    if why is None:
+        return
+    if os.environ.get("SWEEP_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SWEEP_REQUIRE_SLURM=1 but {why}")
+    pytest.skip(why)

@@ -141,3 +141,26 @@ def test_status_lists_every_job_completed(sweep_run):
     assert out.returncode == 0, out.stderr
     lines = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[2:]}
     assert lines == dict.fromkeys(["prepare", "warmup", "A", "H", "B", "J"], "completed")
+
+
+def test_a_failing_arm_is_reported_and_changed_arms_get_a_new_run_dir(sweep_run):
+    """Runs last: it changes H (a budget its split cannot hold), so only H runs again, and fails."""
+    sweep_dir, _ = sweep_run
+    old_h = json.loads((sweep_dir / "manifest.json").read_text())["jobs"]["H"]
+    out = _sweep(sweep_dir.parent, "experiment.arms.H.token_budget=16777216")
+    assert out.returncode == 1
+    assert "H: failed: ValueError: token budget 16777216 needs" in out.stderr
+    assert "already completed, skipped: prepare, warmup, A, B, J" in out.stdout
+    new_h = json.loads((sweep_dir / "manifest.json").read_text())["jobs"]["H"]
+    assert new_h["signature"] != old_h["signature"]
+    assert new_h["previous"][-1]["signature"] == old_h["signature"]
+    assert Path(old_h["run_dir"], "status.json").exists()  # the old run is kept
+    assert json.loads(Path(new_h["run_dir"], "status.json").read_text())["state"] == "failed"
+    status = subprocess.run(
+        [sys.executable, "-m", "sweep.status", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 1 and " failed " in status.stdout

@@ -124,6 +124,8 @@ def test_signature_ignores_intervals_but_not_hyperparameters(tmp_path):
         (["experiment.token_budget=1000"], "not a positive multiple"),
         (["experiment.arms.J.from_arm=J"], "cycle"),
         (["experiment.arms.H.rule=nope"], "rule 'nope' is not one of"),
+        (["trainer.val_samples=0"], "at least one sequence"),
+        (["trainer.seq_len=4096"], "exceeds model.max_position_embeddings"),
     ],
 )
 def test_invalid_arms_are_refused_before_anything_runs(overrides, message, tmp_path):

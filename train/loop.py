@@ -23,7 +23,7 @@ from train.checkpoint import load_latest_checkpoint, save_checkpoint
 from train.config import RunConfig
 from train.data import TokenStream, load_meta, load_split, validation_windows
 from train.model import build_model, token_loss_sum
-from train.runlog import RunLog, read_status
+from train.runlog import RunLog, mark_failed, read_status
 
 
 class Diverged(RuntimeError):
@@ -83,8 +83,21 @@ def _evaluate(model: torch.nn.Module, windows: torch.Tensor, micro: int, autocas
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run `cfg` to its token budget, resuming from its newest checkpoint if it has one."""
+    """Run `cfg` to its token budget, resuming from its newest checkpoint if it has one.
+
+    Whatever stops it, `status.json` says so: an error before training starts (bad data dir, a
+    budget the split cannot hold) is recorded as `failed` just like one in the loop.
+    """
     rank, world, device = _init_distributed()
+    try:
+        return _train(cfg, rank, world, device)
+    except BaseException as exc:
+        if rank == 0:
+            mark_failed(cfg, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _train(cfg: RunConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     meta = load_meta(cfg.data_dir)
     if meta["vocab_size"] > cfg.model.vocab_size:
         raise ValueError(

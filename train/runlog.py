@@ -35,6 +35,16 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
     return status
 
 
+def mark_failed(cfg: RunConfig, error: str) -> None:
+    """Record `failed` unless the run already recorded how it ended (failed, diverged)."""
+    status = read_status(cfg.run_dir) or {"name": cfg.name, "stage": cfg.stage, "signature": cfg.signature}
+    if status.get("state") in ("failed", "diverged", "completed"):
+        return
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    status.update(state="failed", error=error, token_budget=cfg.token_budget, heartbeat=time.time())
+    write_json_atomic(Path(cfg.run_dir) / STATUS_FILE, status)
+
+
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     """Drop rows logged after `last_step` (they are superseded by the resumed run's rows)."""
     path = Path(run_dir) / METRICS_FILE
