@@ -71,6 +71,15 @@ EOF
     fi
 }
 
+start_daemons() {
+    for daemon in slurmctld slurmd; do
+        if ! pgrep -x $daemon >/dev/null; then
+            say "starting $daemon"
+            /usr/sbin/$daemon
+        fi
+    done
+}
+
 up() {
     install
     write_conf
@@ -79,16 +88,9 @@ up() {
         say "starting munged"
         runuser -u munge -- /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
     fi
-    if ! pgrep -x slurmctld >/dev/null; then
-        say "starting slurmctld"
-        /usr/sbin/slurmctld
-    fi
-    if ! pgrep -x slurmd >/dev/null; then
-        say "starting slurmd"
-        /usr/sbin/slurmd
-    fi
     for _ in $(seq 60); do
-        state=$(sinfo -h -n "$NODE" -o %t 2>/dev/null || true)
+        start_daemons
+        state=$(timeout 5 sinfo -h -n "$NODE" -o %t 2>/dev/null || true)
         case "$state" in
         idle | mix | alloc)
             say "node $NODE is $state"
@@ -112,6 +114,13 @@ down() {
             pkill -x $daemon || true
         fi
     done
+    # Wait until they are gone, so that an `up` right after starts fresh daemons.
+    for _ in $(seq 30); do
+        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || return 0
+        sleep 1
+    done
+    say "daemons still running after 30 s"
+    return 1
 }
 
 case "${1:-}" in
