@@ -58,3 +58,18 @@ def slurm_cluster() -> None:
     if os.environ.get("SWEEP_REQUIRE_SLURM") == "1":
         pytest.fail(f"SWEEP_REQUIRE_SLURM=1 but {why}")
     pytest.skip(why)
+
+
+def sweep_status(sweep_dir: Path) -> tuple[int, dict[str, str]]:
+    """Exit code of `python -m sweep.status` and the state it prints per job."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "sweep.status", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return out.returncode, {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[2:]}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, sweep_status
 
 pytestmark = pytest.mark.e2e
 
@@ -131,16 +131,9 @@ def test_analysis_cli_reads_the_sweep(sweep_run):
 
 def test_status_lists_every_job_completed(sweep_run):
     sweep_dir, _ = sweep_run
-    out = subprocess.run(
-        [sys.executable, "-m", "sweep.status", str(sweep_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    lines = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[2:]}
-    assert lines == dict.fromkeys(["prepare", "warmup", "A", "H", "B", "J"], "completed")
+    code, states = sweep_status(sweep_dir)
+    assert code == 0
+    assert states == dict.fromkeys(["prepare", "warmup", "A", "H", "B", "J"], "completed")
 
 
 def test_a_failing_arm_is_reported_and_changed_arms_get_a_new_run_dir(sweep_run):
@@ -156,11 +149,5 @@ def test_a_failing_arm_is_reported_and_changed_arms_get_a_new_run_dir(sweep_run)
     assert new_h["previous"][-1]["signature"] == old_h["signature"]
     assert Path(old_h["run_dir"], "status.json").exists()  # the old run is kept
     assert json.loads(Path(new_h["run_dir"], "status.json").read_text())["state"] == "failed"
-    status = subprocess.run(
-        [sys.executable, "-m", "sweep.status", str(sweep_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert status.returncode == 1 and " failed " in status.stdout
+    code, states = sweep_status(sweep_dir)
+    assert code == 1 and states["H"] == "failed" and states["A"] == "completed"

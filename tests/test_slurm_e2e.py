@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, sweep_status
 from tests.test_e2e import TINY
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -30,17 +30,6 @@ def _sweep(root: Path) -> subprocess.CompletedProcess[str]:
         "resources.timeout_min=20",
     ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def _states(sweep_dir: Path) -> dict[str, str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "sweep.status", str(sweep_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[2:]}
 
 
 def test_sweep_submits_a_chain_returns_and_completes(slurm_cluster, tmp_path):
@@ -67,7 +56,7 @@ def test_sweep_submits_a_chain_returns_and_completes(slurm_cluster, tmp_path):
 
     deadline = time.time() + 600
     while time.time() < deadline:
-        states = _states(sweep_dir)
+        _, states = sweep_status(sweep_dir)
         if all(s in ("completed", "failed", "diverged") for s in states.values()) and len(states) == 6:
             break
         time.sleep(3)
