@@ -1,13 +1,18 @@
 """The callable submitit runs in every task of a job: one stage of a study.
 
-It turns the submitit job environment into the standard torch distributed variables, then hands
-a plain config to `train/`. The trainer never sees submitit or SLURM.
+It turns the submitit job environment into the standard torch distributed variables, records
+where it runs (job id, nodes, restarts), hands a plain config to `train/`, and requeues the job
+when the trainer stopped on SLURM's warning signal. The trainer never sees submitit or SLURM.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from train.config import DataConfig, RunConfig
@@ -19,10 +24,22 @@ def export_distributed_env() -> None:
         return
     import submitit
 
-    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    if env.world_size == 1:
-        # A one-task job is a plain single process: no process group to set up.
-        os.environ["WORLD_SIZE"] = "1"
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def launch_info() -> dict[str, Any]:
+    """Where this process runs, for status.json and the W&B config."""
+    info: dict[str, Any] = {"restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+    for key, var in (
+        ("job_id", "SLURM_JOB_ID"),
+        ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+        ("array_task_id", "SLURM_ARRAY_TASK_ID"),
+        ("nodelist", "SLURM_JOB_NODELIST"),
+        ("local_job_id", "SUBMITIT_LOCAL_JOB_ID"),
+    ):
+        if var in os.environ:
+            info[key] = os.environ[var]
+    return info
 
 
 @dataclass
@@ -32,6 +49,7 @@ class StageJob:
     kind: str
     data: DataConfig | None = None
     run: RunConfig | None = None
+    max_requeues: int = 3
 
     def __call__(self) -> Any:
         export_distributed_env()
@@ -40,7 +58,36 @@ class StageJob:
 
             assert self.data is not None
             return str(prepare(self.data, progress=True))
-        from train.loop import train
+        from train.loop import Stopped, train
 
         assert self.run is not None
-        return train(self.run)
+        self.run.launch = launch_info()
+        try:
+            return train(self.run)
+        except Stopped as stopped:
+            if stopped.signum == signal.SIGUSR2 and "SLURM_JOB_ID" in os.environ:
+                self._requeue()
+            raise
+
+    def _requeue(self) -> None:
+        """Put the job back in the queue (rank 0 only); it resumes from the checkpoint just written."""
+        assert self.run is not None
+        if os.environ.get("RANK", "0") != "0":
+            return
+        from train.runlog import read_status, write_json_atomic
+
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        status = read_status(self.run.run_dir) or {}
+        if restarts >= self.max_requeues:
+            print(f"not requeued: {restarts} restarts already (max {self.max_requeues})", file=sys.stderr)
+            return
+        job_id = os.environ["SLURM_JOB_ID"]
+        if "SLURM_ARRAY_JOB_ID" in os.environ:
+            job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        status.update(state="requeued", error=None)
+        write_json_atomic(Path(self.run.run_dir) / "status.json", status)
+        print(
+            f"requeueing job {job_id} (restart {restarts + 1} of at most {self.max_requeues})",
+            file=sys.stderr,
+        )
+        subprocess.run(["scontrol", "requeue", job_id], check=False)

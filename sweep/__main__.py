@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     except PlanError as exc:
         sys.exit(f"error: {exc}")
     print(arm_table(plan), flush=True)
-    if plan.config.sweep.dry_run:
+    if plan.dry_run:
         return
     from sweep.manifest import record_plan
 

@@ -1,7 +1,8 @@
 """Run or submit a plan's jobs through submitit: locally (and wait), or on SLURM (and return).
 
-Jobs already done are skipped: the prepared data exists, or the run dir's `status.json` says
-`completed`. Only the run's own status decides that, never the scheduler's exit state.
+What to do with each job follows its state (`sweep.state`): completed jobs are skipped, pending
+or running ones are left alone, failed / timeout / lost ones are (re)submitted and resume from
+their newest checkpoint. A diverged arm would diverge again; it is rerun only when named.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sweep.manifest import record_plan
 from sweep.plan import Job, SweepPlan, arm_table
-from train.runlog import read_status
+from sweep.state import RESUBMIT, JobState, read_own_status, squeue_states, sweep_states
 
 FAILED = ("failed", "diverged", "skipped")
 
@@ -26,21 +27,20 @@ class LauncherOptions:
     max_parallel: int = 1  # local: jobs running at once (2 CPU cores fit one tiny arm well)
     poll_s: float = 0.5
     analyze: bool = True  # local: print the pairwise tables once the arms are done
+    only: list[str] = field(default_factory=list)  # consider only these jobs (resubmit --arms)
 
 
 def job_state(job: Job) -> str:
-    """`completed` | `failed` | `diverged` | `running` | `pending`, from the job's own files."""
-    if job.kind == "prepare":
-        return "completed" if (job.run_dir / "meta.json").exists() else "pending"
-    status = read_status(job.run_dir)
+    """What the job's own files say (no scheduler): completed, failed, running... or pending."""
+    status = read_own_status(job.kind, job.run_dir)
     return status["state"] if status else "pending"
 
 
 def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
-    """Print the arm table, then run (local) or submit (slurm) what is not done. Returns job states."""
+    """Print the arm table, then run (local) or submit (slurm) what needs it. Returns job states."""
     print(f"sweep {plan.name}: {plan.dir}")
     print(arm_table(plan), flush=True)
-    if plan.config.sweep.dry_run:
+    if plan.dry_run:
         plan.dir.mkdir(parents=True, exist_ok=True)
         keys = ["arm", "op", "rule", "batch_size", "seq_len", "micro_batch_size", "grad_accum", "lr", "beta1"]
         keys += ["beta2", "eps", "token_budget", "signature"]
@@ -49,21 +49,27 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
         )
         print(f"dry run: wrote {plan.dir / 'plan.json'}; nothing was run")
         return {}
-    states = {j.name: job_state(j) for j in plan.jobs}
-    done = [n for n, s in states.items() if s == "completed"]
-    if done:
-        print(f"already completed, skipped: {', '.join(done)}")
-    todo = [j for j in plan.jobs if states[j.name] != "completed"]
-    record_plan(plan)
-    if not todo:
-        print("nothing to run: every job of this sweep is completed")
-    elif opts.executor == "slurm":
-        _submit_slurm(plan, todo)
-        return states
-    elif opts.executor == "local":
-        states.update(_run_local(plan, todo, opts))
-    else:
+    if opts.executor not in ("local", "slurm"):
         raise ValueError(f"unknown executor {opts.executor!r} (local | slurm)")
+    manifest = record_plan(plan)
+    queue = squeue_states() if opts.executor == "slurm" else None
+    if opts.executor == "slurm" and queue is None:
+        raise SystemExit("error: hydra/launcher=slurm but no SLURM controller answers `squeue` here")
+    known = sweep_states(manifest, queue)
+    todo = _todo(plan, known, opts.only)
+    states = {name: s.state for name, s in known.items() if name in {j.name for j in plan.jobs}}
+    if not todo:
+        print("nothing to run: every job of this sweep is completed, queued or running")
+    elif opts.executor == "slurm":
+        in_flight = {
+            name: manifest["jobs"][name]["job_ids"][-1]
+            for name, s in known.items()
+            if s.state in ("pending", "running") and manifest["jobs"][name].get("job_ids")
+        }
+        states.update(_submit_slurm(plan, todo, in_flight))
+        return states
+    else:
+        states.update(_run_local(plan, todo, states, opts))
     if opts.analyze and plan.pairs:
         from analysis.report import analyze
 
@@ -71,30 +77,57 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
     return states
 
 
-def _resources(plan: SweepPlan) -> dict[str, Any]:
-    res = plan.config.resources
-    return {
-        "timeout_min": res.timeout_min,
-        "tasks_per_node": res.gpus_per_node or res.tasks_per_node,
-        "gpus_per_node": res.gpus_per_node,
-    }
+def _todo(plan: SweepPlan, known: dict[str, JobState], only: list[str]) -> list[Job]:
+    """Jobs to (re)submit, saying what happens to the others."""
+    todo: list[Job] = []
+    notes: dict[str, list[str]] = {"already completed, skipped": [], "left alone": []}
+    for job in plan.jobs:
+        state = known[job.name]
+        named = job.name in only
+        if only and not named and job.kind == "arm":
+            continue
+        if state.state == "completed":
+            notes["already completed, skipped"].append(job.name)
+        elif state.state in ("pending", "running") and state.reason != "not submitted":
+            notes["left alone"].append(f"{job.name} ({state.state})")
+        elif state.state in RESUBMIT or state.reason == "not submitted" or named:
+            if state.state in RESUBMIT:
+                print(
+                    f"{job.name}: {state.state} ({state.reason}): resubmitting (resumes from its checkpoint)"
+                )
+            todo.append(job)
+        else:
+            notes["left alone"].append(f"{job.name} ({state.state}: rerun it by name)")
+    for what, names in notes.items():
+        if names:
+            print(f"{what}: {', '.join(names)}")
+    return todo
 
 
-def _run_local(plan: SweepPlan, todo: list[Job], opts: LauncherOptions) -> dict[str, str]:
+def _run_local(
+    plan: SweepPlan, todo: list[Job], known: dict[str, str], opts: LauncherOptions
+) -> dict[str, str]:
     """Run jobs as local submitit processes, dependencies first, with a progress bar per job."""
     import submitit
     from tqdm import tqdm
 
     executor = submitit.LocalExecutor(folder=plan.dir / "jobs")
-    executor.update_parameters(**_resources(plan))
-    states = {j.name: "pending" for j in todo}
+    res = plan.resources
+    executor.update_parameters(
+        timeout_min=res.timeout_min,
+        tasks_per_node=res.gpus_per_node or res.tasks_per_node,
+        gpus_per_node=res.gpus_per_node,
+        signal_delay_s=res.signal_lead_s,
+    )
+    states = dict(known)
+    states.update({j.name: "pending" for j in todo})
     pending = list(todo)
     running: dict[str, tuple[Job, Any, Any]] = {}
     position = 0
     try:
         while pending or running:
             for name, (job, handle, bar) in list(running.items()):
-                status = read_status(job.run_dir) or {}
+                status = read_own_status(job.kind, job.run_dir) or {}
                 if bar is not None and status.get("tokens") is not None:
                     bar.update(status["tokens"] - bar.n)
                     if status.get("loss") is not None:
@@ -108,12 +141,13 @@ def _run_local(plan: SweepPlan, todo: list[Job], opts: LauncherOptions) -> dict[
             for job in list(pending):
                 if len(running) >= opts.max_parallel:
                     break
-                dep_states = [states.get(d, "completed") for d in job.depends_on]
-                if any(s in FAILED for s in dep_states):
+                waiting_on = set(running) | {p.name for p in pending}
+                blocked = [d for d in job.depends_on if states.get(d) != "completed" and d not in waiting_on]
+                if blocked:
                     states[job.name] = "skipped"
-                    print(f"{job.name}: skipped (a job it depends on did not complete)", flush=True)
+                    print(f"{job.name}: skipped ({', '.join(blocked)}: {states.get(blocked[0])})", flush=True)
                     pending.remove(job)
-                elif all(s == "completed" for s in dep_states):
+                elif all(states.get(d) == "completed" for d in job.depends_on):
                     handle = executor.submit(job.stage)
                     budget = job.stage.run.token_budget if job.stage.run else None
                     bar = None
@@ -153,30 +187,26 @@ def _finished_state(job: Job, handle: Any) -> str:
     if state == "completed":
         return state
     state = state if state in ("failed", "diverged") else "failed"
-    status = read_status(job.run_dir) if job.kind != "prepare" else None
+    status = read_own_status(job.kind, job.run_dir)
     error = (status or {}).get("error")
     if not error:
         exc = handle.exception()
-        error = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            if exc
-            else ""
-        )
-    log = Path(handle.paths.stderr)
-    print(f"{job.name}: {state}: {error}\n  log: {log}", file=sys.stderr)
+        last = str(exc).strip().splitlines()[-1] if exc and str(exc).strip() else ""
+        error = f"{type(exc).__name__}: {last}" if exc else ""
+    print(f"{job.name}: {state}: {error}\n  log: {Path(handle.paths.stderr)}", file=sys.stderr)
     return state
 
 
-def _submit_slurm(plan: SweepPlan, todo: list[Job]) -> dict[str, str]:
-    """Submit every job not done, chained with afterok dependencies; return at once."""
-    import submitit
-
-    res = plan.config.resources
+def slurm_parameters(plan: SweepPlan, job: Job) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of one job: one task per GPU (or tasks_per_node on CPU)."""
+    res = plan.resources
     params: dict[str, Any] = {
+        "job_name": f"{plan.name}:{job.name}",
         "nodes": res.nodes,
         "ntasks_per_node": res.gpus_per_node or res.tasks_per_node,
         "cpus_per_task": res.cpus_per_task,
         "time": res.timeout_min,
+        "signal_delay_s": res.signal_lead_s,  # --signal=USR2@lead: checkpoint, then requeue
         "additional_parameters": dict(res.additional),
     }
     if res.gpus_per_node:
@@ -186,21 +216,54 @@ def _submit_slurm(plan: SweepPlan, todo: list[Job]) -> dict[str, str]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(res, key):
             params[key] = getattr(res, key)
-    ids: dict[str, str] = {}
-    for job in todo:
-        deps = [ids[d] for d in job.depends_on if d in ids]
-        job_params = dict(params, job_name=f"{plan.name}:{job.name}")
-        if job.kind == "prepare":  # tokenizing is one process, whatever the arms need
-            job_params.update(nodes=1, ntasks_per_node=1)
-            job_params.pop("gpus_per_node", None)
+    if job.kind == "prepare":  # tokenizing is one process, whatever the arms need
+        params.update(nodes=1, ntasks_per_node=1)
+        params.pop("gpus_per_node", None)
+    return params
+
+
+def _submit_slurm(plan: SweepPlan, todo: list[Job], in_flight: dict[str, str]) -> dict[str, str]:
+    """Submit every job in `todo`, chained with afterok dependencies on jobs still queued; return at once.
+
+    With resources.array_parallelism > 0, arms that wait on the same jobs go in one job array.
+    """
+    import submitit
+
+    ids = dict(in_flight)
+    submitted: dict[str, str] = {}
+
+    def executor_for(job: Job, deps: list[str]) -> Any:
+        # A fresh executor per submission: parameters set on one (a dependency) must not leak.
+        executor = submitit.SlurmExecutor(
+            folder=plan.dir / "jobs", max_num_timeout=plan.resources.max_requeues
+        )
+        params = slurm_parameters(plan, job)
         if deps:
-            job_params["dependency"] = "afterok:" + ":".join(deps)
-        # A fresh executor per job: parameters set on one (a dependency) must not leak to the next.
-        executor = submitit.SlurmExecutor(folder=plan.dir / "jobs")
-        executor.update_parameters(**job_params)
-        ids[job.name] = executor.submit(job.stage).job_id
-    record_plan(plan, ids)
-    for name, job_id in ids.items():
+            params["dependency"] = "afterok:" + ":".join(deps)
+        executor.update_parameters(**params)
+        return executor
+
+    arms = [j for j in todo if j.kind == "arm"]
+    for job in todo:
+        if job.kind == "arm" and plan.resources.array_parallelism > 0:
+            continue
+        deps = [ids[d] for d in job.depends_on if d in ids]
+        ids[job.name] = submitted[job.name] = executor_for(job, deps).submit(job.stage).job_id
+    if arms and plan.resources.array_parallelism > 0:
+        groups: dict[tuple[str, ...], list[Job]] = {}
+        for job in arms:
+            groups.setdefault(tuple(ids[d] for d in job.depends_on if d in ids), []).append(job)
+        for group_deps, group in groups.items():
+            executor = executor_for(group[0], list(group_deps))
+            executor.update_parameters(
+                array_parallelism=plan.resources.array_parallelism, job_name=f"{plan.name}:arms"
+            )
+            with executor.batch():
+                handles = [executor.submit(job.stage) for job in group]
+            for job, handle in zip(group, handles, strict=True):
+                submitted[job.name] = handle.job_id
+    record_plan(plan, submitted)
+    for name, job_id in submitted.items():
         print(f"submitted {name}: job {job_id}")
     print(f"sweep dir: {plan.dir}\nwatch it:  python -m sweep.status {plan.dir}")
-    return {name: "submitted" for name in ids}
+    return dict.fromkeys(submitted, "pending")

@@ -53,7 +53,8 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             experiment=plan.name,
             sweep_dir=str(plan.dir),
             pairs=plan.pairs,
-            ops={k: asdict(v) for k, v in plan.config.ops.items()},
+            ops={k: asdict(v) for k, v in plan.ops.items()},
+            resources=asdict(plan.resources),
             git=git_state(),
             updated=time.time(),
         )
@@ -69,6 +70,7 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
                 depends_on=job.depends_on,
                 overrides=job.overrides,
                 derived=job.row,
+                stage=asdict(job.stage),  # enough to resubmit without recomposing the config
             )
             entry.setdefault("job_ids", [])
             if job_ids and job.name in job_ids:
@@ -76,3 +78,35 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             manifest["jobs"][job.name] = entry
         write_json_atomic(path, manifest)
     return manifest
+
+
+def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
+    """The sweep as last recorded, rebuilt without recomposing its config (for resubmit and cancel)."""
+    from slurm.job import StageJob
+    from sweep.plan import Job
+    from sweep.schema import ResourcesConfig
+    from train.config import from_dict
+    from train.rules import OperatingPoint
+
+    manifest = read_manifest(sweep_dir)
+    jobs = [
+        Job(
+            name,
+            entry["kind"],
+            entry["signature"],
+            Path(entry["run_dir"]),
+            from_dict(StageJob, entry["stage"]),
+            entry["depends_on"],
+            entry["overrides"],
+            entry["derived"],
+        )
+        for name, entry in manifest["jobs"].items()
+    ]
+    return SweepPlan(
+        manifest["experiment"],
+        Path(manifest["sweep_dir"]),
+        jobs,
+        manifest["pairs"],
+        from_dict(ResourcesConfig, manifest["resources"]),
+        {k: from_dict(OperatingPoint, v) for k, v in manifest["ops"].items()},
+    )

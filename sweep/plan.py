@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slurm.job import StageJob
-from sweep.schema import ArmSpec, Config
+from sweep.schema import ArmSpec, Config, ResourcesConfig
 from train.batching import BatchError, BatchPlan, plan_batches
 from train.config import DataConfig, OptimizerConfig, RunConfig
 from train.data import data_dir_for, data_signature
@@ -51,7 +51,9 @@ class SweepPlan:
     dir: Path
     jobs: list[Job]  # dependencies before dependants
     pairs: list[list[str]]
-    config: Config  # the first job's config, for resources and launcher settings
+    resources: ResourcesConfig
+    ops: dict[str, OperatingPoint] = field(default_factory=dict)
+    dry_run: bool = False
 
     @property
     def arms(self) -> list[Job]:
@@ -233,11 +235,25 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
             )
     if errors:
         raise PlanError("the sweep cannot run:\n" + "\n".join(f"  - {e}" for e in dict.fromkeys(errors)))
-    return SweepPlan(first.experiment.name, sweep_dir, list(jobs.values()), first.experiment.pairs, first)
+    return SweepPlan(
+        first.experiment.name,
+        sweep_dir,
+        list(jobs.values()),
+        first.experiment.pairs,
+        first.resources,
+        first.ops,
+        first.sweep.dry_run,
+    )
 
 
 def _prepare_job(data: DataConfig) -> Job:
-    return Job("prepare", "prepare", data_signature(data), data_dir_for(data), StageJob("prepare", data=data))
+    return Job(
+        "prepare",
+        "prepare",
+        data_signature(data),
+        data_dir_for(data),
+        StageJob("prepare", data=data, max_requeues=0),
+    )
 
 
 def _warmup_job(cfg: Config, run_root: Path, prepare: str) -> Job:
@@ -258,7 +274,7 @@ def _warmup_job(cfg: Config, run_root: Path, prepare: str) -> Job:
         "warmup",
         run.signature,
         Path(run.run_dir),
-        StageJob("train", run=run),
+        StageJob("train", run=run, max_requeues=cfg.resources.max_requeues),
         [prepare],
         [],
         _row("warmup", spec.op, "none", run, batch),
@@ -290,7 +306,14 @@ def _arm_job(
     row = _row(name, op, spec.rule if spec else "?", run, batch)
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(
-        name, "arm", run.signature, Path(run.run_dir), StageJob("train", run=run), deps, overrides, row
+        name,
+        "arm",
+        run.signature,
+        Path(run.run_dir),
+        StageJob("train", run=run, max_requeues=cfg.resources.max_requeues),
+        deps,
+        overrides,
+        row,
     )
 
 

@@ -82,6 +82,9 @@ class ResourcesConfig:
     cpus_per_task: int = 2
     mem_gb: int = 0
     timeout_min: int = 240
+    signal_lead_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint, then requeue
+    max_requeues: int = 3
+    array_parallelism: int = 0  # >0: submit the arms as one job array running at most this many at once
     partition: str = ""
     account: str = ""
     qos: str = ""

@@ -1,62 +1,110 @@
-"""`python -m sweep.status <sweep dir | experiment name>`: one table of every job of a sweep.
+"""`python -m sweep.status <sweep dir | experiment name> [--watch S]`: one table of every job of a sweep.
 
-States come from each run's own `status.json` (and the prepared data's `meta.json`), never from
-the scheduler alone. Exit code 1 if any job failed or diverged.
+States (pending, running, completed, failed, diverged, timeout, lost) come from each run's own
+`status.json` together with one batched `squeue` call (and `sacct` for jobs that left the queue,
+where accounting exists): a job SLURM calls COMPLETED whose Python raised is `failed`. Exit code
+1 if any job failed, diverged, timed out or was lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from sweep.manifest import read_manifest
 from sweep.plan import format_table
-from train.runlog import read_status
+from sweep.state import squeue_states, sweep_states
 
-COLUMNS = ["job", "state", "job_id", "tokens", "budget", "loss", "tokens_per_s", "run_dir"]
+COLUMNS = [
+    "job",
+    "state",
+    "job_id",
+    "tokens",
+    "budget",
+    "loss",
+    "tokens_per_s",
+    "eta",
+    "requeues",
+    "wandb",
+    "note",
+]
+BAD = ("failed", "diverged", "timeout", "lost")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _wandb_path(run_dir: Path, status: dict[str, Any]) -> str:
+    offline = sorted(run_dir.glob("wandb/offline-run-*"))
+    if offline:
+        return str(offline[-1])
+    return f"{status.get('wandb_path', '')}"
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     manifest = read_manifest(sweep_dir)
+    states = sweep_states(manifest, squeue_states())
     rows = []
     for name, job in manifest["jobs"].items():
-        run_dir = Path(job["run_dir"])
-        if job["kind"] == "prepare":
-            status: dict[str, Any] = {"state": "completed" if (run_dir / "meta.json").exists() else "pending"}
-        else:
-            status = read_status(run_dir) or {"state": "pending"}
+        state = states[name]
+        status = state.status or {}
+        tokens, budget, speed = status.get("tokens"), status.get("token_budget"), status.get("tokens_per_s")
+        eta = (
+            (budget - tokens) / speed
+            if state.state == "running" and speed and budget and tokens is not None
+            else None
+        )
         rows.append(
             {
                 "job": name,
-                "state": status["state"],
-                "job_id": (job.get("job_ids") or [None])[-1],
-                "tokens": status.get("tokens"),
-                "budget": status.get("token_budget", job.get("derived", {}).get("token_budget")),
+                "state": state.state,
+                "job_id": (job.get("job_ids") or [""])[-1],
+                "tokens": tokens,
+                "budget": budget if budget is not None else job.get("derived", {}).get("token_budget"),
                 "loss": status.get("loss"),
-                "tokens_per_s": round(status["tokens_per_s"]) if status.get("tokens_per_s") else None,
-                "run_dir": str(run_dir),
+                "tokens_per_s": round(speed) if speed else None,
+                "eta": _duration(eta),
+                "requeues": (status.get("launch") or {}).get("restarts"),
+                "wandb": _wandb_path(Path(job["run_dir"]), status) if job["kind"] != "prepare" else "",
+                "note": state.reason,
             }
         )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sweep.status", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sweep.status", description=(__doc__ or "").splitlines()[0]
+    )
     parser.add_argument("sweep", help="a sweep dir, or an experiment name (looked up under --root)")
     parser.add_argument("--root", default="sweeps", help="where experiment names live (default: sweeps)")
+    parser.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until all jobs end")
     args = parser.parse_args(argv)
     sweep_dir = Path(args.sweep)
     if not (sweep_dir / "manifest.json").exists():
         sweep_dir = Path(args.root) / args.sweep
-    try:
-        rows = sweep_rows(sweep_dir)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(rows, COLUMNS))
-    return 1 if any(r["state"] in ("failed", "diverged") for r in rows) else 0
+    while True:
+        try:
+            rows = sweep_rows(sweep_dir)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        table = format_table(rows, COLUMNS)
+        if args.watch:
+            print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + str(sweep_dir))
+        print(table, flush=True)
+        if not args.watch or all(r["state"] not in ("pending", "running") for r in rows):
+            break
+        time.sleep(args.watch)
+    return 1 if any(r["state"] in BAD for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ group file fails at compose time, not after a job has waited in the queue.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -125,3 +129,18 @@ class RunConfig:
     tags: list[str] = field(default_factory=list)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     extra_config: dict[str, object] = field(default_factory=dict)  # shown in W&B, not used by training
+    launch: dict[str, object] = field(default_factory=dict)  # job id, nodes, restarts: in status.json and W&B
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output, e.g. read from JSON."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        candidates = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        target = next((c for c in candidates if is_dataclass(c)), None)
+        kwargs[f.name] = from_dict(target, value) if target is not None and isinstance(value, dict) else value
+    return cls(**kwargs)

@@ -11,6 +11,8 @@ import contextlib
 import math
 import os
 import random
+import signal
+import threading
 import time
 from typing import Any
 
@@ -28,6 +30,42 @@ from train.runlog import RunLog, mark_failed, read_status
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Stopped(RuntimeError):
+    """A stop signal arrived; the run checkpointed at the next step boundary and stopped there."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} (checkpointed)")
+        self.signum = signum
+        self.step = step
+
+
+class StopFlag:
+    """SIGUSR2 (SLURM's warning before a time limit or preemption) and SIGTERM only set a flag.
+
+    Nothing is written from inside the handler: the loop reads the flag at the next step boundary,
+    where model, optimizer and data position are consistent, and checkpoints there.
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
@@ -90,14 +128,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """
     rank, world, device = _init_distributed()
     try:
-        return _train(cfg, rank, world, device)
+        with StopFlag() as stop:
+            return _train(cfg, rank, world, device, stop)
     except BaseException as exc:
         if rank == 0:
             mark_failed(cfg, f"{type(exc).__name__}: {exc}")
         raise
 
 
-def _train(cfg: RunConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: StopFlag) -> dict[str, Any]:
     meta = load_meta(cfg.data_dir)
     if meta["vocab_size"] > cfg.model.vocab_size:
         raise ValueError(
@@ -237,12 +276,24 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device) -> dict[
                 validate(done)
             if crossed(done, cfg.checkpoint_every_tokens) and done < plan.steps:
                 checkpoint(done, final=False)
+            signum = stop.signum
+            if ddp:  # every rank stops at the same step, whichever got the signal
+                flag = torch.tensor([signum], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                signum = int(flag.item())
+            if signum and done < plan.steps:
+                checkpoint(done, final=False)
+                raise Stopped(signum, done)
         if resumed is None or not resumed.get("final"):
             validate(plan.steps)
             checkpoint(plan.steps, final=True)
     except Diverged as exc:
         if log is not None:
             log.close("diverged", str(exc))
+        raise
+    except Stopped as exc:
+        if log is not None:
+            log.close("stopped", str(exc))
         raise
     except BaseException as exc:
         if log is not None:

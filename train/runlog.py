@@ -38,7 +38,7 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
 def mark_failed(cfg: RunConfig, error: str) -> None:
     """Record `failed` unless the run already recorded how it ended (failed, diverged)."""
     status = read_status(cfg.run_dir) or {"name": cfg.name, "stage": cfg.stage, "signature": cfg.signature}
-    if status.get("state") in ("failed", "diverged", "completed"):
+    if status.get("state") in ("failed", "diverged", "completed", "stopped"):
         return
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     status.update(state="failed", error=error, token_budget=cfg.token_budget, heartbeat=time.time())
@@ -88,6 +88,7 @@ class RunLog:
             "started": time.time(),
             "heartbeat": time.time(),
             "error": None,
+            "launch": cfg.launch,
         }
         self._last_beat = 0.0
         # Rows past the checkpoint we resume from are superseded by the rows this run will log.
@@ -113,8 +114,10 @@ class RunLog:
                 name=self.cfg.name,
                 tags=list(self.cfg.tags),
                 dir=str(self.run_dir),
-                config=self.cfg.extra_config,
+                config={**self.cfg.extra_config, "launch": self.cfg.launch},
             )
+            if self.cfg.wandb.mode == "online":
+                self.status["wandb_path"] = run.path  # entity/project/run id, for `sweep.status`
             run.define_metric("tokens")
             run.define_metric("*", step_metric="tokens")
             return run

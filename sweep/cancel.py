@@ -1,0 +1,48 @@
+"""`python -m sweep.cancel <sweep dir> [--arms A,H]`: scancel the sweep's queued and running jobs."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from sweep.manifest import read_manifest
+from sweep.state import squeue_states, sweep_states
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweep.cancel", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--arms", default="", help="comma-separated job names (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = read_manifest(args.sweep_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    queue = squeue_states()
+    if queue is None:
+        print("error: no SLURM controller answers `squeue` here", file=sys.stderr)
+        return 2
+    only = {a for a in args.arms.split(",") if a}
+    states = sweep_states(manifest, queue)
+    targets = {
+        name: manifest["jobs"][name]["job_ids"][-1]
+        for name, state in states.items()
+        if state.state in ("pending", "running")
+        and manifest["jobs"][name].get("job_ids")
+        and (not only or name in only)
+    }
+    if not targets:
+        print("nothing to cancel")
+        return 0
+    subprocess.run(["scancel", *targets.values()], check=True)
+    for name, job_id in targets.items():
+        print(f"cancelled {name}: job {job_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`python -m sweep.resubmit <sweep dir> [--arms A,H] [--failed] [--local]`: resubmit explicitly.
+
+Without --arms it does what re-running the sweep command does (failed, timeout and lost jobs are
+resubmitted; completed, queued and running ones are left alone); --arms also reruns named arms
+that diverged; --failed restricts to jobs in a failed state. Jobs resume from their newest
+checkpoint. It reads the manifest, so it needs no config and resubmits exactly what was planned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sweep.launch import LauncherOptions, execute
+from sweep.manifest import plan_from_manifest, read_manifest
+from sweep.state import RESUBMIT, squeue_states, sweep_states
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweep.resubmit", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("sweep_dir")
+    parser.add_argument(
+        "--arms", default="", help="comma-separated arm names (default: every job that needs it)"
+    )
+    parser.add_argument("--failed", action="store_true", help="only jobs that failed, timed out or were lost")
+    parser.add_argument(
+        "--local", action="store_true", help="run here with the local executor instead of SLURM"
+    )
+    args = parser.parse_args(argv)
+    try:
+        plan = plan_from_manifest(args.sweep_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    only = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(only) - {j.name for j in plan.jobs})
+    if unknown:
+        print(f"error: no job(s) {', '.join(unknown)} in {plan.dir}", file=sys.stderr)
+        return 2
+    executor = "local" if args.local else "slurm"
+    if args.failed:
+        states = sweep_states(read_manifest(plan.dir), squeue_states() if executor == "slurm" else None)
+        failed = [n for n, s in states.items() if s.state in RESUBMIT]
+        only = [n for n in (only or failed) if n in failed]
+        if not only:
+            print("nothing failed: nothing to resubmit")
+            return 0
+    execute(plan, LauncherOptions(executor=executor, analyze=False, only=only))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

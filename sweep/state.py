@@ -1,0 +1,149 @@
+"""What state is each job of a sweep in? One answer for `sweep.status` and for resubmission.
+
+The run's own `status.json` decides how a run ended (a job SLURM calls COMPLETED whose Python
+raised is `failed`). The queue says whether it is still waiting or running: one batched `squeue`
+call per refresh, and `sacct` only for jobs that left the queue without a final status, and only
+where accounting is enabled.
+
+States: pending, running, completed, failed, diverged, timeout, lost.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.runlog import read_status
+
+FINAL = ("completed", "failed", "diverged")
+RESUBMIT = ("failed", "timeout", "lost")  # diverged runs would diverge again: resubmit by name only
+LOST_AFTER_S = 300.0  # a run whose heartbeat is older than this, and whose job left the queue, is lost
+
+_QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"}
+_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+
+
+@dataclass
+class JobState:
+    state: str
+    reason: str = ""  # e.g. "cancelled", "scheduler: TIMEOUT", the error of a failed run
+    status: dict[str, Any] | None = None
+
+
+def squeue_states() -> dict[str, str] | None:
+    """SLURM state of every queued job of this user, by job id ("123" or "123_4"); None without SLURM."""
+    if not shutil.which("squeue"):
+        return None
+    out = subprocess.run(
+        ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True, text=True, timeout=30
+    )
+    if out.returncode != 0:
+        return None
+    states = {}
+    for line in out.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id.strip()] = state.strip()
+    return states
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """Final SLURM state of jobs that left the queue; empty where accounting is disabled."""
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if out.returncode != 0:  # "accounting storage is disabled" on clusters without slurmdbd
+        return {}
+    states = {}
+    for line in out.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id.strip()] = state.split()[0] if state.strip() else ""
+    return states
+
+
+def read_own_status(kind: str, run_dir: Path) -> dict[str, Any] | None:
+    """What a job's own files say: the prepared data's meta.json, or the run's status.json."""
+    if kind == "prepare":
+        return {"state": "completed"} if (run_dir / "meta.json").exists() else None
+    return read_status(run_dir)
+
+
+def _alive_here(status: dict[str, Any]) -> bool:
+    """False only when the run's process was on this host and no longer exists."""
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return True
+    try:
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resolve(
+    status: dict[str, Any] | None,
+    job_id: str | None,
+    queue: dict[str, str] | None,
+    accounting: dict[str, str],
+    now: float | None = None,
+) -> JobState:
+    """The state of one job from its own status, the queue (None: no scheduler) and accounting."""
+    own = (status or {}).get("state")
+    if own in FINAL:
+        return JobState(own, (status or {}).get("error") or "", status)
+    if queue is not None and job_id and job_id in queue:
+        slurm = queue[job_id]
+        if slurm in _QUEUED:
+            return JobState("pending", slurm.lower(), status)
+        if slurm in _RUNNING:
+            return JobState("running", "", status)
+    acct = accounting.get(job_id or "", "")
+    if acct == "TIMEOUT":
+        return JobState("timeout", "scheduler: TIMEOUT", status)
+    if acct.startswith("CANCELLED"):
+        return JobState("failed", "cancelled", status)
+    if acct in ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+        return JobState("failed", f"scheduler: {acct}", status)
+    if own == "stopped":  # stopped on a signal, checkpointed, and not (or no longer) queued
+        return JobState("failed", (status or {}).get("error") or "stopped", status)
+    if own in ("running", "requeued"):
+        age = (now or time.time()) - float((status or {}).get("heartbeat", 0))
+        if queue is None and not _alive_here(status or {}):
+            return JobState("lost", "its process is gone", status)
+        if queue is None and age < LOST_AFTER_S:
+            return JobState("running", "", status)  # a local run still beating
+        if queue is not None and job_id and age < LOST_AFTER_S and own == "requeued":
+            return JobState("pending", "requeued", status)
+        return JobState("lost", f"no heartbeat for {age:.0f} s and not in the queue", status)
+    if job_id and queue is not None:
+        return JobState("lost", "left the queue without starting", status)
+    return JobState("pending", "not submitted", status)
+
+
+def sweep_states(manifest: dict[str, Any], queue: dict[str, str] | None) -> dict[str, JobState]:
+    """State of every job of a manifest, asking `sacct` only about jobs that need it."""
+    jobs = manifest["jobs"]
+    last_id = {name: (job.get("job_ids") or [None])[-1] for name, job in jobs.items()}
+    own = {name: read_own_status(job["kind"], Path(job["run_dir"])) for name, job in jobs.items()}
+    undecided = [
+        job_id
+        for name, job_id in last_id.items()
+        if job_id
+        and queue is not None
+        and job_id not in queue
+        and (own[name] or {}).get("state") not in FINAL
+    ]
+    accounting = sacct_states(undecided)
+    return {name: resolve(own[name], last_id[name], queue, accounting) for name in jobs}
