@@ -158,3 +158,28 @@ def test_cli_reports_refusal_clearly(tmp_path):
 def test_typo_in_config_fails_at_compose_time():
     with pytest.raises(Exception, match="learning_rate"):
         compose(["+experiment=sqrt_rule", "ops.base.learning_rate=1"])
+
+
+def test_fast_composition_of_sweep_jobs_equals_full_composition(tmp_path):
+    """The launcher sets plain value overrides on the first job's config instead of recomposing:
+    every arm must come out exactly as a full Hydra composition makes it."""
+    sweep = ["arm=H", "experiment.ratio=2,4,8,16", "rules.sqrt.keep_eps=true,false", "model=tiny"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sweep",
+        "+experiment=sqrt_rule",
+        "-m",
+        "sweep.dry_run=true",
+        f"sweep.root={tmp_path}",
+    ]
+    out = subprocess.run([*cmd, *sweep], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    planned = {r["signature"]: r for r in json.loads((tmp_path / "sqrt_rule" / "plan.json").read_text())}
+    assert len(planned) == 8
+    for ratio in (2, 4, 8, 16):
+        for keep in ("true", "false"):
+            job = ["+experiment=sqrt_rule", f"experiment.ratio={ratio}", f"rules.sqrt.keep_eps={keep}"]
+            full = _plan(job, ["H"], tmp_path).arms[0]
+            assert planned[full.signature]["eps"] == full.row["eps"]
+            assert planned[full.signature]["batch_size"] == 16 // ratio
