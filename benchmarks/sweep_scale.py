@@ -49,16 +49,28 @@ def main() -> None:
     budgets = ",".join(str(2048 * (i + 1)) for i in range(args.arms))
     for label, extra in (("separate jobs", []), ("one job array", ["resources.array_parallelism=4"])):
         with tempfile.TemporaryDirectory() as root:
-            cmd = [sys.executable, "-m", "sweep", "+experiment=sqrt_rule", "-m", "arm=A", f"sweep.root={root}",
-                   f"experiment.arms.A.token_budget={budgets}", "hydra/launcher=slurm", "resources.cpus_per_task=1",
-                   *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "sweep",
+                "+experiment=sqrt_rule",
+                "-m",
+                "arm=A",
+                f"sweep.root={root}",
+                f"experiment.arms.A.token_budget={budgets}",
+                "hydra/launcher=slurm",
+                "resources.cpus_per_task=1",
+                *extra,
+            ]
             elapsed, out = timed(cmd)
             submitted = out.stdout.count("submitted ")
             report(f"compose+validate+submit {args.arms} arms ({label}, {submitted} jobs)", elapsed, 10.0)
             sweep_dir = Path(root) / "sqrt_rule"
             elapsed, out = timed([sys.executable, "-m", "sweep.status", str(sweep_dir)])
             report(f"sweep.status over {len(out.stdout.splitlines()) - 2} jobs", elapsed, 2.0)
-            subprocess.run([sys.executable, "-m", "sweep.cancel", str(sweep_dir)], cwd=REPO, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "sweep.cancel", str(sweep_dir)], cwd=REPO, capture_output=True
+            )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ def squeue_states() -> dict[str, str] | None:
     if not shutil.which("squeue"):
         return None
     out = subprocess.run(
-        ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True, text=True, timeout=30
+        ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     if out.returncode != 0:
         return None
