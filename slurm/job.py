@@ -63,11 +63,23 @@ class StageJob:
         assert self.run is not None
         self.run.launch = launch_info()
         try:
-            return train(self.run)
+            summary = train(self.run)
         except Stopped as stopped:
             if stopped.signum == signal.SIGUSR2 and "SLURM_JOB_ID" in os.environ:
                 self._requeue()
             raise
+        # The work is done: a time-limit warning arriving now must neither kill the job (SLURM
+        # would call it FAILED and break `afterok` chains) nor requeue it.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return summary
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's checkpoint protocol, for a signal that comes before training installed its own
+        handler (while starting up): nothing to save yet, so just resubmit the same job; it resumes
+        from the newest checkpoint on disk. Writes nothing from inside the signal handler."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
 
     def _requeue(self) -> None:
         """Put the job back in the queue (rank 0 only); it resumes from the checkpoint just written."""

@@ -8,6 +8,7 @@ their newest checkpoint. A diverged arm would diverge again; it is rerun only wh
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
             for name, s in known.items()
             if s.state in ("pending", "running") and manifest["jobs"][name].get("job_ids")
         }
+        stuck = [
+            manifest["jobs"][j.name]["job_ids"][-1]
+            for j in todo
+            if known[j.name].reason.startswith("a job it")
+        ]
+        if stuck:  # queued behind a failed dependency: cancel before submitting the replacement
+            subprocess.run(["scancel", *stuck], check=False)
         states.update(_submit_slurm(plan, todo, in_flight))
         return states
     else:

@@ -26,6 +26,8 @@ FINAL = ("completed", "failed", "diverged")
 RESUBMIT = ("failed", "timeout", "lost")  # diverged runs would diverge again: resubmit by name only
 LOST_AFTER_S = 300.0  # a run whose heartbeat is older than this, and whose job left the queue, is lost
 
+NEVER = "DEPENDENCY_NEVER_SATISFIED"  # squeue state + reason of a job stuck behind a failed dependency
+STUCK = "a job it depends on failed (still queued; resubmitting cancels it)"
 _QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
@@ -42,7 +44,7 @@ def squeue_states() -> dict[str, str] | None:
     if not shutil.which("squeue"):
         return None
     out = subprocess.run(
-        ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
+        ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -51,8 +53,9 @@ def squeue_states() -> dict[str, str] | None:
         return None
     states = {}
     for line in out.stdout.splitlines():
-        job_id, _, state = line.partition("|")
-        states[job_id.strip()] = state.strip()
+        job_id, state, reason = (line.split("|") + ["", ""])[:3]
+        # A job whose dependency failed waits forever: it will never run, so it is not pending.
+        states[job_id.strip()] = NEVER if reason.strip() == "DependencyNeverSatisfied" else state.strip()
     return states
 
 
@@ -108,6 +111,10 @@ def resolve(
         return JobState(own, (status or {}).get("error") or "", status)
     if queue is not None and job_id and job_id in queue:
         slurm = queue[job_id]
+        if slurm == NEVER:
+            return JobState(
+                "failed", "a job it depends on failed (still queued; resubmitting cancels it)", status
+            )
         if slurm in _QUEUED:
             return JobState("pending", slurm.lower(), status)
         if slurm in _RUNNING:

@@ -141,9 +141,10 @@ def test_scancel_then_rerun_resumes_only_that_arm_exactly(slurm_cluster, tmp_pat
 
 
 def test_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
-    # 2-minute limit, USR2 90 s before it: the arm (~40 s of training) is stopped after ~30 s,
-    # checkpoints, requeues itself, and finishes in its second run.
-    out = _sweep(tmp_path, "arm=A", "resources.timeout_min=2", "resources.signal_lead_s=90", tiny=False)
+    # 2-minute limit, USR2 90 s before it (SLURM sends it up to ~30 s early): the arm (~40 s of
+    # training) is stopped, checkpoints, requeues itself, and finishes in a later run.
+    extra = ["resources.timeout_min=2", "resources.signal_lead_s=90", "resources.max_requeues=6"]
+    out = _sweep(tmp_path, "arm=A", *extra, tiny=False)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep_dir = tmp_path / "sqrt_rule"
     assert _wait(sweep_dir, ["A"], timeout=900)["A"] == "completed"
@@ -164,3 +165,37 @@ def test_arms_as_a_job_array_with_a_parallelism_limit(slurm_cluster, tmp_path):
     queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
     assert f"{array.pop()}_[0-1%1]" in queued  # one array, at most one task at a time
     assert _wait(sweep_dir, ["A", "J"]) == {**_wait(sweep_dir, []), "A": "completed", "J": "completed"}
+
+
+def _cluster(*args: str) -> None:
+    subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), *args], check=True, timeout=600)
+
+
+@pytest.mark.parametrize("accounting", [False, True], ids=["no-sacct", "sacct"])
+def test_a_job_cancelled_before_it_started(slurm_cluster, tmp_path, accounting):
+    """Without accounting, a job that left the queue and never wrote a status is `lost`; with
+    `sacct`, SLURM's own word (CANCELLED) makes it `failed`. Both are resubmitted."""
+    if accounting:
+        _cluster("up", "--accounting")
+    try:
+        out = _sweep(tmp_path, "arm=A")
+        assert out.returncode == 0, out.stderr[-3000:]
+        sweep_dir = tmp_path / "sqrt_rule"
+        job_id = _manifest(sweep_dir)["jobs"]["A"]["job_ids"][-1]
+        subprocess.run(["scancel", job_id], check=True)  # still waiting on prepare and warmup
+        deadline = time.time() + 60
+        while (
+            time.time() < deadline
+            and job_id
+            in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        ):
+            time.sleep(1)
+        code, states = sweep_status(sweep_dir)
+        assert code == 1
+        assert states["A"] == ("failed" if accounting else "lost")
+        again = _sweep(tmp_path, "arm=A")
+        assert f"A: {states['A']}" in again.stdout and "submitted A:" in again.stdout
+        subprocess.run([sys.executable, "-m", "sweep.cancel", str(sweep_dir)], cwd=REPO, check=True)
+    finally:
+        if accounting:
+            _cluster("up")  # back to a cluster without accounting, as most tests expect

@@ -28,6 +28,7 @@ def running(heartbeat_age: float, **extra) -> dict:
         ({"state": "failed", "error": "boom"}, "7", {}, {"7": "COMPLETED"}, "failed"),  # SLURM said COMPLETED
         ({"state": "diverged"}, "7", {}, {}, "diverged"),
         (None, "7", {"7": "PENDING"}, {}, "pending"),
+        (None, "7", {"7": "DEPENDENCY_NEVER_SATISFIED"}, {}, "failed"),
         (running(5), "7", {"7": "RUNNING"}, {}, "running"),
         (running(5), "7", {}, {"7": "TIMEOUT"}, "timeout"),
         (running(5), "7", {}, {"7": "CANCELLED by 0"}, "failed"),
