@@ -106,6 +106,20 @@ def test_an_arm_whose_python_raises_is_failed(slurm_cluster, tmp_path):
     status = json.loads(Path(_manifest(sweep_dir)["jobs"]["H"]["run_dir"], "status.json").read_text())
     assert "token budget 16777216" in status["error"]
 
+    # The explicit resubmit reads the manifest (no config needed) and submits only what failed.
+    first_id = _manifest(sweep_dir)["jobs"]["H"]["job_ids"][-1]
+    again = subprocess.run(
+        [sys.executable, "-m", "sweep.resubmit", str(sweep_dir), "--failed"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "submitted H:" in again.stdout and "submitted warmup" not in again.stdout
+    assert _manifest(sweep_dir)["jobs"]["H"]["job_ids"][-2] == first_id
+    assert _wait(sweep_dir, ["H"])["H"] == "failed"
+
 
 def test_scancel_then_rerun_resumes_only_that_arm_exactly(slurm_cluster, tmp_path):
     long_arm = ["experiment.token_budget=262144", "trainer.checkpoint_every_tokens=16384"]
