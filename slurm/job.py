@@ -89,13 +89,13 @@ class StageJob:
         from train.runlog import read_status, write_json_atomic
 
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        status = read_status(self.run.run_dir) or {}
         if restarts >= self.max_requeues:
             print(f"not requeued: {restarts} restarts already (max {self.max_requeues})", file=sys.stderr)
             return
         job_id = os.environ["SLURM_JOB_ID"]
         if "SLURM_ARRAY_JOB_ID" in os.environ:
             job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        status = read_status(self.run.run_dir) or {}
         status.update(state="requeued", error=None)
         write_json_atomic(Path(self.run.run_dir) / "status.json", status)
         print(

@@ -17,7 +17,7 @@ from typing import Any
 
 from sweep.manifest import record_plan
 from sweep.plan import Job, SweepPlan, arm_table
-from sweep.state import RESUBMIT, JobState, read_own_status, squeue_states, sweep_states
+from sweep.state import RESUBMIT, STUCK, JobState, read_own_status, squeue_states, sweep_states
 
 FAILED = ("failed", "diverged", "skipped")
 
@@ -58,7 +58,8 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
         raise SystemExit("error: hydra/launcher=slurm but no SLURM controller answers `squeue` here")
     known = sweep_states(manifest, queue)
     todo = _todo(plan, known, opts.only)
-    states = {name: s.state for name, s in known.items() if name in {j.name for j in plan.jobs}}
+    planned = {j.name for j in plan.jobs}
+    states = {name: s.state for name, s in known.items() if name in planned}
     if not todo:
         print("nothing to run: every job of this sweep is completed, queued or running")
     elif opts.executor == "slurm":
@@ -67,11 +68,7 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
             for name, s in known.items()
             if s.state in ("pending", "running") and manifest["jobs"][name].get("job_ids")
         }
-        stuck = [
-            manifest["jobs"][j.name]["job_ids"][-1]
-            for j in todo
-            if known[j.name].reason.startswith("a job it")
-        ]
+        stuck = [manifest["jobs"][j.name]["job_ids"][-1] for j in todo if known[j.name].reason == STUCK]
         if stuck:  # queued behind a failed dependency: cancel before submitting the replacement
             subprocess.run(["scancel", *stuck], check=False)
         states.update(_submit_slurm(plan, todo, in_flight))

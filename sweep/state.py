@@ -112,9 +112,7 @@ def resolve(
     if queue is not None and job_id and job_id in queue:
         slurm = queue[job_id]
         if slurm == NEVER:
-            return JobState(
-                "failed", "a job it depends on failed (still queued; resubmitting cancels it)", status
-            )
+            return JobState("failed", STUCK, status)
         if slurm in _QUEUED:
             return JobState("pending", slurm.lower(), status)
         if slurm in _RUNNING:

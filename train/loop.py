@@ -247,8 +247,17 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            signum = stop.signum
             if ddp:
-                dist.all_reduce(loss_sum)
+                # One collective per step: the loss sum and whether any rank was asked to stop, so
+                # that every rank stops at the same step, whichever got the signal.
+                packed = torch.tensor(
+                    [0.0, signum == signal.SIGUSR2, signum == signal.SIGTERM], device=device
+                )
+                packed[0] = loss_sum
+                dist.all_reduce(packed)
+                loss_sum = packed[0]
+                signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
             loss = loss_sum.item() / plan.tokens_per_step
             done = step + 1
             if not math.isfinite(loss):
@@ -274,15 +283,10 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
                     window_time, window_tokens = now, 0
             if crossed(done, cfg.val_every_tokens) and done < plan.steps:
                 validate(done)
-            if crossed(done, cfg.checkpoint_every_tokens) and done < plan.steps:
+            stopping = bool(signum) and done < plan.steps
+            if stopping or (crossed(done, cfg.checkpoint_every_tokens) and done < plan.steps):
                 checkpoint(done, final=False)
-            signum = stop.signum
-            if ddp:  # every rank stops at the same step, whichever got the signal
-                flag = torch.tensor([signum], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                signum = int(flag.item())
-            if signum and done < plan.steps:
-                checkpoint(done, final=False)
+            if stopping:
                 raise Stopped(signum, done)
         if resumed is None or not resumed.get("final"):
             validate(plan.steps)

@@ -36,7 +36,7 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def mark_failed(cfg: RunConfig, error: str) -> None:
-    """Record `failed` unless the run already recorded how it ended (failed, diverged)."""
+    """Record `failed` unless the run already recorded how it ended (completed, failed, diverged, stopped)."""
     status = read_status(cfg.run_dir) or {"name": cfg.name, "stage": cfg.stage, "signature": cfg.signature}
     if status.get("state") in ("failed", "diverged", "completed", "stopped"):
         return
