@@ -27,9 +27,23 @@ def export_distributed_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def git_state() -> dict[str, Any]:
+    """Commit and dirtiness of the project's own checkout (the code that runs)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
 def launch_info() -> dict[str, Any]:
-    """Where this process runs, for status.json and the W&B config."""
-    info: dict[str, Any] = {"restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+    """Where this process runs and with which code, for status.json and the W&B config."""
+    info: dict[str, Any] = {"restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "git": git_state()}
     for key, var in (
         ("job_id", "SLURM_JOB_ID"),
         ("array_job_id", "SLURM_ARRAY_JOB_ID"),

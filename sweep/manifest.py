@@ -7,7 +7,6 @@ whose signature changed keeps its old entries under `previous` (its old run dir 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,24 +14,11 @@ from typing import Any
 
 from filelock import FileLock
 
+from slurm.job import git_state
 from sweep.plan import SweepPlan
 from train.runlog import write_json_atomic
 
 MANIFEST = "manifest.json"
-
-
-def git_state() -> dict[str, Any]:
-    """Commit and dirtiness of the code being launched (the project's own checkout)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
 
 
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:

@@ -119,6 +119,7 @@ def _run_config(
         "init": f"warmup:{init.signature}" if init else f"seed:{cfg.trainer.init_seed}",
         "data_seed": cfg.trainer.data_seed,
         "val_samples": cfg.trainer.val_samples,
+        "carry_optimizer": cfg.trainer.carry_optimizer and init is not None,
     }
     sig = signature(identity)
     return RunConfig(
@@ -137,6 +138,12 @@ def _run_config(
         lr_warmup_tokens=lr_warmup,
         precision=cfg.precision.dtype,
         init_checkpoint=str(init.run_dir) if init else "",
+        carry_optimizer=cfg.trainer.carry_optimizer and init is not None,
+        attn_implementation=cfg.trainer.attn_implementation,
+        compile=cfg.trainer.compile,
+        loss_chunk_tokens=cfg.trainer.loss_chunk_tokens,
+        noise_scale_decay=cfg.trainer.noise_scale_decay,
+        peak_flops=cfg.trainer.peak_flops,
         init_seed=cfg.trainer.init_seed,
         data_seed=cfg.trainer.data_seed,
         val_every_tokens=cfg.trainer.val_every_tokens,
@@ -219,6 +226,8 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         else:
             jobs[arm.name] = arm
             arm_sigs[arm.signature] = arm.name
+    if first.precision.dtype not in ("fp32", "bf16", "fp16"):
+        errors.append(f"precision.dtype={first.precision.dtype!r}: expected fp32, bf16 or fp16")
     if first.trainer.val_samples < 1:
         errors.append(
             f"trainer.val_samples={first.trainer.val_samples}: validation needs at least one sequence"

@@ -53,7 +53,7 @@ class ExperimentConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "fp32"  # fp32 | bf16
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
 
 
 @dataclass
@@ -70,6 +70,12 @@ class TrainerConfig:
     checkpoint_every_tokens: int = 0
     keep_checkpoints: int = 2
     log_every_steps: int = 1
+    carry_optimizer: bool = False  # arms take the warmup's Adam moments too (default: cold optimizer)
+    attn_implementation: str = "sdpa"
+    compile: bool = False
+    loss_chunk_tokens: int = 0  # >0: LM head + loss in chunks of this many tokens (152k vocabularies)
+    noise_scale_decay: float = 0.95
+    peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU's name
 
 
 @dataclass

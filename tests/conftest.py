@@ -23,6 +23,43 @@ def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def prepared_data(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus tokenized (300-token BPE) into warmup / experiment / validation splits."""
+    from train.config import DataConfig, SplitConfig, TokenizerConfig
+    from train.data import prepare
+
+    cfg = DataConfig(
+        source="text_files",
+        path=str(text_corpus),
+        tokenizer=TokenizerConfig(kind="bpe", vocab_size=300),
+        splits=SplitConfig(warmup=0.25, validation=0.1, experiment=0.65),
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    return prepare(cfg, progress=False)
+
+
+def tiny_run(data_dir: Path, run_dir: Path, **changes):
+    """A RunConfig for a 2-layer, 32-wide model on `data_dir`: about 10 ms a step on one core."""
+    from train.config import ModelConfig, OptimizerConfig, RunConfig, WandbConfig
+
+    fields = dict(
+        name="arm",
+        stage="arm",
+        signature="test" + run_dir.name[-8:].replace("-", ""),
+        run_dir=str(run_dir),
+        data_dir=str(data_dir),
+        model=ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),
+        optimizer=OptimizerConfig(lr=3e-3),
+        batch_size=8,
+        seq_len=32,
+        token_budget=8 * 32 * 12,
+        wandb=WandbConfig(mode="disabled"),
+    )
+    fields.update(changes)
+    return RunConfig(**fields)
+
+
 def compose(overrides: list[str]):
     """The typed Config `python -m sweep` would build for these overrides."""
     from hydra import compose as hydra_compose

@@ -5,20 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.config import DataConfig, SplitConfig, TokenizerConfig
+from train.config import DataConfig, from_dict
 from train.data import TokenStream, load_meta, load_split, prepare
 
 
 @pytest.fixture(scope="module")
-def prepared(text_corpus, tmp_path_factory):
-    cfg = DataConfig(
-        source="text_files",
-        path=str(text_corpus),
-        tokenizer=TokenizerConfig(kind="bpe", vocab_size=300),
-        splits=SplitConfig(warmup=0.25, validation=0.1, experiment=0.65),
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
-    )
-    return cfg, prepare(cfg, progress=False)
+def prepared(prepared_data):
+    return from_dict(DataConfig, load_meta(prepared_data)["config"]), prepared_data
 
 
 def test_prepare_splits_documents_disjointly(prepared):
@@ -41,26 +34,40 @@ def test_prepare_is_idempotent(prepared):
     assert (data_dir / "meta.json").stat().st_mtime_ns == before
 
 
-def _stream_tokens(stream: TokenStream, batch: int, world: int, micro: int, steps: int) -> np.ndarray:
-    """Sequences in the order a run with this batching consumes them (ranks in order)."""
+def _stream_tokens(make_stream, batch: int, world: int, micro: int, steps: int, resume_at: int) -> np.ndarray:
+    """Sequences in the order a run with this batching consumes them (ranks in order), restarted
+    with a fresh stream object at step `resume_at` as a resumed run would be."""
     seen = []
+    stream = make_stream()
     for step in range(steps):
+        if step == resume_at:
+            stream = make_stream()
         for rank in range(world):
             share = stream.rank_batch(step, batch, rank, world)
             seen.extend(share[i : i + micro] for i in range(0, len(share), micro))
     return np.concatenate(seen)
 
 
-@pytest.mark.parametrize(
-    ("batch", "world", "micro"), [(1, 1, 1), (2, 2, 1), (4, 1, 2), (8, 4, 1), (16, 2, 4), (64, 4, 8)]
-)
+BATCHINGS = [
+    (batch, world, micro)
+    for batch in (1, 2, 4, 8, 16, 32, 64, 48)  # 48: so that world 3 appears too
+    for world in (1, 2, 3, 4)
+    if batch % world == 0
+    for micro in sorted({1, batch // world, max(1, batch // world // 4)})
+]
+
+
+@pytest.mark.parametrize(("batch", "world", "micro"), BATCHINGS)
 def test_same_samples_for_every_batching(prepared, batch, world, micro):
     _, data_dir = prepared
-    stream = TokenStream(load_split(data_dir, "experiment"), seq_len=16, seed=3)
+    tokens = load_split(data_dir, "experiment")
+    stream = TokenStream(tokens, seq_len=16, seed=3)
     n = 3 * stream.n_windows // 2  # crosses an epoch boundary
-    n -= n % 64
+    n -= n % 192  # a whole number of steps at every batch size (lcm of 64 and 48)
+    steps = n // batch
     expected = stream.samples(0, n)
-    assert np.array_equal(_stream_tokens(stream, batch, world, micro, n // batch), expected)
+    got = _stream_tokens(lambda: TokenStream(tokens, 16, 3), batch, world, micro, steps, resume_at=steps // 3)
+    assert np.array_equal(got, expected)
 
 
 def test_epochs_are_permutations_seeded_by_seed(prepared):

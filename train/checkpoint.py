@@ -1,12 +1,15 @@
-"""Checkpoints: written atomically, the last K kept, the newest readable one found on start.
+"""Checkpoints: written atomically, verified on load, the last K kept, the newest valid one found on start.
 
-A checkpoint is one file `<run_dir>/checkpoints/step-<step>.pt`. It is written to a temporary
-name, flushed to disk, then renamed, so a file under the final name is always whole; a file
-that still fails to load (disk trouble, a foreign file) is skipped with a warning.
+A checkpoint is `<run_dir>/checkpoints/step-<step>.pt` plus its completion marker
+`step-<step>.pt.sha256` holding the file's SHA-256. The data file is written to a temporary
+name, flushed and renamed; the marker is written (the same way) only after that. On load, a
+checkpoint without its marker (the writer died in between) or whose bytes no longer match it
+(disk trouble, a torn copy) is skipped with a warning and the next newest is tried.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -16,10 +19,28 @@ from typing import Any
 import torch
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+MARKER = ".sha256"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -27,13 +48,11 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}.pt"
-    tmp = folder / f".step-{step:08d}.pt.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    _write_atomic(final, lambda f: torch.save(state, f))
+    digest = _sha256(final)
+    _write_atomic(final.with_name(final.name + MARKER), lambda f: f.write(digest.encode()))
     for old in _checkpoints(folder)[max(keep, 1) :]:
+        old.with_name(old.name + MARKER).unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return final
 
@@ -47,11 +66,20 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def load_latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The newest checkpoint of `run_dir` that loads, or None; unreadable ones are skipped."""
+    """The newest valid checkpoint of `run_dir`, or None; incomplete or corrupt ones are skipped."""
     for path in _checkpoints(checkpoint_dir(run_dir)):
+        marker = path.with_name(path.name + MARKER)
+        try:
+            expected = marker.read_text().strip()
+        except FileNotFoundError:
+            warnings.warn(f"skipping incomplete checkpoint {path} (no {marker.name})", stacklevel=2)
+            continue
+        if _sha256(path) != expected:
+            warnings.warn(f"skipping corrupt checkpoint {path} (checksum mismatch)", stacklevel=2)
+            continue
         try:
             state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a torn or foreign file must not stop the run
+        except Exception as exc:  # a foreign file that happens to match its marker must not stop the run
             warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", stacklevel=2)
             continue
         return state

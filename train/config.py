@@ -115,8 +115,9 @@ class RunConfig:
     split: str = "experiment"
     micro_batch_size: int = 0  # per rank; 0 = the whole per-rank batch at once
     lr_warmup_tokens: int = 0  # linear ramp from 0, counted in tokens so it is batch-size invariant
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler)
     init_checkpoint: str = ""  # weights to branch from; empty = seeded init
+    carry_optimizer: bool = False  # also take the branch point's Adam moments (default: cold optimizer)
     init_seed: int = 0
     data_seed: int = 0
     val_every_tokens: int = 0  # 0 = only at the end
@@ -124,6 +125,11 @@ class RunConfig:
     checkpoint_every_tokens: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     log_every_steps: int = 1
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    compile: bool = False  # torch.compile the model + loss
+    loss_chunk_tokens: int = 0  # >0: LM head + loss over this many tokens at a time (large vocabularies)
+    noise_scale_decay: float = 0.95  # EMA decay of the B_simple estimates
+    peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU's name (none on CPU)
     progress: bool = False  # a progress bar on stderr (rank 0), for runs in the foreground
     sweep_name: str = ""
     tags: list[str] = field(default_factory=list)

@@ -2,7 +2,7 @@
 
 Distributed set-up comes from the standard torch variables (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT, LOCAL_RANK); whoever launched the processes (submitit, a test) exports them. With
-none set, the run is a single process.
+none set, the run is a single process. One process per device: NCCL on GPU, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -14,22 +14,32 @@ import random
 import signal
 import threading
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from train.batching import plan_batches
+from train.batching import BatchPlan, plan_batches
 from train.checkpoint import load_latest_checkpoint, save_checkpoint
 from train.config import RunConfig
 from train.data import TokenStream, load_meta, load_split, validation_windows
-from train.model import build_model, token_loss_sum
+from train.model import TokenLoss, build_model, flops_per_token
+from train.noise import NoiseScale
 from train.runlog import RunLog, mark_failed, read_status
+from train.throughput import peak_flops, peak_memory_gb
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class BadValidation(RuntimeError):
+    """Validation loss is 0, NaN or unchanged after training steps: the measurement itself is broken."""
 
 
 class Stopped(RuntimeError):
@@ -99,25 +109,86 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load_branch_weights(model: torch.nn.Module, run_dir: str) -> None:
-    """Weights of a finished run (the warmup): the branch point every arm starts from."""
+def _branch_point(run_dir: str) -> dict[str, Any]:
+    """The final checkpoint of a finished run (the warmup): the weights every arm starts from."""
     status = read_status(run_dir) or {}
     state = load_latest_checkpoint(run_dir)
     if state is None or not state.get("final") or status.get("state") != "completed":
         raise FileNotFoundError(f"no completed run to branch from in {run_dir} (state {status.get('state')})")
-    model.load_state_dict(state["model"])
+    return state
 
 
-def _evaluate(model: torch.nn.Module, windows: torch.Tensor, micro: int, autocast: Any) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast():
-        for i in range(0, len(windows), micro):
-            loss_sum, n = token_loss_sum(model, windows[i : i + micro])
-            total += loss_sum.item()
-            count += n
-    model.train()
-    return total / count
+def _set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
+    """The arm's own hyperparameters, also over an optimizer state carried from the branch point."""
+    for group in optimizer.param_groups:
+        group.update(
+            lr=cfg.optimizer.lr,
+            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+            eps=cfg.optimizer.eps,
+            weight_decay=cfg.optimizer.weight_decay,
+        )
+
+
+class LocalGradNorm:
+    """A DDP communication hook that adds up the squared norm of this rank's gradient (averaged
+    over its own samples) before the all-reduce averages it over ranks: the small-batch half of
+    the noise-scale estimate, at the cost of one extra pass over the gradient buckets."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sq = torch.zeros((), device=device)
+
+    @staticmethod
+    def hook(state, bucket):  # type: ignore[no-untyped-def]
+        # Unannotated on purpose: DDP compares the annotations with dist.GradBucket, and with
+        # postponed evaluation (`from __future__ import annotations`) they would be strings.
+        state.sq += bucket.buffer().float().pow(2).sum()
+        return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
+
+
+def accumulate_gradients(
+    net: torch.nn.Module,
+    batch: torch.Tensor,
+    plan: BatchPlan,
+    ddp: bool,
+    autocast: Any,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward and backward over this rank's micro-batches of one step, leaving in `.grad` the
+    mean gradient over every token of the global batch (times the fp16 loss scale, if `scaler`).
+
+    Gradients are all-reduced only on the last micro-batch; DDP then averages over ranks, so
+    dividing each rank's token sum by (step tokens / world) gives exactly the mean over every token
+    of the global batch, as one large batch would. Returns this rank's summed token loss and, on a
+    single process with accumulation, the squared norm of the first micro-batch's mean gradient
+    (for the noise scale; with DDP the `LocalGradNorm` hook measures the per-rank one instead).
+    """
+    world = plan.world_size
+    scaling = scaler is not None and scaler.is_enabled()
+    loss_scale = scaler.get_scale() if scaling else 1.0
+    micro_sq: torch.Tensor | None = None
+    loss_sum = torch.zeros((), device=batch.device)
+    for j in range(plan.grad_accum):
+        micro = batch[j * plan.micro_batch_size : (j + 1) * plan.micro_batch_size]
+        sync = not ddp or j == plan.grad_accum - 1
+        with contextlib.nullcontext() if sync else net.no_sync(), autocast():  # type: ignore[operator]
+            part = net(micro)
+        share = part * (world / plan.tokens_per_step)
+        (scaler.scale(share) if scaling else share).backward()  # type: ignore[union-attr]
+        loss_sum += part.detach()
+        if j == 0 and not ddp and plan.grad_accum > 1:
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            # .grad now holds (micro tokens / step tokens) x the micro-batch's mean gradient.
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            micro_sq = (norm * plan.grad_accum / loss_scale) ** 2
+    return loss_sum, micro_sq
+
+
+@dataclass
+class Counters:
+    """Run totals that survive restarts (stored in every checkpoint)."""
+
+    clipped_steps: int = 0
+    device_seconds: float = 0.0  # wall time x devices, over every segment of the run
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -137,11 +208,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: StopFlag) -> dict[str, Any]:
+    started = time.perf_counter()
+    # --- Inputs: refuse what cannot work before any step is taken.
     meta = load_meta(cfg.data_dir)
     if meta["vocab_size"] > cfg.model.vocab_size:
         raise ValueError(
             f"tokenizer has {meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}"
         )
+    if cfg.precision not in DTYPES:
+        raise ValueError(f"precision {cfg.precision!r}: expected one of {', '.join(DTYPES)}")
     plan = plan_batches(cfg.batch_size, cfg.micro_batch_size, world, cfg.seq_len, cfg.token_budget)
     stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
     if plan.steps * cfg.batch_size > stream.n_windows:
@@ -150,56 +225,113 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             f"{cfg.split!r} holds {stream.n_windows}: lower the budget or prepare more data"
         )
 
-    model = build_model(cfg.model, cfg.init_seed)
-    if cfg.init_checkpoint:
-        _load_branch_weights(model, cfg.init_checkpoint)
-    model.to(device)
-    # A cold optimizer: branching copies weights only, so every arm's Adam moments start at zero.
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.optimizer.lr,
-        betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-        eps=cfg.optimizer.eps,
-        weight_decay=cfg.optimizer.weight_decay,
-    )
+    # --- Model and optimizer: the branch point's weights, a cold optimizer unless asked otherwise.
+    lm = build_model(cfg.model, cfg.init_seed, cfg.attn_implementation)
+    branch = _branch_point(cfg.init_checkpoint) if cfg.init_checkpoint else None
+    if branch is not None:
+        lm.load_state_dict(branch["model"])
+    lm.to(device)
+    optimizer = torch.optim.AdamW(lm.parameters(), fused=device.type == "cuda")
+    if branch is not None and cfg.carry_optimizer:
+        optimizer.load_state_dict(branch["optimizer"])
+    _set_hyperparameters(optimizer, cfg)
+    dtype = DTYPES[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    noise = NoiseScale(cfg.noise_scale_decay)
+    counters = Counters()
+
+    # --- Resume: everything that decides the next step comes back from the newest valid checkpoint.
     start_step = 0
     resumed = load_latest_checkpoint(cfg.run_dir)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
+        lm.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        _set_rng_state(resumed["rng"])
+        scaler.load_state_dict(resumed["scaler"])
+        noise.load_state_dict(resumed["noise_scale"])
+        counters = Counters(**resumed["counters"])
+        rng = resumed["rng"]
+        _set_rng_state(rng[rank] if rank < len(rng) else rng[0])
         start_step = resumed["step"]
+
     ddp = world > 1
-    net: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.precision]
+    net: torch.nn.Module = TokenLoss(lm, cfg.loss_chunk_tokens)
+    local_norm = LocalGradNorm(device)
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+        net.register_comm_hook(local_norm, LocalGradNorm.hook)  # type: ignore[arg-type]
+    evaluator = TokenLoss(lm, cfg.loss_chunk_tokens)
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    # Noise-scale estimate: per-rank (DDP) or first-micro-batch (one process) vs the global gradient.
+    b_small = plan.batch_size // world if ddp else plan.micro_batch_size if plan.grad_accum > 1 else 0
 
     def autocast() -> Any:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    log = RunLog(cfg, plan.steps, start_step) if rank == 0 else None
+    # Rows a killed earlier attempt logged past its last checkpoint (all of them, if it had none) are
+    # superseded by what this attempt logs.
+    log = RunLog(cfg, plan.steps, start_step if resumed is not None else -1) if rank == 0 else None
     val = torch.from_numpy(
         validation_windows(load_split(cfg.data_dir, "validation"), cfg.seq_len, cfg.val_samples)
     ).to(device)
+    previous_val: list[float] = []
 
     def validate(step: int) -> None:
+        # Every rank evaluates its share of the fixed validation slice; the sums are all-reduced,
+        # so all ranks know the result and a broken measurement stops them all at once.
+        evaluator.eval()
+        total = torch.zeros((), device=device)
+        mine = val[rank * len(val) // world : (rank + 1) * len(val) // world]
+        with torch.no_grad(), autocast():
+            for i in range(0, len(mine), plan.micro_batch_size):
+                total += evaluator(mine[i : i + plan.micro_batch_size]).float()
+        evaluator.train()
+        if ddp:
+            dist.all_reduce(total)
+        val_loss = total.item() / (val.size(0) * cfg.seq_len)
         if log is not None:
-            val_loss = _evaluate(model, val, plan.micro_batch_size, autocast)
             log.log({"step": step, "tokens": step * plan.tokens_per_step, "val_loss": val_loss})
+        if not math.isfinite(val_loss) or val_loss <= 0:
+            raise BadValidation(f"validation loss {val_loss} at step {step}: the measurement is broken")
+        if previous_val and val_loss == previous_val[-1]:
+            raise BadValidation(
+                f"validation loss unchanged ({val_loss}) from the previous evaluation to step {step}: "
+                "the weights are not being updated"
+            )
+        previous_val.append(val_loss)
 
     def checkpoint(step: int, final: bool) -> None:
+        # Every rank's RNG state (one gather), so that a resumed rank continues its own streams.
+        rngs: list[Any] = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
         if rank == 0:
             state = {
-                "model": model.state_dict(),
+                "model": lm.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "noise_scale": noise.state_dict(),
+                "counters": asdict(counters),
                 "step": step,
                 "tokens": step * plan.tokens_per_step,
-                "rng": _rng_state(),
+                "samples": step * plan.batch_size,  # data position: the next sample of the stream
+                "lr": lr_at(step),  # schedule position (the schedule is a function of tokens)
+                "rng": rngs,
                 "final": final,
                 "signature": cfg.signature,
+                "wandb_id": log.wandb_id if log is not None else None,
             }
             save_checkpoint(cfg.run_dir, step, state, cfg.keep_checkpoints)
+
+    def lr_at(step: int) -> float:
+        """Constant lr after a linear ramp counted in tokens (so it is batch-size invariant)."""
+        if cfg.lr_warmup_tokens <= 0:
+            return cfg.optimizer.lr
+        return cfg.optimizer.lr * min(1.0, (step + 1) * plan.tokens_per_step / cfg.lr_warmup_tokens)
 
     def crossed(step: int, every_tokens: int) -> bool:
         return (
@@ -210,7 +342,9 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
 
     if start_step == 0:
         validate(0)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in lm.parameters() if p.requires_grad]
+    flops = flops_per_token(lm, cfg.seq_len)
+    peak = peak_flops(device, cfg.precision, cfg.peak_flops)
     bar = None
     if log is not None and cfg.progress:
         from tqdm import tqdm
@@ -223,59 +357,77 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             unit_scale=True,
         )
     window_time, window_tokens = time.perf_counter(), 0
+    step_end = started  # device time counts from start-up: the devices are held all along
     try:
+        # --- The loop: one optimizer step per global batch, stopping only at step boundaries.
         for step in range(start_step, plan.steps):
-            tokens_before = step * plan.tokens_per_step
-            lr = cfg.optimizer.lr
-            if cfg.lr_warmup_tokens > 0:
-                lr *= min(1.0, (tokens_before + plan.tokens_per_step) / cfg.lr_warmup_tokens)
+            lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
             batch = torch.from_numpy(stream.rank_batch(step, cfg.batch_size, rank, world)).to(device)
-            loss_sum = torch.zeros((), device=device)
-            for j in range(plan.grad_accum):
-                micro = batch[j * plan.micro_batch_size : (j + 1) * plan.micro_batch_size]
-                # Gradients are all-reduced only on the last micro-batch; DDP then averages over
-                # ranks, so dividing each rank's token sum by (step tokens / world) gives exactly
-                # the mean over every token of the global batch.
-                sync = not ddp or j == plan.grad_accum - 1
-                with contextlib.nullcontext() if sync else net.no_sync(), autocast():  # type: ignore[operator]
-                    part, _ = token_loss_sum(net, micro)
-                (part * world / plan.tokens_per_step).backward()
-                loss_sum += part.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
-            optimizer.step()
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            local_norm.sq.zero_()
+            loss_sum, micro_sq = accumulate_gradients(net, batch, plan, ddp, autocast, scaler)
+            scaler.unscale_(optimizer)  # a no-op unless fp16
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)  # before clipping
+            scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
+
             signum = stop.signum
+            small_sq = micro_sq
             if ddp:
-                # One collective per step: the loss sum and whether any rank was asked to stop, so
-                # that every rank stops at the same step, whichever got the signal.
-                packed = torch.tensor(
-                    [0.0, signum == signal.SIGUSR2, signum == signal.SIGTERM], device=device
+                # One collective per step: the loss sum, whether any rank was asked to stop (so every
+                # rank stops at the same step, whichever got the signal) and the per-rank gradient norms.
+                packed = torch.stack(
+                    [
+                        loss_sum.float(),
+                        torch.tensor(float(signum == signal.SIGUSR2), device=device),
+                        torch.tensor(float(signum == signal.SIGTERM), device=device),
+                        local_norm.sq / scale**2,
+                    ]
                 )
-                packed[0] = loss_sum
                 dist.all_reduce(packed)
-                loss_sum = packed[0]
+                loss_sum, small_sq = packed[0], packed[3] / world
                 signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
             loss = loss_sum.item() / plan.tokens_per_step
             done = step + 1
             if not math.isfinite(loss):
                 raise Diverged(f"loss {loss} at step {done}")
+            norm = grad_norm.item()
+            if math.isfinite(norm):  # an fp16 overflow step was skipped: no gradient to judge
+                counters.clipped_steps += norm > cfg.optimizer.grad_clip
+                if small_sq is not None:
+                    noise.update(small_sq.item(), b_small, norm**2, plan.batch_size)
+            now = time.perf_counter()
+            counters.device_seconds += (now - step_end) * world
+            step_end = now
 
             window_tokens += plan.tokens_per_step
             if log is not None:
-                now = time.perf_counter()
                 tokens_per_s = window_tokens / max(now - window_time, 1e-9)
+                tokens = done * plan.tokens_per_step
                 if done % cfg.log_every_steps == 0 or done == plan.steps:
-                    row = {"step": done, "tokens": done * plan.tokens_per_step, "loss": loss, "lr": lr}
-                    row.update(
-                        grad_norm=grad_norm.item(), batch_size=cfg.batch_size, tokens_per_s=tokens_per_s
-                    )
-                    log.log(row)
-                log.update(
-                    step=done, tokens=done * plan.tokens_per_step, loss=loss, tokens_per_s=tokens_per_s
-                )
+                    row: dict[str, Any] = {
+                        "step": done,
+                        "tokens": tokens,
+                        "loss": loss,
+                        "lr": lr,
+                        "beta1": cfg.optimizer.beta1,
+                        "beta2": cfg.optimizer.beta2,
+                        "batch_size": cfg.batch_size,
+                        "grad_norm": norm,
+                        "clip_fraction": counters.clipped_steps / done,
+                        "b_simple": noise.b_simple,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": flops * tokens_per_s / (peak * world) if peak else None,
+                        "peak_mem_gb": peak_memory_gb(device),
+                        "gpu_hours": counters.device_seconds / 3600,
+                    }
+                    if scaler.is_enabled():
+                        row["loss_scale"] = scale
+                    log.log({k: v for k, v in row.items() if v is not None})
+                log.update(step=done, tokens=tokens, loss=loss, tokens_per_s=tokens_per_s)
                 if bar is not None:
                     bar.update(plan.tokens_per_step)
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

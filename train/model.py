@@ -1,15 +1,17 @@
-"""The model: a Qwen2-architecture decoder built from a written-out config, never from the hub."""
+"""The model: a Qwen2-architecture decoder built from a written-out config, never from the hub,
+wrapped so that its forward pass returns the summed next-token loss."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from train.config import ModelConfig
 
 
-def qwen2_config(cfg: ModelConfig) -> Qwen2Config:
-    return Qwen2Config(
+def qwen2_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Qwen2Config:
+    config = Qwen2Config(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -23,23 +25,74 @@ def qwen2_config(cfg: ModelConfig) -> Qwen2Config:
         initializer_range=cfg.initializer_range,
         use_cache=False,
     )
+    config._attn_implementation = attn_implementation
+    return config
 
 
-def build_model(cfg: ModelConfig, seed: int) -> Qwen2ForCausalLM:
-    """A freshly initialised model; the same (cfg, seed) gives the same weights on every rank."""
+def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") -> Qwen2ForCausalLM:
+    """A freshly initialised model; the same (cfg, seed) gives the same weights on every rank.
+
+    `attn_implementation`: `sdpa` (PyTorch's fused attention: flash / memory-efficient kernels on
+    GPU), `eager`, or `flash_attention_2` where that package is installed.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Qwen2ForCausalLM(qwen2_config(cfg))
+        return Qwen2ForCausalLM(qwen2_config(cfg, attn_implementation))
 
 
-def token_loss_sum(model: torch.nn.Module, window: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over a (batch, seq_len + 1) window, and the token count.
+def matmul_params(model: Qwen2ForCausalLM) -> int:
+    """Parameters that take part in a matmul per token: all of them but the input embedding table
+    (a lookup), with the LM head counted once whether or not it is tied to that table."""
+    total = sum(p.numel() for p in model.parameters())  # tied weights are listed once
+    embedding = model.get_input_embeddings().weight.numel()
+    return total if model.config.tie_word_embeddings else total - embedding
+
+
+def flops_per_token(model: Qwen2ForCausalLM, seq_len: int) -> int:
+    """Training FLOPs per token, PaLM's convention (Chowdhery et al. 2022, App. B): 6N for the
+    matmuls of forward + backward, plus 12·L·d·T for attention scores and values (causal masking
+    not discounted). N is `matmul_params`."""
+    c = model.config
+    return 6 * matmul_params(model) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+class TokenLoss(torch.nn.Module):
+    """`forward(window)`: summed next-token cross-entropy over a (batch, seq_len + 1) window.
 
     Sums (not means) let accumulation and DDP average over tokens exactly as one large batch would.
+    The loss lives inside `forward` so that DDP (and torch.compile) wrap the whole computation.
+
+    With `chunk_tokens` > 0 the LM head and cross-entropy run over that many tokens at a time, each
+    chunk recomputed in backward: only one chunk's logits are ever alive, which is what makes a
+    152k-token vocabulary fit (full fp32 logits of 8 x 2048 tokens alone take 10 GB).
     """
-    inputs, targets = window[:, :-1], window[:, 1:]
-    logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
-    )
-    return loss, targets.numel()
+
+    def __init__(self, lm: Qwen2ForCausalLM, chunk_tokens: int = 0) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        inputs, targets = window[:, :-1], window[:, 1:].reshape(-1)
+        if self.chunk_tokens <= 0:
+            logits = self.lm(input_ids=inputs).logits
+            return _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets)
+        hidden = self.lm.model(input_ids=inputs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.size(-1))
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.size(0), self.chunk_tokens):
+            part = checkpoint(
+                self._head_loss,
+                hidden[i : i + self.chunk_tokens],
+                targets[i : i + self.chunk_tokens],
+                use_reentrant=False,
+            )
+            total = total + part
+        return total
+
+    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _cross_entropy_sum(self.lm.lm_head(hidden), targets)
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")

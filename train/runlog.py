@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
 
 
 class RunLog:
-    """Status, metrics file and W&B for one run, resumed after `resume_step`. Construct it on rank 0 only."""
+    """Status, metrics file and W&B for one run, continuing after `resume_step` (-1: from scratch).
+
+    Construct it on rank 0 only."""
 
     HEARTBEAT_S = 2.0
 
@@ -96,6 +99,18 @@ class RunLog:
         self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115 - line-buffered
         self._wandb: Any = self._start_wandb()
 
+    @property
+    def wandb_id(self) -> str:
+        """The W&B run id: the signature, so every restart and resubmission continues the same run."""
+        return self.cfg.signature
+
+    def _wandb_config(self) -> dict[str, Any]:
+        """The resolved run config (derived hyperparameters included), where and how it was launched."""
+        run = asdict(self.cfg)
+        for key in ("extra_config", "launch", "wandb"):
+            run.pop(key)
+        return {**self.cfg.extra_config, "run": run, "launch": self.cfg.launch}
+
     def _start_wandb(self) -> Any:
         if self.cfg.wandb.mode == "disabled":
             return None
@@ -104,7 +119,7 @@ class RunLog:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             run = wandb.init(
-                id=self.cfg.signature,
+                id=self.wandb_id,
                 resume="allow",
                 mode=self.cfg.wandb.mode,
                 project=self.cfg.wandb.project,
@@ -114,8 +129,9 @@ class RunLog:
                 name=self.cfg.name,
                 tags=list(self.cfg.tags),
                 dir=str(self.run_dir),
-                config={**self.cfg.extra_config, "launch": self.cfg.launch},
             )
+            # After a requeue the launch facts (job id, restarts) change: they overwrite the old ones.
+            run.config.update(self._wandb_config(), allow_val_change=True)
             if self.cfg.wandb.mode == "online":
                 self.status["wandb_path"] = run.path  # entity/project/run id, for `sweep.status`
             run.define_metric("tokens")
@@ -125,14 +141,19 @@ class RunLog:
             warnings.warn(f"W&B unavailable, logging to {METRICS_FILE} only: {exc}", stacklevel=2)
             return None
 
+    def _wandb_call(self, what: str, call: Any) -> None:
+        """Run a W&B call; on any failure warn once and go on without W&B (the metrics file stays)."""
+        if self._wandb is None:
+            return
+        try:
+            call(self._wandb)
+        except Exception as exc:
+            warnings.warn(f"W&B {what} failed, continuing with {METRICS_FILE} only: {exc}", stacklevel=3)
+            self._wandb = None
+
     def log(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(row) + "\n")
-        if self._wandb is not None:
-            try:
-                self._wandb.log(row)
-            except Exception as exc:
-                warnings.warn(f"W&B log failed, continuing without it: {exc}", stacklevel=2)
-                self._wandb = None
+        self._wandb_call("log", lambda run: run.log(row))
 
     def update(self, force: bool = False, **fields: Any) -> None:
         """Merge `fields` into status.json; rewritten at most every HEARTBEAT_S unless forced."""
@@ -146,8 +167,7 @@ class RunLog:
     def close(self, state: str, error: str | None = None) -> None:
         self.update(force=True, state=state, error=error, finished=time.time())
         self._metrics.close()
-        if self._wandb is not None:
-            try:
-                self._wandb.finish(exit_code=0 if state == "completed" else 1)
-            except Exception as exc:
-                warnings.warn(f"W&B finish failed: {exc}", stacklevel=2)
+        if state in ("failed", "diverged"):
+            title = f"{self.cfg.sweep_name}/{self.cfg.name} {state}"
+            self._wandb_call("alert", lambda run: run.alert(title=title, text=error or state))
+        self._wandb_call("finish", lambda run: run.finish(exit_code=0 if state == "completed" else 1))

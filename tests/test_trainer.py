@@ -1,0 +1,340 @@
+"""The trainer for real: 2-process gloo DDP parity, SIGKILL + resume, stop signals, divergence,
+fp16, logged metrics, W&B failures. Tiny model, tiny data, a few seconds each."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, tiny_run
+from train.checkpoint import load_latest_checkpoint
+from train.config import OptimizerConfig, RunConfig, WandbConfig
+
+RUN_SCRIPT = (
+    "import json, sys; from train.config import RunConfig, from_dict; from train.loop import train; "
+    "train(from_dict(RunConfig, json.load(open(sys.argv[1]))))"
+)
+
+
+def rows(run_dir: Path, key: str = "loss") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def start(cfg: RunConfig, **env: str) -> subprocess.Popen[str]:
+    """`train(cfg)` in its own process, as a job would run it."""
+    path = Path(cfg.run_dir).with_suffix(".json")
+    path.write_text(json.dumps(asdict(cfg)))
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN_SCRIPT, str(path)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen[str]) -> None:
+    while proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= n:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"run ended before logging {n} steps: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------- DDP parity
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path) -> None:
+    """One rank: step-0 gradients through the trainer's own accumulation, then `train(cfg)`."""
+    import torch.distributed as dist
+
+    from train.batching import plan_batches
+    from train.data import TokenStream, load_split
+    from train.loop import accumulate_gradients, train
+    from train.model import TokenLoss, build_model
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo")
+    plan = plan_batches(cfg.batch_size, cfg.micro_batch_size, world, cfg.seq_len, cfg.token_budget)
+    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
+    lm = build_model(cfg.model, cfg.init_seed)
+    net: torch.nn.Module = TokenLoss(lm)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    batch = torch.from_numpy(stream.rank_batch(0, cfg.batch_size, rank, world))
+    accumulate_gradients(net, batch, plan, world > 1, lambda: torch.autocast("cpu", enabled=False))
+    if rank == 0:
+        torch.save({n: p.grad for n, p in lm.named_parameters()}, out)
+    train(cfg)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _run_world(cfg: RunConfig, world: int, out: Path) -> None:
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, cfg, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * world
+
+
+def test_two_rank_ddp_with_accumulation_matches_one_rank_with_the_whole_batch(prepared_data, tmp_path):
+    budget = 8 * 32 * 5
+    one = tiny_run(prepared_data, tmp_path / "one", token_budget=budget)
+    two = tiny_run(
+        prepared_data, tmp_path / "two", token_budget=budget, micro_batch_size=2
+    )  # 2 ranks x 2 micro
+    _run_world(one, 1, tmp_path / "g1.pt")
+    _run_world(two, 2, tmp_path / "g2.pt")
+    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
+    for name, grad in g1.items():
+        # fp32 sums in another order: relative differences of a few 1e-7 at most.
+        assert (g2[name] - grad).norm() <= 1e-6 * grad.norm(), name
+    losses = [[r["loss"] for r in rows(Path(c.run_dir))] for c in (one, two)]
+    assert len(losses[0]) == 5
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def _trace(run_dir: Path) -> list[tuple]:
+    """What must be bit-identical between an interrupted and an uninterrupted run."""
+    train = [
+        (r["step"], r["loss"], r["grad_norm"], r.get("b_simple"), r["clip_fraction"]) for r in rows(run_dir)
+    ]
+    return train + [(r["step"], r["val_loss"]) for r in rows(run_dir, "val_loss")]
+
+
+@pytest.fixture(scope="module")
+def reference(prepared_data, tmp_path_factory):
+    """An uninterrupted run with accumulation (so B_simple is estimated) and frequent checkpoints."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    cfg = tiny_run(
+        prepared_data,
+        run_dir,
+        micro_batch_size=4,
+        token_budget=8 * 32 * 24,
+        checkpoint_every_tokens=8 * 32 * 3,
+        val_every_tokens=8 * 32 * 4,
+        optimizer=OptimizerConfig(lr=3e-3, grad_clip=1.0),
+    )
+    code, err = finish(start(cfg))
+    assert code == 0, err[-3000:]
+    return cfg, _trace(run_dir)
+
+
+@pytest.mark.parametrize("kill_after", [2, 8, 17])
+def test_sigkill_at_any_step_then_resume_logs_the_identical_run(reference, tmp_path, kill_after):
+    cfg, expected = reference
+    cfg = replace(cfg, run_dir=str(tmp_path / "run"), wandb=WandbConfig(mode="offline"))
+    proc = start(cfg, WANDB_MODE="offline")
+    wait_for_rows(tmp_path / "run", kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(rows(tmp_path / "run"))
+    code, err = finish(start(cfg))
+    assert code == 0, err[-3000:]
+    got = _trace(tmp_path / "run")
+    assert got == expected, f"killed after step {killed_at}"  # bit-identical, nothing missing or repeated
+    # One W&B run across the restart: every offline segment carries the same run id.
+    segments = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(segments) == 2 and {p.name for p in segments} == {f"run-{cfg.signature}.wandb"}
+
+
+def test_stop_signal_checkpoints_at_a_step_boundary_and_resumes_exactly(reference, tmp_path):
+    cfg, expected = reference
+    cfg = replace(cfg, run_dir=str(tmp_path / "run"))
+    proc = start(cfg)
+    wait_for_rows(tmp_path / "run", 5, proc)
+    proc.send_signal(signal.SIGUSR2)
+    code, err = finish(proc)
+    assert code != 0 and "Stopped" in err
+    stopped = status(tmp_path / "run")
+    assert stopped["state"] == "stopped"
+    assert (
+        load_latest_checkpoint(tmp_path / "run")["step"] == stopped["step"]
+    )  # the stop step, not an older one
+    code, err = finish(start(cfg))
+    assert code == 0, err[-3000:]
+    assert _trace(tmp_path / "run") == expected
+
+
+def test_checkpoint_holds_everything_resume_needs(reference):
+    cfg, _ = reference
+    state = load_latest_checkpoint(cfg.run_dir)
+    assert state["final"] and state["step"] == 24 and state["tokens"] == 24 * 8 * 32
+    assert state["samples"] == 24 * 8 and state["wandb_id"] == cfg.signature
+    assert {"model", "optimizer", "scaler", "noise_scale", "counters", "rng", "lr"} <= set(state)
+    assert {"torch", "numpy", "python"} <= set(state["rng"][0])
+    assert state["counters"]["device_seconds"] > 0
+
+
+# ----------------------------------------------------------------------------- what is logged
+
+
+def test_every_step_logs_the_study_metrics(reference):
+    cfg, _ = reference
+    train_rows = rows(Path(cfg.run_dir))
+    assert [r["step"] for r in train_rows] == list(range(1, 25))
+    last = train_rows[-1]
+    for key in ("tokens", "loss", "lr", "beta1", "beta2", "batch_size", "grad_norm", "clip_fraction"):
+        assert key in last
+    for key in ("b_simple", "tokens_per_s", "peak_mem_gb", "gpu_hours"):
+        assert last[key] > 0
+    assert "mfu" not in last  # no known peak FLOP/s on a CPU
+    assert [r["tokens"] for r in rows(Path(cfg.run_dir), "val_loss")] == [
+        0,
+        1024,
+        2048,
+        3072,
+        4096,
+        5120,
+        6144,
+    ]
+    # clip 1.0 fires on some steps: the fraction is the running share of clipped steps.
+    clipped = [r["grad_norm"] > 1.0 for r in train_rows]
+    assert last["clip_fraction"] == pytest.approx(sum(clipped) / len(clipped))
+    assert train_rows[-1]["gpu_hours"] > train_rows[0]["gpu_hours"]
+
+
+def test_mfu_is_logged_against_a_given_peak(prepared_data, tmp_path):
+    from train.model import build_model, flops_per_token
+
+    cfg = tiny_run(prepared_data, tmp_path / "run", token_budget=8 * 32 * 3, peak_flops=1e11)
+    from train.loop import train
+
+    train(cfg)
+    row = rows(tmp_path / "run")[-1]
+    flops = flops_per_token(build_model(cfg.model, 0), cfg.seq_len)
+    assert row["mfu"] == pytest.approx(flops * row["tokens_per_s"] / 1e11)
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+def test_nan_loss_stops_the_arm_as_diverged_keeping_its_last_good_checkpoint(prepared_data, tmp_path):
+    from train.loop import Diverged, train
+
+    cfg = tiny_run(
+        prepared_data,
+        tmp_path / "run",
+        token_budget=8 * 32 * 30,
+        checkpoint_every_tokens=8 * 32,
+        optimizer=OptimizerConfig(lr=1e36),  # weights of 1e36 overflow fp32 activations
+    )
+    with pytest.raises(Diverged):
+        train(cfg)
+    st = status(tmp_path / "run")
+    assert st["state"] == "diverged" and re.search(r"loss (nan|inf) at step \d+", st["error"])
+    bad_step = int(st["error"].rsplit(" ", 1)[1])
+    # Checkpoints were written every step up to the last finite one, none at or after the bad step.
+    kept = load_latest_checkpoint(tmp_path / "run")
+    assert kept is not None and kept["step"] == bad_step - 1
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_unchanging_validation_loss_fails_loudly(prepared_data, tmp_path):
+    from train.loop import BadValidation, train
+
+    cfg = tiny_run(
+        prepared_data, tmp_path / "run", val_every_tokens=8 * 32 * 2, optimizer=OptimizerConfig(lr=0.0)
+    )
+    with pytest.raises(BadValidation, match="unchanged"):
+        train(cfg)
+    assert status(tmp_path / "run")["state"] == "failed"
+
+
+def test_fp16_with_gradient_scaler_tracks_fp32(prepared_data, tmp_path):
+    from train.loop import train
+
+    runs = {
+        p: tiny_run(prepared_data, tmp_path / p, precision=p, token_budget=8 * 32 * 6)
+        for p in ("fp32", "fp16")
+    }
+    for cfg in runs.values():
+        train(cfg)
+    fp32, fp16 = (rows(Path(c.run_dir)) for c in runs.values())
+    assert all(r["loss_scale"] > 1 for r in fp16)
+    # fp16 activations carry ~3 significant digits: losses near 5.7 agree to a few 1e-3.
+    assert [r["loss"] for r in fp16] == pytest.approx([r["loss"] for r in fp32], abs=2e-2)
+
+
+def test_arm_can_carry_the_branch_points_optimizer_state(prepared_data, tmp_path):
+    from train.loop import train
+
+    warm = tiny_run(
+        prepared_data, tmp_path / "warmup", stage="warmup", split="warmup", token_budget=8 * 32 * 2
+    )
+    train(warm)
+    arms = {
+        carry: tiny_run(
+            prepared_data, tmp_path / f"arm{carry}", init_checkpoint=warm.run_dir, carry_optimizer=carry
+        )
+        for carry in (False, True)
+    }
+    first = {}
+    for carry, cfg in arms.items():
+        train(cfg)
+        first[carry] = rows(Path(cfg.run_dir))[1]["loss"]
+        assert (
+            rows(Path(cfg.run_dir), "val_loss")[0]["val_loss"]
+            == rows(tmp_path / "warmup", "val_loss")[-1]["val_loss"]
+        )
+    assert first[True] != first[False]  # same weights, same data: only the Adam moments differ
+
+
+def test_wandb_service_killed_mid_run_is_a_warning_not_a_failure(prepared_data, tmp_path):
+    cfg = tiny_run(
+        prepared_data, tmp_path / "run", token_budget=8 * 32 * 60, wandb=WandbConfig(mode="offline")
+    )
+    proc = start(cfg, WANDB_MODE="offline")
+    wait_for_rows(tmp_path / "run", 3, proc)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "no W&B service process found"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    code, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert status(tmp_path / "run")["state"] == "completed"
+    assert [r["step"] for r in rows(tmp_path / "run")] == list(range(1, 61))
+    assert "W&B" in err
