@@ -3,14 +3,25 @@
 An operating point is a set of Adam hyperparameters tuned at a reference batch size. A rule
 moves it to another batch size. With kappa = batch / reference_batch:
 
-- `none`: nothing changes.
-- `sqrt` (Malladi et al. 2022, the SDE rule for Adam): lr * sqrt(kappa), each beta -> beta**kappa
-  (1 - beta scaled by kappa, in the exact form that keeps the moment's half-life in tokens),
-  eps / sqrt(kappa). `keep_eps=True` keeps eps (the seed study kept 1e-8 on every arm).
-- `sqrt_beta2`: lr * sqrt(kappa) and beta2 -> beta2**kappa; beta1 and eps kept (seed arm J from B).
-- `keep_lr_beta2` (Marek et al. 2025): lr kept, beta2 -> beta2**kappa so its token half-life is
-  kept; beta1 and eps kept.
-- `linear`: lr * kappa, betas and eps kept (the SGD rule, here as the naive baseline).
+| rule | lr | beta1 | beta2 | eps | source |
+|---|---|---|---|---|---|
+| `none` | kept | kept | kept | kept | the unscaled control (seed arm D) |
+| `linear` | lr * kappa | kept | kept | kept | the SGD rule (Goyal et al. 2017), the naive baseline |
+| `sqrt` | lr * sqrt(kappa) | scaled | scaled | eps / sqrt(kappa) | Malladi et al. 2022, SDE rule (seed H) |
+| `sqrt_beta2` | lr * sqrt(kappa) | kept | scaled | kept | seed arm I (and J = B moved up this way) |
+| `sqrt_lr` | lr * sqrt(kappa) | kept | kept | kept | seed arm G |
+| `keep_lr_beta2` | kept | kept | scaled | kept | Marek et al. 2025 (seed arm B) |
+| `keep_lr_both` | kept | scaled | scaled | kept | seed arm M |
+| `linear_beta` | lr * kappa | scaled | scaled | kept | seed arm C |
+
+"Scaled" moves 1 - beta with kappa, in one of two forms (`RuleConfig.beta_form`):
+- `exact` (default): beta -> beta**kappa, which keeps the moment's half-life in *tokens*: after
+  kappa times fewer steps of kappa times larger batches, old gradients weigh the same;
+- `first_order`: 1 - beta -> kappa * (1 - beta), the SDE papers' form (equal to first order in
+  1 - beta; it can leave (0, 1) for large kappa, which is refused).
+Optional clamps bound the scaled betas (`beta2_min` / `beta2_max`, `beta1_min` / `beta1_max`;
+0 = none), as large-batch beta2 scaling is known to need a floor. `sqrt` with `keep_eps=True`
+keeps eps (the seed study kept 1e-8 on every arm).
 
 The sweep calls these to print and validate the arm table before anything is queued; the
 trainer only receives their results.
@@ -19,7 +30,6 @@ trainer only receives their results.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 
@@ -39,48 +49,65 @@ class OperatingPoint:
 class RuleConfig:
     name: str = "none"
     keep_eps: bool = False  # for `sqrt`: keep eps instead of eps / sqrt(kappa)
+    beta_form: str = "exact"  # exact (beta**kappa) | first_order (1 - kappa * (1 - beta))
+    beta1_min: float = 0.0  # clamps on scaled betas; 0 = no clamp
+    beta1_max: float = 0.0
+    beta2_min: float = 0.0
+    beta2_max: float = 0.0
 
 
 class RuleError(ValueError):
     """A rule produced hyperparameters Adam cannot use (beta outside (0, 1), lr <= 0...)."""
 
 
-def _beta(beta: float, kappa: float) -> float:
-    # beta**kappa keeps the number of *tokens* over which the moment averages: after kappa times
-    # fewer steps of kappa times larger batches the old gradients weigh the same.
-    return beta**kappa
+@dataclass(frozen=True)
+class Rule:
+    """A rule as exponents of kappa: lr * kappa**lr_power, eps * kappa**eps_power, and which betas
+    are scaled; `doc` gives the formula and where it comes from (shown by `python -m sweep`)."""
+
+    lr_power: float
+    beta1: bool
+    beta2: bool
+    eps_power: float
+    doc: str
 
 
-def _none(op: OperatingPoint, kappa: float, rule: RuleConfig) -> OperatingPoint:
-    return replace(op)
-
-
-def _sqrt(op: OperatingPoint, kappa: float, rule: RuleConfig) -> OperatingPoint:
-    eps = op.eps if rule.keep_eps else op.eps / math.sqrt(kappa)
-    return replace(
-        op, lr=op.lr * math.sqrt(kappa), beta1=_beta(op.beta1, kappa), beta2=_beta(op.beta2, kappa), eps=eps
-    )
-
-
-def _sqrt_beta2(op: OperatingPoint, kappa: float, rule: RuleConfig) -> OperatingPoint:
-    return replace(op, lr=op.lr * math.sqrt(kappa), beta2=_beta(op.beta2, kappa))
-
-
-def _keep_lr_beta2(op: OperatingPoint, kappa: float, rule: RuleConfig) -> OperatingPoint:
-    return replace(op, beta2=_beta(op.beta2, kappa))
-
-
-def _linear(op: OperatingPoint, kappa: float, rule: RuleConfig) -> OperatingPoint:
-    return replace(op, lr=op.lr * kappa)
-
-
-RULES: dict[str, Callable[[OperatingPoint, float, RuleConfig], OperatingPoint]] = {
-    "none": _none,
-    "sqrt": _sqrt,
-    "sqrt_beta2": _sqrt_beta2,
-    "keep_lr_beta2": _keep_lr_beta2,
-    "linear": _linear,
+RULES: dict[str, Rule] = {
+    "none": Rule(0.0, False, False, 0.0, "nothing scaled: the control (seed arm D)"),
+    "linear": Rule(1.0, False, False, 0.0, "lr*k, betas and eps kept: the SGD rule (Goyal et al. 2017)"),
+    "sqrt": Rule(
+        0.5,
+        True,
+        True,
+        -0.5,
+        "lr*sqrt(k), both betas scaled, eps/sqrt(k): Malladi et al. 2022 SDE rule (seed H)",
+    ),
+    "sqrt_beta2": Rule(
+        0.5, False, True, 0.0, "lr*sqrt(k), beta2 scaled (seed arm I; J is B moved up this way)"
+    ),
+    "sqrt_lr": Rule(0.5, False, False, 0.0, "lr*sqrt(k) only (seed arm G)"),
+    "keep_lr_beta2": Rule(0.0, False, True, 0.0, "lr kept, beta2 scaled: Marek et al. 2025 (seed arm B)"),
+    "keep_lr_both": Rule(0.0, True, True, 0.0, "lr kept, both betas scaled (seed arm M)"),
+    "linear_beta": Rule(1.0, True, True, 0.0, "lr*k, both betas scaled (seed arm C)"),
 }
+BETA_FORMS = ("exact", "first_order")
+
+
+def scale_beta(beta: float, kappa: float, form: str = "exact") -> float:
+    """beta moved to kappa times the batch: `beta**kappa` (exact) or `1 - kappa (1 - beta)`."""
+    if form == "exact":
+        return beta**kappa
+    if form == "first_order":
+        return 1.0 - kappa * (1.0 - beta)
+    raise RuleError(f"unknown beta_form {form!r}; known: {', '.join(BETA_FORMS)}")
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    if low > 0:
+        value = max(value, low)
+    if high > 0:
+        value = min(value, high)
+    return value
 
 
 def apply_rule(op: OperatingPoint, rule: RuleConfig, batch_size: int) -> OperatingPoint:
@@ -92,9 +119,15 @@ def apply_rule(op: OperatingPoint, rule: RuleConfig, batch_size: int) -> Operati
         raise RuleError(f"unknown scaling rule {rule.name!r}; known: {', '.join(sorted(RULES))}")
     if op.reference_batch <= 0 or batch_size <= 0:
         raise RuleError(f"batch sizes must be positive (reference {op.reference_batch}, batch {batch_size})")
+    spec = RULES[rule.name]
     kappa = batch_size / op.reference_batch
-    moved = RULES[rule.name](op, kappa, rule)
-    moved.reference_batch = batch_size
+    moved = replace(op, reference_batch=batch_size, lr=op.lr * kappa**spec.lr_power)
+    if spec.eps_power and not rule.keep_eps:
+        moved.eps = op.eps * kappa**spec.eps_power
+    if spec.beta1:
+        moved.beta1 = _clamp(scale_beta(op.beta1, kappa, rule.beta_form), rule.beta1_min, rule.beta1_max)
+    if spec.beta2:
+        moved.beta2 = _clamp(scale_beta(op.beta2, kappa, rule.beta_form), rule.beta2_min, rule.beta2_max)
     for beta_name in ("beta1", "beta2"):
         beta = getattr(moved, beta_name)
         if not 0.0 < beta < 1.0:
