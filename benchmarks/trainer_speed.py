@@ -1,0 +1,130 @@
+"""Is our trainer as fast as a bare training loop? Run by hand:
+
+    python benchmarks/trainer_speed.py                      # CPU, tiny model (goal: ratio >= 0.97)
+    python benchmarks/trainer_speed.py --model qwen2_5_0_5b --seq-len 2048 --batch 8 \\
+        --precision bf16 --loss-chunk 4096 [--compile]      # one GPU (goal: MFU >= 45% on an H100)
+
+In one process it trains the same model (built from `conf/model/<model>.yaml`) on the same token
+stream (the embedded corpus, prepared as `python -m sweep` would) with
+  (a) `train.loop.train`, everything on (loss check, grad norm, noise scale, metrics file, status
+      heartbeat, clip), W&B disabled; and
+  (b) a bare PyTorch + transformers loop written here: forward, mean cross-entropy, backward,
+      AdamW step, nothing else.
+Each is timed at `steps` and `2 x steps` steps and the difference is used, so start-up,
+validation and the final checkpoint (fixed costs of a run) cancel. Rounds alternate the two, and
+the ratio is taken within each round (adjacent in time, so drifting machine load hits both alike);
+the median round is reported with the spread. Prints tokens/s of each, their ratio, and our MFU
+where the device's peak is known (PaLM's convention: see train/model.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import Qwen2ForCausalLM
+
+from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, WandbConfig
+from train.data import TokenStream, load_split, prepare
+from train.loop import DTYPES, train
+from train.model import build_model, flops_per_token, qwen2_config
+from train.throughput import peak_flops
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ours(cfg: RunConfig, steps: int) -> float:
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    cfg.run_dir, cfg.token_budget = str(run_dir), steps * cfg.batch_size * cfg.seq_len
+    start = time.perf_counter()
+    train(cfg)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(run_dir)
+    return elapsed
+
+
+def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
+    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
+    model = build_model(cfg.model, 0, cfg.attn_implementation).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, fused=device.type == "cuda")
+    dtype = DTYPES[cfg.precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = torch.from_numpy(stream.samples(step * cfg.batch_size, cfg.batch_size)).to(device)
+        with autocast:
+            logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--micro-batch", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--precision", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--loss-chunk", type=int, default=0)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+
+    values = yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text())
+    data_dir = prepare(DataConfig(cache_dir=str(REPO / "sweeps" / "data")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = RunConfig(
+        name="bench",
+        stage="arm",
+        signature="bench",
+        run_dir="",
+        data_dir=str(data_dir),
+        model=ModelConfig(**values),
+        optimizer=OptimizerConfig(lr=1e-4),
+        batch_size=args.batch,
+        seq_len=args.seq_len,
+        token_budget=0,
+        micro_batch_size=args.micro_batch,
+        precision=args.precision,
+        compile=args.compile,
+        loss_chunk_tokens=args.loss_chunk,
+        wandb=WandbConfig(mode="disabled"),
+    )
+    tokens = args.steps * args.batch * args.seq_len
+    rounds = []
+    for _ in range(args.repeats):
+        t_ours = ours(cfg, 2 * args.steps) - ours(cfg, args.steps)
+        t_bare = bare(cfg, 2 * args.steps, device) - bare(cfg, args.steps, device)
+        rounds.append((tokens / t_ours, tokens / t_bare))
+    rounds.sort(key=lambda r: r[0] / r[1])
+    rate_ours, rate_bare = rounds[len(rounds) // 2]
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(
+        f"device {device_name}, model {args.model}, batch {args.batch} x seq {args.seq_len}, "
+        f"{args.precision}, threads {torch.get_num_threads()}, {args.repeats} rounds"
+    )
+    print(f"bare loop   {rate_bare:12,.0f} tokens/s   (median round)")
+    print(f"our trainer {rate_ours:12,.0f} tokens/s")
+    print(f"ratio ours/bare {rate_ours / rate_bare:.3f}  (goal >= 0.97)")
+    print("ratio per round: " + " ".join(f"{o / b:.3f}" for o, b in rounds))
+    peak = peak_flops(device, args.precision)
+    if peak:
+        with torch.device("meta"):  # shapes only
+            flops = flops_per_token(Qwen2ForCausalLM(qwen2_config(cfg.model)), args.seq_len)
+        print(f"MFU (ours) {flops * rate_ours / peak:.1%}  (goal >= 45% on an H100)")
+
+
+if __name__ == "__main__":
+    main()
