@@ -141,7 +141,7 @@ class LocalGradNorm:
     def hook(state, bucket):  # type: ignore[no-untyped-def]
         # Unannotated on purpose: DDP compares the annotations with dist.GradBucket, and with
         # postponed evaluation (`from __future__ import annotations`) they would be strings.
-        state.sq += bucket.buffer().float().pow(2).sum()
+        state.sq += torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32) ** 2  # no bucket copy
         return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
 
 
@@ -152,9 +152,11 @@ def accumulate_gradients(
     ddp: bool,
     autocast: Any,
     scaler: torch.amp.GradScaler | None = None,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward and backward over this rank's micro-batches of one step, leaving in `.grad` the
-    mean gradient over every token of the global batch (times the fp16 loss scale, if `scaler`).
+    mean gradient over every token of the global batch (times the fp16 loss scale, if `scaler`;
+    `loss_scale` is its current value, read once per step by the caller).
 
     Gradients are all-reduced only on the last micro-batch; DDP then averages over ranks, so
     dividing each rank's token sum by (step tokens / world) gives exactly the mean over every token
@@ -164,7 +166,6 @@ def accumulate_gradients(
     """
     world = plan.world_size
     scaling = scaler is not None and scaler.is_enabled()
-    loss_scale = scaler.get_scale() if scaling else 1.0
     micro_sq: torch.Tensor | None = None
     loss_sum = torch.zeros((), device=batch.device)
     for j in range(plan.grad_accum):
@@ -367,7 +368,7 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             batch = torch.from_numpy(stream.rank_batch(step, cfg.batch_size, rank, world)).to(device)
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             local_norm.sq.zero_()
-            loss_sum, micro_sq = accumulate_gradients(net, batch, plan, ddp, autocast, scaler)
+            loss_sum, micro_sq = accumulate_gradients(net, batch, plan, ddp, autocast, scaler, scale)
             scaler.unscale_(optimizer)  # a no-op unless fp16
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)  # before clipping
             scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -379,14 +380,8 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             if ddp:
                 # One collective per step: the loss sum, whether any rank was asked to stop (so every
                 # rank stops at the same step, whichever got the signal) and the per-rank gradient norms.
-                packed = torch.stack(
-                    [
-                        loss_sum.float(),
-                        torch.tensor(float(signum == signal.SIGUSR2), device=device),
-                        torch.tensor(float(signum == signal.SIGTERM), device=device),
-                        local_norm.sq / scale**2,
-                    ]
-                )
+                flags = torch.tensor([signum == signal.SIGUSR2, signum == signal.SIGTERM], device=device)
+                packed = torch.cat([loss_sum.float()[None], flags.float(), (local_norm.sq / scale**2)[None]])
                 dist.all_reduce(packed)
                 loss_sum, small_sq = packed[0], packed[3] / world
                 signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
