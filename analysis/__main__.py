@@ -1,25 +1,65 @@
-"""`python -m analysis +experiment=NAME` (or `sweep.dir=PATH`): pairwise divergence tables and plots."""
+"""`python -m analysis +experiment=NAME` or `python -m analysis source=wandb wandb.entity=E wandb.project=P
+wandb.group=G`: pairwise comparison tables, verdicts and plots (see conf/analysis.yaml)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from analysis.report import analyze
-from analysis.tables import BinSpec
+from analysis.collect import long_table
+from analysis.report import Comparison, analyze, report
+from analysis.tables import BinSpec, Margin
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="analysis")
 def main(cfg: DictConfig) -> None:
-    sweep_dir = Path(cfg.sweep.dir)
-    if not (sweep_dir / "manifest.json").exists():
-        sys.exit(f"error: {sweep_dir} holds no manifest.json: run the sweep first, or set sweep.dir=PATH")
-    a = cfg.analysis
-    spec = BinSpec(bins=a.bins, bin_tokens=a.bin_tokens, skip_tokens=a.skip_tokens)
-    analyze(sweep_dir, spec, [list(p) for p in a.pairs])
+    a, w = cfg.analysis, cfg.wandb
+    if cfg.source not in ("run_dirs", "wandb"):
+        _fail(f"source={cfg.source}: use run_dirs (the sweep's run dirs) or wandb (the W&B API)")
+    name = cfg.experiment.name or w.group
+    if cfg.sweep.dir is None and not name:
+        _fail("which sweep? give +experiment=NAME, sweep.dir=PATH, or (source=wandb) wandb.group=G")
+    sweep_dir = Path(cfg.sweep.dir or Path(cfg.sweep.root) / str(name))
+    pairs: list[list[str]] = [list(p) for p in cfg.experiment.pairs or []]
+    pairs += [list(p) for p in a.pairs if list(p) not in pairs]
+    bad = [p for p in pairs if len(p) != 2]
+    if bad:
+        _fail(f"a pair names two arms, got {bad}")
+    spec = BinSpec(a.bins, a.bin_tokens, a.skip_tokens, a.until_tokens)
+    cmp = Comparison(pairs, spec, Margin(a.margin, a.margin_fraction, a.alpha))
+    out = Path(a.out) if a.out else None
+    try:
+        if cfg.source == "wandb":
+            from analysis.wandb_source import WandbSelection, collect_wandb
+
+            group = w.group or cfg.experiment.name
+            if not (w.entity and w.project and group):
+                _fail("source=wandb needs wandb.entity, wandb.project and wandb.group (or +experiment=NAME)")
+            filters: dict[str, Any] = OmegaConf.to_container(w.filters)  # type: ignore[assignment]
+            sel = WandbSelection(
+                w.entity, w.project, group, filters, w.base_url, w.workers, w.backoff_s, w.attempts
+            )  # type: ignore[arg-type]
+            runs = long_table(collect_wandb(sel, sweep_dir / "wandb_cache" / w.entity / w.project))
+            cmp.title = str(group)
+            tables = report(runs, cmp, out or sweep_dir / "results")
+        else:
+            tables = analyze(sweep_dir, cmp, out)
+    except (FileNotFoundError, LookupError, ValueError) as exc:
+        _fail(str(exc))
+    if w.publish:
+        from analysis.publish import publish
+
+        where = publish(tables, Path(tables["out"]), w.project, w.entity, str(w.group or cmp.title), w.mode)
+        print(f"published the analysis to W&B: {where}")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,11 @@ def test_all_arms_branch_from_the_same_warmup_weights(sweep_run):
 def test_results_tables_hold_finite_numbers(sweep_run):
     sweep_dir, out = sweep_run
     pairs = pd.read_csv(sweep_dir / "results" / "pairs.csv")
-    assert list(pairs["pair"]) == ["A-H", "J-B"]
-    assert pairs[["mean_gap", "gap_se", "max_abs_gap", "op_spread"]].map(math.isfinite).all().all()
-    assert (sweep_dir / "results" / "curves.png").stat().st_size > 10_000
+    assert list(pairs["pair"]) == ["A-H", "J-B"] * 2 and list(pairs["metric"]) == ["train"] * 2 + ["val"] * 2
+    train = pairs[pairs["metric"] == "train"]
+    assert train[["mean_gap", "gap_se", "max_abs_gap", "op_spread", "delta"]].map(math.isfinite).all().all()
+    for plot in ("curves.png", "equivalence.png", "noise.png"):
+        assert (sweep_dir / "results" / plot).stat().st_size > 10_000
     md = (sweep_dir / "results" / "pairs.md").read_text()
     assert "| A-H |" in md and md.split("\n")[0] in out.stdout  # the demo ends by printing it
     assert str(sweep_dir / "results" / "curves.png") in out.stdout
@@ -126,7 +128,9 @@ def test_analysis_cli_reads_the_sweep(sweep_run):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| A-B |" in out.stdout
-    assert list(pd.read_csv(sweep_dir / "results" / "pairs.csv")["pair"]) == ["A-H", "J-B", "A-B"]
+    pairs = pd.read_csv(sweep_dir / "results" / "pairs.csv")
+    assert list(pairs["pair"]) == ["A-H", "J-B", "A-B"] * 2 and set(pairs["metric"]) == {"train", "val"}
+    assert "A-H (train): " in out.stdout  # a verdict in words
 
 
 def test_status_lists_every_job_completed(sweep_run):

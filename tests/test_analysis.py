@@ -1,0 +1,341 @@
+"""The collector and comparison tables on synthetic runs written here (known gaps, known noise),
+from run dirs and from the W&B API (the real `wandb.Api` client against `tests/wandb_standin.py`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from wandb_standin import ENTITY, StandinRun, WandbStandin
+
+from analysis.collect import ArmRows, long_table
+from analysis.report import Comparison, analyze
+from analysis.tables import BinSpec, Margin, summarize_gap
+from analysis.wandb_source import WandbSelection, collect_wandb
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 128
+STEPS_LARGE = 400  # large-batch steps; 20 bins of 20 steps each
+GAPS = np.array([0.010 + (0.004 if i % 2 else -0.004) for i in range(20)])  # per-bin gap A - H, known
+
+
+def curve(
+    batch: int, offset: np.ndarray, noise: float = 0.0, seed: int = 0, steps: int | None = None
+) -> list[dict]:
+    """Rows of an arm whose loss is constant within each of the 20 bins: 3 - 0.01 bin + offset[bin]."""
+    total = STEPS_LARGE * 16 // batch
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(steps or total):
+        tokens = (k + 1) * batch * SEQ
+        b = min((k * batch) // (16 * 20), 19)  # the bin of this row: 20 large steps = 320 sequences
+        loss = 3.0 - 0.01 * b + offset[b] + (rng.normal(0.0, noise) if noise else 0.0)
+        row = {"step": k + 1, "tokens": tokens, "loss": loss, "lr": 1e-3, "tokens_per_s": 1000.0 * batch}
+        row |= {"b_simple": 50.0, "gpu_hours": 0.001 * (k + 1) / total}
+        if tokens % (16 * SEQ * 40) == 0:
+            row["val_loss"] = loss + 0.05
+        rows.append(row)
+    return rows
+
+
+def write_sweep(root: Path, arms: dict[str, tuple[int, list[dict], str]], pairs: list[list[str]]) -> Path:
+    """A sweep dir as the sweep writes it: manifest.json, runs/<arm>/metrics.jsonl + status.json."""
+    jobs = {}
+    for name, (batch, rows, state) in arms.items():
+        run_dir = root / "runs" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run_dir / "status.json").write_text(json.dumps({"state": state}))
+        jobs[name] = {
+            "kind": "arm",
+            "run_dir": str(run_dir),
+            "signature": f"sig{name}",
+            "derived": {"batch_size": batch},
+        }
+    (root / "manifest.json").write_text(json.dumps({"experiment": "synthetic", "pairs": pairs, "jobs": jobs}))
+    return root
+
+
+@pytest.fixture
+def exact_sweep(tmp_path: Path) -> Path:
+    """A (batch 16) and H (batch 1) with per-bin gap GAPS exactly; J (16) and B (1) 0.05 nats higher."""
+    zero = np.zeros(20)
+    arms = {
+        "A": (16, curve(16, zero), "completed"),
+        "H": (1, curve(1, -GAPS), "completed"),
+        "J": (16, curve(16, zero + 0.05), "completed"),
+        "B": (1, curve(1, zero + 0.05), "completed"),
+    }
+    return write_sweep(tmp_path / "sweep", arms, [["A", "H"], ["J", "B"]])
+
+
+def test_gap_statistics_match_hand_computed_values(exact_sweep: Path):
+    tables = analyze(exact_sweep, Comparison([], BinSpec(bins=20), Margin(fraction=0.5)))
+    row = tables["pairs"].set_index(["metric", "pair"]).loc[("train", "A-H")]
+    # By hand: 20 bins; gaps alternate 0.006 / 0.014, so mean 0.01, sample std 0.004 * sqrt(20/19).
+    se = 0.004 * math.sqrt(20 / 19) / math.sqrt(20)
+    assert row["bins"] == 20
+    assert row["mean_gap"] == pytest.approx(0.010, abs=1e-12)
+    assert row["gap_se"] == pytest.approx(se, rel=1e-9)
+    assert row["t"] == pytest.approx(0.010 / se, rel=1e-9)
+    assert row["same_sign"] == 1.0
+    assert row["max_abs_gap"] == pytest.approx(0.014, abs=1e-12)
+    # Spread: |A - J| = 0.05 and |H - B| = 0.05 + mean gap 0.01 = 0.06, so 0.055; margin half of it.
+    assert row["op_spread"] == pytest.approx(0.055, abs=1e-12)
+    assert row["delta"] == pytest.approx(0.0275, abs=1e-12)
+    p = max(1 - stats.t.cdf((0.010 + 0.0275) / se, 19), stats.t.cdf((0.010 - 0.0275) / se, 19))
+    assert row["tost_p"] == pytest.approx(p, rel=1e-9)
+    assert row["verdict"] == "equivalent"
+    assert row["noise_ratio"] != row["noise_ratio"] or row["noise_ratio"] >= 0  # noiseless: 0/0 is NaN
+    assert row["sqrt_batch_ratio"] == pytest.approx(4.0)
+    jb = tables["pairs"].set_index(["metric", "pair"]).loc[("train", "J-B")]
+    assert jb["mean_gap"] == pytest.approx(0.0, abs=1e-12) and jb["gap_se"] == pytest.approx(0.0, abs=1e-12)
+    assert jb["verdict"] == "equivalent"  # a gap of exactly 0 everywhere is inside any positive margin
+
+
+def test_tost_verdicts_in_the_three_regimes():
+    gaps = np.array([0.01, 0.012, 0.008, 0.011, 0.009] * 4)
+    assert summarize_gap(gaps, delta=0.05)["verdict"] == "equivalent"
+    assert summarize_gap(gaps, delta=0.002)["verdict"] == "not equivalent"
+    assert summarize_gap(gaps, delta=0.0105)["verdict"] == "inconclusive"
+    assert summarize_gap(gaps)["verdict"] == "no verdict: no margin"
+
+
+def test_noise_fingerprint_and_bin_errors_on_known_noise(tmp_path: Path):
+    """Gaussian per-step noise 0.1 (batch 16) and 0.4 (batch 1): the ratio is sqrt(16) = 4."""
+    zero = np.zeros(20)
+    arms = {
+        "A": (16, curve(16, zero, noise=0.1, seed=1), "completed"),
+        "H": (1, curve(1, zero, noise=0.4, seed=2), "completed"),
+    }
+    tables = analyze(write_sweep(tmp_path / "s", arms, [["A", "H"]]), Comparison([], BinSpec(bins=20)))
+    context = tables["arms"].set_index("arm")
+    # The std estimate from m successive differences has relative SE ~ 1/sqrt(m); 4 SE tolerances.
+    assert context.loc["A", "loss_std"] == pytest.approx(0.1, rel=4 / math.sqrt(400))
+    assert context.loc["H", "loss_std"] == pytest.approx(0.4, rel=4 / math.sqrt(6400))
+    row = tables["pairs"].set_index("metric").loc["train"]
+    assert row["noise_ratio"] == pytest.approx(4.0, rel=4 / math.sqrt(400) + 4 / math.sqrt(6400))
+    # Per-bin SE of the gap is the two means' SEs combined: sqrt(0.1^2/20 + 0.4^2/320) ~ 0.0315.
+    gaps = tables["gaps"][tables["gaps"]["metric"] == "train"]
+    assert gaps["gap_se"].median() == pytest.approx(math.sqrt(0.1**2 / 20 + 0.4**2 / 320), rel=0.25)
+    # Same noise model, no real gap: the mean gap lies within 4 of its SEs of zero.
+    assert abs(row["mean_gap"]) < 4 * row["gap_se"]
+
+
+def test_outputs_are_written_and_printed(exact_sweep: Path, capsys):
+    analyze(exact_sweep, Comparison([["A", "B"]], BinSpec(bins=20), Margin(nats=0.02)))
+    out = exact_sweep / "results"
+    printed = capsys.readouterr().out
+    for name in ("pairs.csv", "pairs.md", "pairs.tex", "bins.csv", "arms.csv", "runs.parquet"):
+        assert (out / name).stat().st_size > 0
+        assert f"wrote {out / name}" in printed
+    for name in ("curves.png", "equivalence.png", "noise.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert (
+        list(pairs["pair"]) == ["A-H", "J-B", "A-B"] * 2
+        and list(pairs["metric"]) == ["train"] * 3 + ["val"] * 3
+    )
+    assert "A-H (train): equivalent within ±0.02 nats" in printed
+    assert "A-B (train): NOT equivalent: A is below B by more than the margin ±0.02 nats" in printed
+    tex = (out / "pairs.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and tex.count(r"\\") == 1 + 6 + 2
+    bins = pd.read_csv(out / "bins.csv")
+    assert set(bins["arm"]) == {"A", "H", "J", "B"} and bins.groupby("arm")["bin"].nunique().min() == 20
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert len(runs[(runs["arm"] == "H") & (runs["kind"] == "train")]) == 6400
+
+
+def test_segments_merge_on_tokens_later_wins(tmp_path: Path):
+    """A requeued run re-logs the rows after its checkpoint: one row per token, the later value."""
+    first = curve(16, np.zeros(20), steps=300)
+    second = [dict(r, loss=r["loss"] + 1.0) for r in curve(16, np.zeros(20))[250:]]  # resumed from step 250
+    table = long_table([ArmRows("A", "s", 16, "completed", pd.DataFrame(first + second))])
+    train = table[table["kind"] == "train"]
+    assert train["tokens"].is_unique and len(train) == STEPS_LARGE
+    resumed = train[train["step"] > 250]
+    assert (resumed["loss"] > 2.5).all() and (train[train["step"] <= 250]["loss"] < 3.5).all()
+
+
+def test_crashed_arm_is_compared_up_to_where_it_stopped(tmp_path: Path, capsys):
+    zero = np.zeros(20)
+    arms = {"A": (16, curve(16, zero), "completed"), "H": (1, curve(1, zero, steps=2000), "failed")}
+    tables = analyze(write_sweep(tmp_path / "s", arms, [["A", "H"]]), Comparison([], BinSpec(bins=10)))
+    row = tables["pairs"].set_index("metric").loc["train"]
+    assert row["to_tokens"] == 2000 * SEQ and row["bins"] == 10
+    assert "Arm H is failed at 256,000 tokens: its pairs are compared up to there." in capsys.readouterr().out
+
+
+# -- the W&B source ---------------------------------------------------------------------------------
+
+
+def standin_runs(standin: WandbStandin, arms: dict[str, tuple[int, list[dict], str]]) -> None:
+    for i, (name, (batch, rows, state)) in enumerate(arms.items()):
+        config = {"arm": {"batch_size": batch}, "run": {"signature": f"sig{name}"}, "experiment": "synthetic"}
+        standin.add(
+            StandinRun(f"run{name}", name, "synthetic", "arm", state, config, rows, f"2026-01-0{i + 1}")
+        )
+    standin.add(
+        StandinRun("warm", "warmup", "synthetic", "warmup", "finished", {}, [{"tokens": 1, "loss": 9.0}])
+    )
+
+
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("WANDB_API_KEY", "standin-key-" + "0" * 40)  # the stand-in only checks it is sent
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-client-cache"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+def _select(standin: WandbStandin, **changes) -> WandbSelection:
+    return WandbSelection(ENTITY, standin.project, "synthetic", base_url=standin.base_url, **changes)
+
+
+def _history_requests(standin: WandbStandin, run: str) -> int:
+    return sum(standin.count(op, run) for op in ("RunParquetHistory", "RunHistoryKeys", "GET history"))
+
+
+def test_wandb_source_gives_the_run_dir_table_and_caches(exact_sweep: Path, wandb_env, tmp_path: Path):
+    manifest = json.loads((exact_sweep / "manifest.json").read_text())
+    arms = {
+        n: (
+            j["derived"]["batch_size"],
+            [json.loads(x) for x in (Path(j["run_dir"]) / "metrics.jsonl").read_text().splitlines()],
+            "finished",
+        )
+        for n, j in manifest["jobs"].items()
+    }
+    # H was requeued: the W&B run holds a second segment re-logging the last 300 rows (later wins).
+    batch, rows, _ = arms["H"]
+    arms["H"] = (batch, rows[:-100] + rows[-300:], "finished")
+    arms["B"] = (1, arms["B"][1][:4000], "running")  # still running: the rest arrives later
+    cache = tmp_path / "cache"
+    with WandbStandin() as standin:
+        standin_runs(standin, arms)
+        standin.runs["runB"].exported = 3000  # rows past the last parquet export are live data
+        got = long_table(collect_wandb(_select(standin), cache, progress=False))
+        assert _history_requests(standin, "runA") > 0
+        expected = long_table(
+            [ArmRows(n, f"sig{n}", b, "x", pd.DataFrame(r)) for n, (b, r, _) in arms.items()]
+        )
+        cols = ["arm", "kind", "tokens", "loss", "lr", "b_simple"]
+        pd.testing.assert_frame_equal(got[cols], expected[cols])
+        assert set(got["state"]) == {"finished", "running"}
+
+        # Second collection: finished runs come from the cache without a history request; the running
+        # run is fetched from its last cached step on and brings its new rows.
+        before = {r: _history_requests(standin, f"run{r}") for r in "AHJB"}
+        standin.runs["runB"].rows = curve(1, np.zeros(20) + 0.05)
+        again = long_table(collect_wandb(_select(standin), cache, progress=False))
+        assert {r: _history_requests(standin, f"run{r}") - before[r] for r in "AHJ"} == {
+            "A": 0,
+            "H": 0,
+            "J": 0,
+        }
+        assert _history_requests(standin, "runB") > before["B"]
+        assert len(again[(again["arm"] == "B") & (again["kind"] == "train")]) == 6400
+
+
+def test_wandb_rate_limits_are_backed_off(wandb_env, tmp_path: Path):
+    arms = {"A": (16, curve(16, np.zeros(20)), "finished"), "H": (1, curve(1, np.zeros(20)), "finished")}
+    with WandbStandin() as standin:
+        standin_runs(standin, arms)
+        # More 429s than the client retries on its own (about 20 at Retry-After 0): ours must take over.
+        standin.throttle("RunParquetHistory", 45)
+        got = collect_wandb(_select(standin, backoff_s=0.5, workers=2), tmp_path / "c1", progress=False)
+        assert {a.arm for a in got} == {"A", "H"}
+        throttled = [r for r in standin.requests if r.status == 429]
+        assert len(throttled) == 45
+        waits = np.diff([r.at for r in standin.requests if r.op == "RunParquetHistory"])
+        assert waits.max() >= 0.5  # the client's own retries come ~0.05 s apart: this wait is ours
+
+        standin.throttle("RunParquetHistory", 10_000)
+        with pytest.raises(RuntimeError, match=r"HTTP 429 \(rate limited\) for run run[AH]: 2 attempts"):
+            collect_wandb(_select(standin, backoff_s=0.01, attempts=2), tmp_path / "c2", progress=False)
+
+
+def test_analysis_cli_reads_wandb_and_publishes(exact_sweep: Path, wandb_env, tmp_path: Path):
+    manifest = json.loads((exact_sweep / "manifest.json").read_text())
+    arms = {
+        n: (
+            j["derived"]["batch_size"],
+            [json.loads(x) for x in (Path(j["run_dir"]) / "metrics.jsonl").read_text().splitlines()],
+            "finished",
+        )
+        for n, j in manifest["jobs"].items()
+    }
+    out = tmp_path / "wandb-results"
+    with WandbStandin() as standin:
+        standin_runs(standin, arms)
+        cmd = [
+            sys.executable,
+            "-m",
+            "analysis",
+            "source=wandb",
+            f"wandb.entity={ENTITY}",
+            f"wandb.project={standin.project}",
+            "wandb.group=synthetic",
+            f"wandb.base_url={standin.base_url}",
+            f"sweep.root={tmp_path / 'sweeps'}",
+            f"analysis.out={out}",
+            "analysis.pairs=[[A,H],[J,B]]",
+            "wandb.publish=true",
+            "wandb.mode=offline",
+        ]
+        res = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy()
+        )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| A-H |" in res.stdout and "A-H (train): equivalent" in res.stdout
+    assert (
+        tmp_path / "sweeps" / "synthetic" / "wandb_cache" / ENTITY / standin.project / "runA.parquet"
+    ).exists()
+    # The offline analysis run holds the tables and the plots as W&B media files.
+    run_dirs = list((out / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1 and "published the analysis to W&B" in res.stdout
+    media = {
+        p.parent.name + "/" + p.name.split("_")[0] for p in (run_dirs[0] / "files" / "media").rglob("*.*")
+    }
+    assert {
+        "table/pairs",
+        "table/arms",
+        "table/bins",
+        "images/curves",
+        "images/equivalence",
+        "images/noise",
+    } <= media
+    assert "standin-key" not in "".join(p.read_text(errors="ignore") for p in run_dirs[0].rglob("*.yaml"))
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis",
+        "source=nowhere",
+        "+experiment=sqrt_rule",
+        f"sweep.root={tmp_path}",
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "source=nowhere: use run_dirs" in res.stderr
+    res = subprocess.run(
+        cmd[:3] + ["source=wandb", "wandb.group=g"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2 and "needs wandb.entity, wandb.project and wandb.group" in res.stderr
+    res = subprocess.run(
+        [*cmd[:3], "+experiment=sqrt_rule", f"sweep.root={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "holds no manifest.json" in res.stderr
+    assert not any(tmp_path.iterdir())
