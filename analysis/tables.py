@@ -61,12 +61,51 @@ class Series:
         return int(self.tokens[-1]) if len(self.tokens) else 0
 
 
-def series_by_arm(runs: pd.DataFrame, kind: str) -> dict[str, Series]:
-    rows = runs[runs["kind"] == kind]
-    return {
-        str(arm): Series(df["tokens"].to_numpy(np.int64), df["loss"].to_numpy(np.float64))
-        for arm, df in rows.groupby("arm", sort=True)
-    }
+@dataclass
+class Arm:
+    """An arm as the tables need it: identity, its train and validation series, and context."""
+
+    name: str
+    batch: int
+    state: str
+    tokens: int  # the furthest token count it logged
+    train: Series
+    val: Series
+    b_simple: float  # median over the window
+    tokens_per_s: float  # median over the window
+    gpu_hours: float  # the last value
+
+    def series(self, kind: str) -> Series:
+        return self.train if kind == "train" else self.val
+
+
+def arms_of(runs: pd.DataFrame, spec: BinSpec) -> dict[str, Arm]:
+    """Split the long table (sorted by arm, kind, tokens) into arms, one pass."""
+    out = {}
+    for name, df in runs.groupby("arm", sort=True, observed=True):
+        kind = df["kind"].to_numpy()
+        tokens = df["tokens"].to_numpy(np.int64)
+        loss = df["loss"].to_numpy(np.float64)
+        train, val = kind == "train", kind == "val"
+        window = train & (tokens > spec.skip_tokens)
+        if spec.until_tokens:
+            window &= tokens <= spec.until_tokens
+        out[str(name)] = Arm(
+            name=str(name),
+            batch=int(df["batch_size"].iloc[0]),
+            state=str(df["state"].iloc[0]),
+            tokens=int(tokens.max()),
+            train=Series(tokens[train], loss[train]),
+            val=Series(tokens[val], loss[val]),
+            b_simple=float(np.nanmedian(df["b_simple"].to_numpy(np.float64)[window]))
+            if window.any()
+            else np.nan,
+            tokens_per_s=float(np.nanmedian(df["tokens_per_s"].to_numpy(np.float64)[window]))
+            if window.any()
+            else np.nan,
+            gpu_hours=float(np.nanmax(df["gpu_hours"].to_numpy(np.float64))) if len(df) else np.nan,
+        )
+    return out
 
 
 def noise_std(loss: np.ndarray) -> float:
@@ -89,75 +128,106 @@ def grid(ends: list[int], spec: BinSpec, bins: int | None = None) -> np.ndarray:
     return edges
 
 
-def bin_series(s: Series, edges: np.ndarray) -> pd.DataFrame:
-    """Per non-empty bin: mean, rows, per-step noise and the mean's SE."""
-    nb = len(edges) - 1
+@dataclass
+class Binned:
+    """One series on one grid: per bin (empty bins included) mean, rows, per-step noise, SE."""
+
+    edges: np.ndarray
+    mean: np.ndarray
+    n: np.ndarray
+    noise: np.ndarray
+    se: np.ndarray
+
+    def frame(self) -> pd.DataFrame:
+        keep = self.n > 0
+        return pd.DataFrame(
+            {
+                "bin": np.flatnonzero(keep),
+                "bin_start": self.edges[:-1][keep],
+                "bin_end": self.edges[1:][keep],
+                "mean": self.mean[keep],
+                "n": self.n[keep].astype(np.int64),
+                "noise": self.noise[keep],
+                "se": self.se[keep],
+            }
+        )
+
+
+def bin_series(s: Series, edges: np.ndarray) -> Binned:
+    nb = max(len(edges) - 1, 0)
     inside = (s.tokens > edges[0]) & (s.tokens <= edges[-1])
     t, y = s.tokens[inside], s.loss[inside]
     idx = np.clip(np.searchsorted(edges, t, side="left") - 1, 0, max(nb - 1, 0))
-    n = np.bincount(idx, minlength=nb).astype(np.float64)
-    mean = np.bincount(idx, weights=y, minlength=nb) / np.maximum(n, 1)
+    n = np.bincount(idx, minlength=nb)[:nb].astype(np.float64)
+    mean = np.bincount(idx, weights=y, minlength=nb)[:nb] / np.maximum(n, 1)
     # Successive differences inside each bin: variance of d (ddof=1) per bin, then / 2.
     same = idx[1:] == idx[:-1]
     d, di = np.diff(y)[same], idx[1:][same]
-    m = np.bincount(di, minlength=nb).astype(np.float64)
-    d_sum = np.bincount(di, weights=d, minlength=nb)
-    d_sq = np.bincount(di, weights=d * d, minlength=nb)
+    m = np.bincount(di, minlength=nb)[:nb].astype(np.float64)
+    d_sum = np.bincount(di, weights=d, minlength=nb)[:nb]
+    d_sq = np.bincount(di, weights=d * d, minlength=nb)[:nb]
     with np.errstate(invalid="ignore", divide="ignore"):
         var = (d_sq - d_sum**2 / m) / (m - 1)
         noise = np.where(m >= 2, np.sqrt(np.maximum(var, 0.0) / 2), np.nan)
         se = noise / np.sqrt(n)
-    keep = n > 0
-    bins = np.arange(nb)[keep]
-    return pd.DataFrame(
-        {
-            "bin": bins,
-            "bin_start": edges[:-1][keep],
-            "bin_end": edges[1:][keep],
-            "mean": mean[keep],
-            "n": n[keep].astype(np.int64),
-            "noise": noise[keep],
-            "se": se[keep],
-        }
-    )
+    return Binned(edges, mean, n, noise, se)
 
 
-def bin_arms(runs: pd.DataFrame, spec: BinSpec, kind: str = "train") -> pd.DataFrame:
-    """Every arm on one grid up to the furthest arm (for `bins.csv` and the curves plot)."""
-    series = series_by_arm(runs, kind)
+BIN_COLUMNS = ["arm", "bin", "bin_start", "bin_end", "mean", "n", "noise", "se"]
+
+
+def bin_arms(arms: dict[str, Arm], spec: BinSpec) -> pd.DataFrame:
+    """Every arm's training loss on one grid up to the furthest arm (`bins.csv`, the curves plot)."""
+    series = {name: arm.train for name, arm in arms.items() if len(arm.train.tokens)}
     if not series:
-        return pd.DataFrame(columns=["arm", "bin", "bin_start", "bin_end", "mean", "n", "noise", "se"])
+        return pd.DataFrame(columns=BIN_COLUMNS)
     edges = grid([max(s.end for s in series.values())], spec)
-    frames = [bin_series(s, edges).assign(arm=arm) for arm, s in series.items()]
-    return pd.concat(frames, ignore_index=True)[
-        ["arm", "bin", "bin_start", "bin_end", "mean", "n", "noise", "se"]
-    ]
+    frames = [bin_series(s, edges).frame().assign(arm=name) for name, s in series.items()]
+    return pd.concat(frames, ignore_index=True)[BIN_COLUMNS]
 
 
-def pair_bins(a: Series, b: Series, spec: BinSpec, kind: str = "train") -> pd.DataFrame:
-    """Per bin both arms have rows in: means, SEs, gap a - b and its SE."""
-    bins = spec.bins
-    if kind == "val":  # evaluations are sparse: at most one bin per common evaluation point
-        common = np.intersect1d(a.tokens[a.tokens > spec.skip_tokens], b.tokens[b.tokens > spec.skip_tokens])
-        bins = max(1, min(spec.bins, len(common)))
-    edges = grid([a.end, b.end], spec, bins)
-    left = bin_series(a, edges).set_index("bin")
-    right = bin_series(b, edges).set_index("bin")
-    both = left.join(right, how="inner", lsuffix="_a", rsuffix="_b")
-    out = pd.DataFrame(
-        {
-            "bin": both.index,
-            "bin_start": both["bin_start_a"],
-            "bin_end": both["bin_end_a"],
-            "mean_a": both["mean_a"],
-            "mean_b": both["mean_b"],
-            "n_a": both["n_a"],
-            "n_b": both["n_b"],
-            "gap": both["mean_a"] - both["mean_b"],
-            "gap_se": np.sqrt(both["se_a"] ** 2 + both["se_b"] ** 2),
-        }
-    )
-    return out.reset_index(drop=True)
+class PairGrid:
+    """Bins a pair of series on their common grid, remembering each series' binning per grid: arms
+    with matched budgets share one grid, so comparing many pairs of them bins each arm once."""
+
+    def __init__(self, spec: BinSpec) -> None:
+        self.spec = spec
+        self._memo: dict[tuple[int, bytes], Binned] = {}
+
+    def _binned(self, s: Series, edges: np.ndarray) -> Binned:
+        key = (id(s), edges.tobytes())
+        if key not in self._memo:
+            self._memo[key] = bin_series(s, edges)
+        return self._memo[key]
+
+    def common(self, a: Series, b: Series, kind: str = "train") -> tuple[Binned, Binned, np.ndarray]:
+        """(a binned, b binned, mask of the bins both have rows in)."""
+        spec, bins = self.spec, self.spec.bins
+        if kind == "val":  # evaluations are sparse: at most one bin per common evaluation point
+            skip = spec.skip_tokens
+            bins = max(
+                1, min(bins, len(np.intersect1d(a.tokens[a.tokens > skip], b.tokens[b.tokens > skip])))
+            )
+        edges = grid([a.end, b.end], spec, bins)
+        x, y = self._binned(a, edges), self._binned(b, edges)
+        return x, y, (x.n > 0) & (y.n > 0)
+
+    def gaps(self, a: Series, b: Series, kind: str = "train") -> pd.DataFrame:
+        """Per bin both arms have rows in: means, rows, gap a - b and its SE."""
+        x, y, both = self.common(a, b, kind)
+        return pd.DataFrame(
+            {
+                "bin": np.flatnonzero(both),
+                "bin_start": x.edges[:-1][both],
+                "bin_end": x.edges[1:][both],
+                "mean_a": x.mean[both],
+                "mean_b": y.mean[both],
+                "n_a": x.n[both].astype(np.int64),
+                "n_b": y.n[both].astype(np.int64),
+                "gap": (x.mean - y.mean)[both],
+                "gap_se": np.sqrt(x.se**2 + y.se**2)[both],
+            }
+        )
 
 
 def summarize_gap(gap: np.ndarray, delta: float = float("nan"), alpha: float = 0.05) -> dict[str, Any]:
@@ -204,82 +274,80 @@ def summarize_gap(gap: np.ndarray, delta: float = float("nan"), alpha: float = 0
     return out
 
 
-def arm_context(runs: pd.DataFrame, spec: BinSpec) -> pd.DataFrame:
+ARM_COLUMNS = ["arm", "batch_size", "state", "tokens", "loss_std", "b_simple", "tokens_per_s", "gpu_hours"]
+
+
+def arm_context(arms: dict[str, Arm], spec: BinSpec) -> pd.DataFrame:
     """Per arm over the window: batch, state, tokens reached, per-step loss noise, B_simple, speed, cost."""
-    rows = runs[(runs["kind"] == "train") & (runs["tokens"] > spec.skip_tokens)]
-    if spec.until_tokens:
-        rows = rows[rows["tokens"] <= spec.until_tokens]
-    out = []
-    for arm, df in rows.groupby("arm", sort=True):
-        out.append(
-            {
-                "arm": arm,
-                "batch_size": int(df["batch_size"].iloc[0]),
-                "state": df["state"].iloc[0],
-                "tokens": int(runs.loc[runs["arm"] == arm, "tokens"].max()),
-                "loss_std": noise_std(df["loss"].to_numpy(np.float64)),
-                "b_simple": float(df["b_simple"].median()),
-                "tokens_per_s": float(df["tokens_per_s"].median()),
-                "gpu_hours": float(df["gpu_hours"].max()),
-            }
+    rows = []
+    for arm in arms.values():
+        t = arm.train
+        window = (t.tokens > spec.skip_tokens) & (
+            (t.tokens <= spec.until_tokens) if spec.until_tokens else True
         )
-    return pd.DataFrame(
-        out,
-        columns=["arm", "batch_size", "state", "tokens", "loss_std", "b_simple"]
-        + ["tokens_per_s", "gpu_hours"],
-    )
+        loss_std = noise_std(t.loss[window])
+        rows.append(
+            [
+                arm.name,
+                arm.batch,
+                arm.state,
+                arm.tokens,
+                loss_std,
+                arm.b_simple,
+                arm.tokens_per_s,
+                arm.gpu_hours,
+            ]
+        )
+    return pd.DataFrame(rows, columns=ARM_COLUMNS)
 
 
-def op_spreads(
-    series: dict[str, Series], pairs: list[list[str]], batch: dict[str, int], spec: BinSpec
-) -> dict[str, float]:
-    """Per arm: mean |mean gap| to arms of other pairs at the same batch size (NaN if none)."""
-    pair_of = {arm: i for i, pair in enumerate(pairs) for arm in pair}
+def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], grids: PairGrid) -> dict[str, float]:
+    """Per arm: mean |mean gap| (training loss) to arms of other pairs at the same batch size."""
+    pair_of = {arm: i for i, pair in enumerate(pairs) for arm in pair if arm in arms}
     found: dict[str, list[float]] = {}
-    for x, y in combinations(sorted(a for a in pair_of if a in series), 2):
-        if batch.get(x) == batch.get(y) and pair_of[x] != pair_of[y]:
-            gap = pair_bins(series[x], series[y], spec)["gap"].to_numpy()
-            if len(gap):
+    for x, y in combinations(sorted(pair_of), 2):
+        if arms[x].batch == arms[y].batch and pair_of[x] != pair_of[y]:
+            bx, by, both = grids.common(arms[x].train, arms[y].train)
+            if both.any():
+                spread = abs(float(np.mean((bx.mean - by.mean)[both])))
                 for arm in (x, y):
-                    found.setdefault(arm, []).append(abs(float(gap.mean())))
+                    found.setdefault(arm, []).append(spread)
     return {arm: float(np.mean(v)) for arm, v in found.items()}
 
 
 def pair_table(
-    runs: pd.DataFrame, pairs: list[list[str]], spec: BinSpec, margin: Margin, kind: str = "train"
+    arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec, margin: Margin, kind: str = "train"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per pair, the per-bin gaps of every pair) for `kind` rows."""
-    series = series_by_arm(runs, kind)
-    train_series = series if kind == "train" else series_by_arm(runs, "train")
-    batch = {str(a): int(b) for a, b in runs.groupby("arm")["batch_size"].first().items()}
-    spread = op_spreads(train_series, pairs, batch, spec)  # the yardstick is always on training loss
-    context = arm_context(runs, spec).set_index("arm")
+    """(one row per pair, the per-bin gaps of every pair) on `kind` loss."""
+    grids = PairGrid(spec)
+    spread = op_spreads(arms, pairs, grids)  # the yardstick is always on training loss
+    context = arm_context(arms, spec).set_index("arm")["loss_std"]
     rows, gaps = [], []
     for a, b in pairs:
-        if a not in series or b not in series:
+        if a not in arms or b not in arms or not len(arms[a].series(kind).tokens):
             continue
-        bins = pair_bins(series[a], series[b], spec, kind)
+        bins = grids.gaps(arms[a].series(kind), arms[b].series(kind), kind)
         s = [spread[x] for x in (a, b) if x in spread]
         op_spread = float(np.mean(s)) if s else float("nan")
         delta = margin.nats or margin.fraction * op_spread
         stats_ = summarize_gap(bins["gap"].to_numpy(), delta, margin.alpha)
-        small, large = sorted((a, b), key=lambda x: batch[x])
-        std = {x: context.loc[x, "loss_std"] if x in context.index else float("nan") for x in (a, b)}
+        small, large = sorted((arms[a], arms[b]), key=lambda x: x.batch)
+        std_small, std_large = context[small.name], context[large.name]
         rows.append(
             {
                 "metric": kind,
                 "pair": f"{a}-{b}",
                 "a": a,
                 "b": b,
-                "batch_a": batch[a],
-                "batch_b": batch[b],
+                "batch_a": arms[a].batch,
+                "batch_b": arms[b].batch,
                 "from_tokens": float(bins["bin_start"].min()) if len(bins) else float("nan"),
                 "to_tokens": float(bins["bin_end"].max()) if len(bins) else float("nan"),
                 **stats_,
                 "op_spread": op_spread,
                 "gap_over_spread": abs(stats_["mean_gap"]) / op_spread if op_spread > 0 else float("nan"),
-                "noise_ratio": std[small] / std[large] if std[large] > 0 else float("nan"),
-                "sqrt_batch_ratio": math.sqrt(batch[large] / batch[small]),
+                "noise_ratio": std_small / std_large if std_large > 0 else float("nan"),
+                "sqrt_batch_ratio": math.sqrt(large.batch / small.batch),
             }
         )
         gaps.append(bins.assign(metric=kind, pair=f"{a}-{b}", delta=delta))

@@ -34,7 +34,10 @@ ENTITY = "standin-entity"
 
 @dataclass
 class StandinRun:
-    """A run as the server holds it: identity, W&B config (plain values), history rows."""
+    """A run as the server holds it: identity, W&B config (plain values), history rows.
+
+    `rows` (a list of dicts or a DataFrame, one row per logged step; `_step` is their position) may
+    be replaced while the server runs, as a live run logs more."""
 
     id: str
     name: str
@@ -42,18 +45,28 @@ class StandinRun:
     job_type: str = "arm"
     state: str = "finished"
     config: dict[str, Any] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)  # logged rows; `_step` is added in order
+    rows: Any = field(default_factory=list)
     created_at: str = "2026-01-01T00:00:00"
     exported: int | None = None  # rows in the parquet export (None: all); the rest is live data
 
-    def history(self) -> pd.DataFrame:
-        """The parquet export."""
-        return pd.DataFrame([{"_step": i, **row} for i, row in enumerate(self.rows[: self.exported])])
+    def frame(self) -> pd.DataFrame:
+        rows = self.rows if isinstance(self.rows, pd.DataFrame) else pd.DataFrame(list(self.rows))
+        return rows.assign(_step=range(len(rows)))
+
+    def export(self) -> bytes:
+        """The parquet history export: the first `exported` rows."""
+        buffer = io.BytesIO()
+        self.frame().iloc[: self.exported].to_parquet(buffer, index=False)
+        return buffer.getvalue()
+
+    def steps(self, lo: int, hi: int) -> list[dict[str, Any]]:
+        """Rows with lo <= _step < hi, as JSON-ready dicts without missing values."""
+        part = self.frame().iloc[lo:hi]
+        return [{k: v for k, v in row.items() if v == v} for row in part.to_dict("records")]
 
     def live(self) -> list[dict[str, Any]]:
         """Rows logged since the last export, as the server's `liveData`."""
-        start = len(self.rows) if self.exported is None else self.exported
-        return [{"_step": i, **row} for i, row in enumerate(self.rows) if i >= start]
+        return [] if self.exported is None else self.steps(self.exported, len(self.rows))
 
 
 @dataclass
@@ -103,11 +116,8 @@ class WandbStandin:
     # -- GraphQL answers -------------------------------------------------------------------------
 
     def _node(self, run: StandinRun) -> dict[str, Any]:
-        keys = (
-            {k: {"typeCounts": [{"type": "number", "count": len(run.rows)}]} for k in run.rows[0]}
-            if run.rows
-            else {}
-        )
+        n = len(run.rows)
+        keys = {k: {"typeCounts": [{"type": "number", "count": n}]} for k in run.frame().columns} if n else {}
         return {
             "id": f"run-{run.id}",
             "projectId": "1",
@@ -126,7 +136,7 @@ class WandbStandin:
             "description": None,
             "notes": None,
             "systemMetrics": "{}",
-            "summaryMetrics": json.dumps(run.rows[-1] if run.rows else {}),
+            "summaryMetrics": "{}",
             "historyLineCount": len(run.rows),
             "historyKeys": {"lastStep": len(run.rows) - 1, "keys": keys},
             "user": {"name": "tester", "username": "tester"},
@@ -169,7 +179,7 @@ class WandbStandin:
             }, run.id
         if op == "HistoryPage":  # rows by step range, as JSON strings (how the client reads live rows)
             lo, hi, size = int(variables["minStep"]), int(variables["maxStep"]), int(variables["pageSize"])
-            page = [json.dumps({"_step": i, **r}) for i, r in enumerate(run.rows) if lo <= i < hi][:size]
+            page = [json.dumps(row) for row in run.steps(lo, min(hi, lo + size))]
             return {"project": {"run": {"history": page}}}, run.id
         raise KeyError(f"the W&B stand-in does not answer GraphQL operation {op!r}")
 
@@ -237,10 +247,9 @@ class WandbStandin:
                     standin._record(op, None, 404)
                     self._send(404, b"")
                     return
-                buffer = io.BytesIO()
-                run.history().to_parquet(buffer, index=False)
+                body = run.export()
                 standin._record(op, run.id, 200)
-                self._send(200, buffer.getvalue(), "application/octet-stream")
+                self._send(200, body, "application/octet-stream")
 
         return Handler
 
