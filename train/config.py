@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, TypeVar
 
+from train.schedule import ScheduleConfig
+
 T = TypeVar("T")
 
 
@@ -75,10 +77,15 @@ class DataConfig:
     cache_dir: str = "sweeps/data"
 
 
+OPTIMIZERS = ("adamw", "invariant_adam")
+
+
 @dataclass
 class OptimizerConfig:
-    """AdamW with hyperparameters already moved by the scaling rule."""
+    """Adam with hyperparameters already moved by the scaling rule: `adamw` (torch's), or
+    `invariant_adam` (train/invariant_adam.py: second moment from squared micro-batch gradients)."""
 
+    name: str = "adamw"
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
@@ -115,6 +122,7 @@ class RunConfig:
     split: str = "experiment"
     micro_batch_size: int = 0  # per rank; 0 = the whole per-rank batch at once
     lr_warmup_tokens: int = 0  # linear ramp from 0, counted in tokens so it is batch-size invariant
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # constant, step decay or Seesaw
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler)
     init_checkpoint: str = ""  # weights to branch from; empty = seeded init
     carry_optimizer: bool = False  # also take the branch point's Adam moments (default: cold optimizer)

@@ -248,9 +248,13 @@ class TokenStream:
         return np.asarray(self.tokens[offsets], dtype=np.int64)
 
     def rank_batch(self, step: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
-        """This rank's contiguous share of the global batch of step `step`."""
+        """This rank's contiguous share of the global batch of step `step` (a fixed batch size)."""
+        return self.rank_slice(step * batch_size, batch_size, rank, world_size)
+
+    def rank_slice(self, offset: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+        """This rank's contiguous share of the global batch of samples [offset, offset + batch_size)."""
         per_rank = batch_size // world_size
-        return self.samples(step * batch_size + rank * per_rank, per_rank)
+        return self.samples(offset + rank * per_rank, per_rank)
 
 
 def validation_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:

@@ -24,11 +24,13 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from train.batching import BatchPlan, plan_batches
 from train.checkpoint import load_latest_checkpoint, save_checkpoint
-from train.config import RunConfig
+from train.config import OPTIMIZERS, RunConfig
 from train.data import TokenStream, load_meta, load_split, validation_windows
+from train.invariant_adam import InvariantAdam
 from train.model import TokenLoss, build_model, flops_per_token
 from train.noise import NoiseScale
 from train.runlog import RunLog, mark_failed, read_status
+from train.schedule import layout
 from train.throughput import peak_flops, peak_memory_gb
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,6 +155,8 @@ def accumulate_gradients(
     autocast: Any,
     scaler: torch.amp.GradScaler | None = None,
     loss_scale: float = 1.0,
+    invariant: InvariantAdam | None = None,
+    local_norm: LocalGradNorm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward and backward over this rank's micro-batches of one step, leaving in `.grad` the
     mean gradient over every token of the global batch (times the fp16 loss scale, if `scaler`;
@@ -163,14 +167,21 @@ def accumulate_gradients(
     of the global batch, as one large batch would. Returns this rank's summed token loss and, on a
     single process with accumulation, the squared norm of the first micro-batch's mean gradient
     (for the noise scale; with DDP the `LocalGradNorm` hook measures the per-rank one instead).
+
+    With `invariant` (batch-size-invariant Adam) every micro-batch's gradient is moved aside after
+    its backward, so no micro-batch syncs through DDP: the optimizer reduces the gradients and the
+    squared micro-batch gradients itself at the end (`InvariantAdam.finish`), and the per-rank
+    norm it returns goes into `local_norm` in place of the hook's.
     """
     world = plan.world_size
     scaling = scaler is not None and scaler.is_enabled()
     micro_sq: torch.Tensor | None = None
     loss_sum = torch.zeros((), device=batch.device)
+    if invariant is not None:
+        invariant.begin()
     for j in range(plan.grad_accum):
         micro = batch[j * plan.micro_batch_size : (j + 1) * plan.micro_batch_size]
-        sync = not ddp or j == plan.grad_accum - 1
+        sync = not ddp or (j == plan.grad_accum - 1 and invariant is None)
         with contextlib.nullcontext() if sync else net.no_sync(), autocast():  # type: ignore[operator]
             part = net(micro)
         share = part * (world / plan.tokens_per_step)
@@ -181,6 +192,12 @@ def accumulate_gradients(
             # .grad now holds (micro tokens / step tokens) x the micro-batch's mean gradient.
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             micro_sq = (norm * plan.grad_accum / loss_scale) ** 2
+        if invariant is not None:
+            invariant.add_micro()
+    if invariant is not None:
+        local_sq = invariant.finish(world if ddp else 1, plan.grad_accum)
+        if ddp and local_norm is not None:
+            local_norm.sq.copy_(local_sq)
     return loss_sum, micro_sq
 
 
@@ -218,11 +235,23 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
         )
     if cfg.precision not in DTYPES:
         raise ValueError(f"precision {cfg.precision!r}: expected one of {', '.join(DTYPES)}")
-    plan = plan_batches(cfg.batch_size, cfg.micro_batch_size, world, cfg.seq_len, cfg.token_budget)
-    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
-    if plan.steps * cfg.batch_size > stream.n_windows:
+    if cfg.optimizer.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {cfg.optimizer.name!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if cfg.optimizer.name == "invariant_adam" and cfg.precision == "fp16":
         raise ValueError(
-            f"token budget {cfg.token_budget} needs {plan.steps * cfg.batch_size} sequences but split "
+            "invariant_adam does not support fp16 (its squared gradients bypass the loss scaler)"
+        )
+    # Every step laid out up front: its batch (which a Seesaw ramp doubles), lr factor and samples.
+    lay = layout(cfg.schedule, cfg.batch_size, cfg.seq_len, cfg.token_budget)
+    plans = {
+        int(b): plan_batches(int(b), cfg.micro_batch_size, world, cfg.seq_len, int(b) * cfg.seq_len)
+        for b in np.unique(lay.batch)
+    }
+    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
+    needed = lay.tokens_after(lay.steps - 1) // cfg.seq_len
+    if needed > stream.n_windows:
+        raise ValueError(
+            f"token budget {cfg.token_budget} needs {needed} sequences but split "
             f"{cfg.split!r} holds {stream.n_windows}: lower the budget or prepare more data"
         )
 
@@ -232,7 +261,12 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
     if branch is not None:
         lm.load_state_dict(branch["model"])
     lm.to(device)
-    optimizer = torch.optim.AdamW(lm.parameters(), fused=device.type == "cuda")
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer.name == "invariant_adam":
+        optimizer = InvariantAdam(lm.parameters())
+    else:
+        optimizer = torch.optim.AdamW(lm.parameters(), fused=device.type == "cuda")
+    invariant = optimizer if isinstance(optimizer, InvariantAdam) else None
     if branch is not None and cfg.carry_optimizer:
         optimizer.load_state_dict(branch["optimizer"])
     _set_hyperparameters(optimizer, cfg)
@@ -253,6 +287,12 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
         rng = resumed["rng"]
         _set_rng_state(rng[rank] if rank < len(rng) else rng[0])
         start_step = resumed["step"]
+        expected = (int(lay.phase[start_step - 1]), lay.tokens_after(start_step - 1) // cfg.seq_len)
+        if (resumed.get("phase", 0), resumed["samples"]) != expected:
+            raise ValueError(
+                f"checkpoint at step {start_step} is at phase/sample {resumed.get('phase', 0)}/"
+                f"{resumed['samples']} but this run's schedule puts that step at {expected[0]}/{expected[1]}"
+            )
 
     ddp = world > 1
     net: torch.nn.Module = TokenLoss(lm, cfg.loss_chunk_tokens)
@@ -263,8 +303,10 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
     evaluator = TokenLoss(lm, cfg.loss_chunk_tokens)
     if cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
-    # Noise-scale estimate: per-rank (DDP) or first-micro-batch (one process) vs the global gradient.
-    b_small = plan.batch_size // world if ddp else plan.micro_batch_size if plan.grad_accum > 1 else 0
+
+    def b_small(plan: BatchPlan) -> int:
+        """Noise-scale estimate: per-rank (DDP) or first-micro-batch (one process) vs the global gradient."""
+        return plan.batch_size // world if ddp else plan.micro_batch_size if plan.grad_accum > 1 else 0
 
     def autocast() -> Any:
         if dtype is None:
@@ -273,7 +315,7 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
 
     # Rows a killed earlier attempt logged past its last checkpoint (all of them, if it had none) are
     # superseded by what this attempt logs.
-    log = RunLog(cfg, plan.steps, start_step if resumed is not None else -1) if rank == 0 else None
+    log = RunLog(cfg, lay.steps, start_step if resumed is not None else -1) if rank == 0 else None
     val = torch.from_numpy(
         validation_windows(load_split(cfg.data_dir, "validation"), cfg.seq_len, cfg.val_samples)
     ).to(device)
@@ -286,14 +328,15 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
         total = torch.zeros((), device=device)
         mine = val[rank * len(val) // world : (rank + 1) * len(val) // world]
         with torch.no_grad(), autocast():
-            for i in range(0, len(mine), plan.micro_batch_size):
-                total += evaluator(mine[i : i + plan.micro_batch_size]).float()
+            eval_batch = plans[cfg.batch_size].micro_batch_size
+            for i in range(0, len(mine), eval_batch):
+                total += evaluator(mine[i : i + eval_batch]).float()
         evaluator.train()
         if ddp:
             dist.all_reduce(total)
         val_loss = total.item() / (val.size(0) * cfg.seq_len)
         if log is not None:
-            log.log({"step": step, "tokens": step * plan.tokens_per_step, "val_loss": val_loss})
+            log.log({"step": step, "tokens": lay.tokens_after(step - 1), "val_loss": val_loss})
         if not math.isfinite(val_loss) or val_loss <= 0:
             raise BadValidation(f"validation loss {val_loss} at step {step}: the measurement is broken")
         if previous_val and val_loss == previous_val[-1]:
@@ -318,9 +361,10 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
                 "noise_scale": noise.state_dict(),
                 "counters": asdict(counters),
                 "step": step,
-                "tokens": step * plan.tokens_per_step,
-                "samples": step * plan.batch_size,  # data position: the next sample of the stream
-                "lr": lr_at(step),  # schedule position (the schedule is a function of tokens)
+                "tokens": lay.tokens_after(step - 1),
+                "samples": lay.tokens_after(step - 1) // cfg.seq_len,  # data position: the next sample
+                "phase": int(lay.phase[step - 1]),  # schedule position (halvings / Seesaw doublings passed)
+                "lr": lr_at(step - 1),
                 "rng": rngs,
                 "final": final,
                 "signature": cfg.signature,
@@ -329,17 +373,17 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             save_checkpoint(cfg.run_dir, step, state, cfg.keep_checkpoints)
 
     def lr_at(step: int) -> float:
-        """Constant lr after a linear ramp counted in tokens (so it is batch-size invariant)."""
+        """The schedule's lr for step `step`, after a linear ramp counted in tokens (batch-size invariant)."""
+        lr = cfg.optimizer.lr * float(lay.lr_factor[step])
         if cfg.lr_warmup_tokens <= 0:
-            return cfg.optimizer.lr
-        return cfg.optimizer.lr * min(1.0, (step + 1) * plan.tokens_per_step / cfg.lr_warmup_tokens)
+            return lr
+        return lr * min(1.0, lay.tokens_after(step) / cfg.lr_warmup_tokens)
 
-    def crossed(step: int, every_tokens: int) -> bool:
-        return (
-            every_tokens > 0
-            and (step * plan.tokens_per_step) // every_tokens
-            > ((step - 1) * plan.tokens_per_step) // every_tokens
-        )
+    def crossed(done: int, every_tokens: int) -> bool:
+        """Whether the `done`-th step crossed a multiple of `every_tokens`."""
+        if every_tokens <= 0:
+            return False
+        return lay.tokens_after(done - 1) // every_tokens > lay.tokens_after(done - 2) // every_tokens
 
     if start_step == 0:
         validate(0)
@@ -352,7 +396,7 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
 
         bar = tqdm(
             total=cfg.token_budget,
-            initial=start_step * plan.tokens_per_step,
+            initial=lay.tokens_after(start_step - 1),
             desc=cfg.name,
             unit="tok",
             unit_scale=True,
@@ -361,14 +405,18 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
     step_end = started  # device time counts from start-up: the devices are held all along
     try:
         # --- The loop: one optimizer step per global batch, stopping only at step boundaries.
-        for step in range(start_step, plan.steps):
+        for step in range(start_step, lay.steps):
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = torch.from_numpy(stream.rank_batch(step, cfg.batch_size, rank, world)).to(device)
+            plan = plans[int(lay.batch[step])]
+            rows = stream.rank_slice(int(lay.offset[step]), plan.batch_size, rank, world)
+            batch = torch.from_numpy(rows).to(device)
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             local_norm.sq.zero_()
-            loss_sum, micro_sq = accumulate_gradients(net, batch, plan, ddp, autocast, scaler, scale)
+            loss_sum, micro_sq = accumulate_gradients(
+                net, batch, plan, ddp, autocast, scaler, scale, invariant, local_norm
+            )
             scaler.unscale_(optimizer)  # a no-op unless fp16
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)  # before clipping
             scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -393,7 +441,7 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             if math.isfinite(norm):  # an fp16 overflow step was skipped: no gradient to judge
                 counters.clipped_steps += norm > cfg.optimizer.grad_clip
                 if small_sq is not None:
-                    noise.update(small_sq.item(), b_small, norm**2, plan.batch_size)
+                    noise.update(small_sq.item(), b_small(plan), norm**2, plan.batch_size)
             now = time.perf_counter()
             counters.device_seconds += (now - step_end) * world
             step_end = now
@@ -401,8 +449,8 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
             window_tokens += plan.tokens_per_step
             if log is not None:
                 tokens_per_s = window_tokens / max(now - window_time, 1e-9)
-                tokens = done * plan.tokens_per_step
-                if done % cfg.log_every_steps == 0 or done == plan.steps:
+                tokens = lay.tokens_after(step)
+                if done % cfg.log_every_steps == 0 or done == lay.steps:
                     row: dict[str, Any] = {
                         "step": done,
                         "tokens": tokens,
@@ -410,7 +458,7 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
                         "lr": lr,
                         "beta1": cfg.optimizer.beta1,
                         "beta2": cfg.optimizer.beta2,
-                        "batch_size": cfg.batch_size,
+                        "batch_size": plan.batch_size,
                         "grad_norm": norm,
                         "clip_fraction": counters.clipped_steps / done,
                         "b_simple": noise.b_simple,
@@ -428,16 +476,16 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if now - window_time > 10.0:
                     window_time, window_tokens = now, 0
-            if crossed(done, cfg.val_every_tokens) and done < plan.steps:
+            if crossed(done, cfg.val_every_tokens) and done < lay.steps:
                 validate(done)
-            stopping = bool(signum) and done < plan.steps
-            if stopping or (crossed(done, cfg.checkpoint_every_tokens) and done < plan.steps):
+            stopping = bool(signum) and done < lay.steps
+            if stopping or (crossed(done, cfg.checkpoint_every_tokens) and done < lay.steps):
                 checkpoint(done, final=False)
             if stopping:
                 raise Stopped(signum, done)
         if resumed is None or not resumed.get("final"):
-            validate(plan.steps)
-            checkpoint(plan.steps, final=True)
+            validate(lay.steps)
+            checkpoint(lay.steps, final=True)
     except Diverged as exc:
         if log is not None:
             log.close("diverged", str(exc))
@@ -453,7 +501,7 @@ def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: St
     finally:
         if bar is not None:
             bar.close()
-    summary = {"name": cfg.name, "signature": cfg.signature, "steps": plan.steps, "tokens": cfg.token_budget}
+    summary = {"name": cfg.name, "signature": cfg.signature, "steps": lay.steps, "tokens": cfg.token_budget}
     if log is not None:
         log.close("completed")
     if ddp:
