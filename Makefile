@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m sweep +experiment=sqrt_rule -m
+	$(BIN)/python -m sweep +experiment=sqrt_rule -m arm=A,H,B,J
 
 lint: install
 	$(BIN)/ruff check .

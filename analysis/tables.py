@@ -302,16 +302,25 @@ def arm_context(arms: dict[str, Arm], spec: BinSpec) -> pd.DataFrame:
 
 
 def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], grids: PairGrid) -> dict[str, float]:
-    """Per arm: mean |mean gap| (training loss) to arms of other pairs at the same batch size."""
+    """Per arm: mean |mean gap| (training loss) to arms of other pairs at the same batch size; for an
+    arm with none, to the arms in no pair at its batch size (a study's reference arms, e.g. the
+    constant-lr arm next to a step-decay / Seesaw pair)."""
     pair_of = {arm: i for i, pair in enumerate(pairs) for arm in pair if arm in arms}
     found: dict[str, list[float]] = {}
+
+    def gap(x: str, y: str) -> float | None:
+        bx, by, both = grids.common(arms[x].train, arms[y].train)
+        return abs(float(np.mean((bx.mean - by.mean)[both]))) if both.any() else None
+
     for x, y in combinations(sorted(pair_of), 2):
-        if arms[x].batch == arms[y].batch and pair_of[x] != pair_of[y]:
-            bx, by, both = grids.common(arms[x].train, arms[y].train)
-            if both.any():
-                spread = abs(float(np.mean((bx.mean - by.mean)[both])))
-                for arm in (x, y):
-                    found.setdefault(arm, []).append(spread)
+        if arms[x].batch == arms[y].batch and pair_of[x] != pair_of[y] and (g := gap(x, y)) is not None:
+            found.setdefault(x, []).append(g)
+            found.setdefault(y, []).append(g)
+    references = [arm for arm in sorted(arms) if arm not in pair_of]
+    for x in sorted(set(pair_of) - set(found)):
+        for ref in references:
+            if arms[ref].batch == arms[x].batch and (g := gap(x, ref)) is not None:
+                found.setdefault(x, []).append(g)
     return {arm: float(np.mean(v)) for arm, v in found.items()}
 
 

@@ -17,9 +17,10 @@ from typing import Any
 from slurm.job import StageJob
 from sweep.schema import ArmSpec, Config, ResourcesConfig
 from train.batching import BatchError, BatchPlan, plan_batches
-from train.config import DataConfig, OptimizerConfig, RunConfig
+from train.config import OPTIMIZERS, DataConfig, OptimizerConfig, RunConfig
 from train.data import data_dir_for, data_signature
 from train.rules import OperatingPoint, RuleError, apply_rule
+from train.schedule import ScheduleConfig, ScheduleError, layout
 
 
 class PlanError(ValueError):
@@ -94,10 +95,18 @@ def _run_config(
     budget: int,
     init: Job | None,
     run_root: Path,
+    spec: ArmSpec | None = None,
 ) -> RunConfig:
+    """The run of one job; `spec` (arms only) adds its optimizer, precision, schedule and lr scale."""
     data_dir = data_dir_for(cfg.data)
+    spec = spec or ArmSpec(batch_size=batch.batch_size)
+    precision = spec.precision or cfg.precision.dtype
+    schedule = replace(cfg.experiment.schedule, kind=spec.schedule or cfg.experiment.schedule.kind)
+    if kind == "warmup":
+        schedule = ScheduleConfig()
     optimizer = OptimizerConfig(
-        lr=point.lr,
+        name=spec.optimizer,
+        lr=point.lr * spec.lr_scale,
         beta1=point.beta1,
         beta2=point.beta2,
         eps=point.eps,
@@ -111,8 +120,9 @@ def _run_config(
         "data": data_signature(cfg.data),
         "seq_len": cfg.trainer.seq_len,
         "batch_size": batch.batch_size,
-        "optimizer": asdict(optimizer),
-        "precision": cfg.precision.dtype,
+        # Options added later enter the identity only when set, so existing arms keep their signature.
+        "optimizer": {k: v for k, v in asdict(optimizer).items() if k != "name" or v != "adamw"},
+        "precision": precision,
         "token_budget": budget,
         "lr_warmup_tokens": lr_warmup,
         # The branch point by its identity (the warmup's signature), never by its path.
@@ -121,6 +131,10 @@ def _run_config(
         "val_samples": cfg.trainer.val_samples,
         "carry_optimizer": cfg.trainer.carry_optimizer and init is not None,
     }
+    if schedule.kind != "constant":
+        identity["schedule"] = asdict(schedule)
+    if optimizer.name == "invariant_adam":  # its second moment depends on the micro-batch size
+        identity["micro_batch_size"] = batch.micro_batch_size
     sig = signature(identity)
     return RunConfig(
         name=name,
@@ -136,7 +150,8 @@ def _run_config(
         split="warmup" if kind == "warmup" else "experiment",
         micro_batch_size=batch.micro_batch_size,
         lr_warmup_tokens=lr_warmup,
-        precision=cfg.precision.dtype,
+        schedule=schedule,
+        precision=precision,
         init_checkpoint=str(init.run_dir) if init else "",
         carry_optimizer=cfg.trainer.carry_optimizer and init is not None,
         attn_implementation=cfg.trainer.attn_implementation,
@@ -156,7 +171,10 @@ def _run_config(
     )
 
 
-def _row(job_name: str, op: str, rule: str, run: RunConfig, batch: BatchPlan) -> dict[str, Any]:
+def _row(job_name: str, op: str, rule: str, run: RunConfig, batch: BatchPlan, steps: int) -> dict[str, Any]:
+    setup = [run.optimizer.name] if run.optimizer.name != "adamw" else []
+    setup += [run.schedule.kind] if run.schedule.kind != "constant" else []
+    setup += [run.precision] if run.precision != "fp32" else []
     return {
         "arm": job_name,
         "op": op,
@@ -171,7 +189,8 @@ def _row(job_name: str, op: str, rule: str, run: RunConfig, batch: BatchPlan) ->
         "beta2": run.optimizer.beta2,
         "eps": run.optimizer.eps,
         "token_budget": run.token_budget,
-        "steps": batch.steps,
+        "steps": steps,
+        "setup": ",".join(setup) or "-",
         "signature": run.signature,
     }
 
@@ -286,7 +305,7 @@ def _warmup_job(cfg: Config, run_root: Path, prepare: str) -> Job:
         StageJob("train", run=run, max_requeues=cfg.resources.max_requeues),
         [prepare],
         [],
-        _row("warmup", spec.op, "none", run, batch),
+        _row("warmup", spec.op, "none", run, batch, batch.steps),
     )
 
 
@@ -309,10 +328,30 @@ def _arm_job(
         raise PlanError(f"arm {cfg.arm}: {exc}") from exc
     # Sweeping other keys than `arm` (e.g. trainer.init_seed=0,1) makes variants of one arm.
     name = cfg.arm if not variant else f"{cfg.arm}[{','.join(variant)}]"
-    run = _run_config(cfg, name, "arm", point, batch, budget, init, run_root)
+    run = _run_config(cfg, name, "arm", point, batch, budget, init, run_root, spec)
+    try:  # every batch a schedule reaches must split over ranks and micro-batches too
+        lay = layout(run.schedule, batch.batch_size, cfg.trainer.seq_len, budget)
+        for b in sorted(set(lay.batch.tolist())):
+            plan_batches(
+                b,
+                cfg.trainer.micro_batch_size,
+                cfg.resources.world_size,
+                cfg.trainer.seq_len,
+                b * cfg.trainer.seq_len,
+            )
+    except (ScheduleError, BatchError) as exc:
+        raise PlanError(f"arm {cfg.arm}: {exc}") from exc
+    if run.optimizer.name not in OPTIMIZERS:
+        raise PlanError(
+            f"arm {cfg.arm}: optimizer {run.optimizer.name!r}, expected one of {', '.join(OPTIMIZERS)}"
+        )
+    if run.precision not in ("fp32", "bf16", "fp16"):
+        raise PlanError(f"arm {cfg.arm}: precision {run.precision!r}, expected fp32, bf16 or fp16")
+    if run.optimizer.name == "invariant_adam" and run.precision == "fp16":
+        raise PlanError(f"arm {cfg.arm}: invariant_adam does not support fp16 (use bf16 or fp32)")
     run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"] if spec else []
     op = spec.op if spec and spec.op else f"arm {spec.from_arm}" if spec else "?"
-    row = _row(name, op, spec.rule if spec else "?", run, batch)
+    row = _row(name, op, spec.rule if spec else "?", run, batch, lay.steps)
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(
         name,
@@ -343,7 +382,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 ARM_COLUMNS = ["arm", "op", "rule", "batch_size", "batch_tokens", "grad_accum", "lr", "beta1", "beta2", "eps"]
-ARM_COLUMNS += ["token_budget", "steps", "signature"]
+ARM_COLUMNS += ["token_budget", "steps", "setup", "signature"]
 
 
 def arm_table(plan: SweepPlan) -> str:

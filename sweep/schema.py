@@ -14,6 +14,7 @@ from omegaconf import MISSING, OmegaConf
 
 from train.config import DataConfig, ModelConfig, WandbConfig
 from train.rules import OperatingPoint, RuleConfig
+from train.schedule import ScheduleConfig
 
 
 @dataclass
@@ -25,6 +26,10 @@ class ArmSpec:
     op: str = ""  # a key of `ops` ...
     from_arm: str = ""  # ... or another arm, whose derived hyperparameters become this arm's operating point
     token_budget: int = 0  # 0: the experiment's budget (matched budgets are the default)
+    lr_scale: float = 1.0  # multiplies the derived lr (an lr sweep around a point, e.g. seed arm K)
+    optimizer: str = "adamw"  # adamw | invariant_adam (second moment from squared micro-batch gradients)
+    precision: str = ""  # fp32 | bf16 | fp16; empty: the sweep's precision.dtype (seed arm L: an fp16 twin)
+    schedule: str = ""  # constant | step_decay | seesaw; empty: experiment.schedule.kind
 
 
 @dataclass
@@ -49,6 +54,7 @@ class ExperimentConfig:
     arms: dict[str, ArmSpec] = field(default_factory=dict)
     pairs: list[list[str]] = field(default_factory=list)
     warmup: WarmupSpec = field(default_factory=WarmupSpec)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # arms' lr (and Seesaw batch) schedule
 
 
 @dataclass

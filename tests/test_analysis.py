@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 from wandb_standin import ENTITY, StandinRun, WandbStandin
 
-from analysis.collect import ArmRows, long_table
+from analysis.collect import ArmRows, long_table, read_metrics
 from analysis.report import Comparison, analyze
 from analysis.tables import BinSpec, Margin, summarize_gap
 from analysis.wandb_source import WandbSelection, collect_wandb
@@ -99,6 +99,20 @@ def test_gap_statistics_match_hand_computed_values(exact_sweep: Path):
     jb = tables["pairs"].set_index(["metric", "pair"]).loc[("train", "J-B")]
     assert jb["mean_gap"] == pytest.approx(0.0, abs=1e-12) and jb["gap_se"] == pytest.approx(0.0, abs=1e-12)
     assert jb["verdict"] == "equivalent"  # a gap of exactly 0 everywhere is inside any positive margin
+
+
+def test_an_unpaired_arm_is_the_yardstick_when_no_other_pair_shares_the_batch(tmp_path: Path):
+    """Seesaw's layout: one pair (SD, SS) and a reference arm C at the same batch size."""
+    zero = np.zeros(20)
+    arms = {
+        "SD": (4, curve(4, zero), "completed"),
+        "SS": (4, curve(4, zero + 0.002), "completed"),
+        "C": (4, curve(4, zero + 0.05), "completed"),
+    }
+    tables = analyze(write_sweep(tmp_path / "s", arms, [["SD", "SS"]]), Comparison([], BinSpec(bins=20)))
+    row = tables["pairs"].set_index("metric").loc["train"]
+    assert row["op_spread"] == pytest.approx((0.05 + 0.048) / 2, abs=1e-12)  # |SD - C|, |SS - C|
+    assert row["mean_gap"] == pytest.approx(-0.002, abs=1e-12) and row["verdict"] == "equivalent"
 
 
 def test_tost_verdicts_in_the_three_regimes():
@@ -199,20 +213,21 @@ def _select(standin: WandbStandin, **changes) -> WandbSelection:
     return WandbSelection(ENTITY, standin.project, "synthetic", base_url=standin.base_url, **changes)
 
 
+def logged_arms(sweep_dir: Path) -> dict[str, tuple[int, list[dict], str]]:
+    """The arms of a sweep dir as the stand-in serves them: batch, logged rows, state finished."""
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    return {
+        name: (job["derived"]["batch_size"], read_metrics(job["run_dir"]), "finished")
+        for name, job in manifest["jobs"].items()
+    }
+
+
 def _history_requests(standin: WandbStandin, run: str) -> int:
     return sum(standin.count(op, run) for op in ("RunParquetHistory", "RunHistoryKeys", "GET history"))
 
 
 def test_wandb_source_gives_the_run_dir_table_and_caches(exact_sweep: Path, wandb_env, tmp_path: Path):
-    manifest = json.loads((exact_sweep / "manifest.json").read_text())
-    arms = {
-        n: (
-            j["derived"]["batch_size"],
-            [json.loads(x) for x in (Path(j["run_dir"]) / "metrics.jsonl").read_text().splitlines()],
-            "finished",
-        )
-        for n, j in manifest["jobs"].items()
-    }
+    arms = logged_arms(exact_sweep)
     # H was requeued: the W&B run holds a second segment re-logging the last 300 rows (later wins).
     batch, rows, _ = arms["H"]
     arms["H"] = (batch, rows[:-100] + rows[-300:], "finished")
@@ -263,15 +278,7 @@ def test_wandb_rate_limits_are_backed_off(wandb_env, tmp_path: Path):
 
 
 def test_analysis_cli_reads_wandb_and_publishes(exact_sweep: Path, wandb_env, tmp_path: Path):
-    manifest = json.loads((exact_sweep / "manifest.json").read_text())
-    arms = {
-        n: (
-            j["derived"]["batch_size"],
-            [json.loads(x) for x in (Path(j["run_dir"]) / "metrics.jsonl").read_text().splitlines()],
-            "finished",
-        )
-        for n, j in manifest["jobs"].items()
-    }
+    arms = logged_arms(exact_sweep)
     out = tmp_path / "wandb-results"
     with WandbStandin() as standin:
         standin_runs(standin, arms)

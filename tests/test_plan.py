@@ -81,6 +81,75 @@ def test_sqrt_rule_arms_follow_the_seed_relations(tmp_path):
     assert plan.pairs == [["A", "H"], ["J", "B"]]
 
 
+def test_sqrt_rule_holds_the_full_seed_matrix(tmp_path):
+    arms = ["A", "H", "I", "G", "B", "M", "D", "J", "K05", "K2", "L"]
+    assert _arms("sqrt_rule") == arms
+    plan = _plan(["+experiment=sqrt_rule"], arms, tmp_path)
+    rows = {j.name: j.row for j in plan.arms}
+    runs = {j.name: j.stage.run for j in plan.arms}
+    a, r = rows["A"], 16
+    small = {n: rows[n] for n in "HIGBMD"}
+    assert {row["batch_size"] for row in small.values()} == {a["batch_size"] // r}
+    # (lr factor, beta1 scaled?, beta2 scaled?) per small arm, the seed's definitions.
+    expected = {
+        "H": (1 / 4, 1, 1),
+        "I": (1 / 4, 0, 1),
+        "G": (1 / 4, 0, 0),
+        "B": (1, 0, 1),
+        "M": (1, 1, 1),
+        "D": (1, 0, 0),
+    }
+    for name, (lr, b1, b2) in expected.items():
+        row = small[name]
+        assert row["lr"] == pytest.approx(a["lr"] * lr), name
+        assert row["beta1"] == pytest.approx(a["beta1"] ** (1 / r) if b1 else a["beta1"]), name
+        assert row["beta2"] == pytest.approx(a["beta2"] ** (1 / r) if b2 else a["beta2"]), name
+    assert (rows["K05"]["lr"], rows["K2"]["lr"]) == (pytest.approx(a["lr"] / 2), pytest.approx(a["lr"] * 2))
+    assert runs["L"].precision == "fp16" and rows["L"]["setup"] == "fp16" and runs["A"].precision == "fp32"
+    assert {rows[n]["signature"] for n in arms} == {j.signature for j in plan.arms}  # all distinct runs
+    assert all(run.schedule.kind == "constant" and run.optimizer.name == "adamw" for run in runs.values())
+
+
+def test_invariant_adam_arms_carry_their_micro_batch_in_their_identity(tmp_path):
+    plan = _plan(["+experiment=invariant_adam"], ["S16", "V16", "V4"], tmp_path)
+    runs = {j.name: j.stage.run for j in plan.arms}
+    assert runs["V4"].optimizer.name == "invariant_adam" and runs["S16"].optimizer.name == "adamw"
+    assert runs["V4"].optimizer.lr == pytest.approx(runs["V16"].optimizer.lr / 4)  # linear scaling
+    assert runs["V4"].optimizer.beta2 == pytest.approx(runs["V16"].optimizer.beta2 ** (1 / 4))
+    other = _plan(
+        ["+experiment=invariant_adam", "trainer.micro_batch_size=2"], ["S16", "V16"], tmp_path / "b"
+    )
+    sig = {j.name: j.signature for j in other.arms}
+    assert sig["V16"] != runs["V16"].signature  # another micro-batch size is another invariant-Adam run
+    assert sig["S16"] == runs["S16"].signature  # ... but the same standard-Adam run
+
+
+def test_seesaw_arms_are_laid_out_before_submission(tmp_path):
+    plan = _plan(["+experiment=seesaw"], ["SD", "SS", "C"], tmp_path)
+    rows = {j.name: j.row for j in plan.arms}
+    assert rows["SS"]["steps"] < rows["SD"]["steps"] == rows["C"]["steps"]
+    assert rows["SS"]["setup"] == "seesaw" and rows["SD"]["setup"] == "step_decay"
+    assert len({rows[n]["signature"] for n in rows}) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["+experiment=invariant_adam", "experiment.arms.V16.precision=fp16"],
+            "invariant_adam does not support fp16",
+        ),
+        (["+experiment=seesaw", "experiment.schedule.halve_at=[0.3]"], "does not end on the token budget"),
+        (["+experiment=seesaw", "experiment.arms.SS.schedule=zigzag"], "schedule 'zigzag'"),
+        (["+experiment=invariant_adam", "experiment.arms.V16.optimizer=lion"], "optimizer 'lion'"),
+    ],
+)
+def test_bad_arm_options_are_refused_before_anything_runs(overrides, message, tmp_path):
+    arms = [a for a in _arms(overrides[0].split("=")[1]) if a in ("V16", "SS")]
+    with pytest.raises(PlanError, match=message):
+        _plan(overrides, arms, tmp_path)
+
+
 def test_seed_scale_override_line(tmp_path):
     plan = _plan(
         [

@@ -21,6 +21,10 @@ is mean_i g_i^2 over all world x grad_accum micro-batches = (grad_accum / world)
 the sum over every rank: one all-reduce of the gradients (mean) and of the squared sums (sum), in
 one flat buffer. Its cost is that extra buffer and reduction (twice the bytes of the gradient
 all-reduce), and two parameter-sized buffers per rank.
+
+Gradient clipping, where it fires, scales `.grad` (the first moment's input) but not the squared
+micro-gradients; the studies keep clipping off (trainer.grad_clip = 1e9). fp16 is refused: the
+squared gradients would carry the loss scale squared.
 """
 
 from __future__ import annotations
