@@ -117,7 +117,8 @@ class WandbStandin:
 
     def _node(self, run: StandinRun) -> dict[str, Any]:
         n = len(run.rows)
-        keys = {k: {"typeCounts": [{"type": "number", "count": n}]} for k in run.frame().columns} if n else {}
+        columns = run.rows.columns if isinstance(run.rows, pd.DataFrame) else run.rows[0] if n else []
+        keys = {k: {"typeCounts": [{"type": "number", "count": n}]} for k in ["_step", *columns]}
         return {
             "id": f"run-{run.id}",
             "projectId": "1",
