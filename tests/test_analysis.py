@@ -207,6 +207,9 @@ def wandb_env(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("WANDB_API_KEY", "standin-key-" + "0" * 40)  # the stand-in only checks it is sent
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-client-cache"))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    # The client starts its service in this process and records it in WANDB_SERVICE; left there,
+    # every later subprocess (the trainer tests' runs) would try to use this process's service.
+    monkeypatch.setenv("WANDB_SERVICE", "")
 
 
 def _select(standin: WandbStandin, **changes) -> WandbSelection:
