@@ -8,12 +8,14 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, sweep_status
+from tests.conftest import REPO, compose, sweep_status
 from tests.test_e2e import TINY
+from train.data import prepare
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
@@ -160,7 +162,12 @@ def test_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
     # 2-minute limit, USR2 90 s before it (SLURM sends it up to ~30 s early): the arm (~40 s of
     # training) is stopped, checkpoints, requeues itself, and finishes in a later run.
     extra = ["resources.timeout_min=2", "resources.signal_lead_s=90", "resources.max_requeues=6"]
+    # Tokenize first: under this limit the signal can reach the prepare job while Python is still
+    # importing, before any handler exists, and kill it (prepare has nothing to checkpoint anyway).
+    data = compose(["+experiment=sqrt_rule", f"sweep.root={tmp_path}"]).data
+    prepare(replace(data, cache_dir=str(tmp_path / "data")), progress=False)
     out = _sweep(tmp_path, "arm=A", *extra, tiny=False)
+    assert "already completed, skipped: prepare" in out.stdout
     assert out.returncode == 0, out.stderr[-3000:]
     sweep_dir = tmp_path / "sqrt_rule"
     assert _wait(sweep_dir, ["A"], timeout=900)["A"] == "completed"
