@@ -128,13 +128,18 @@ def run_dir_arms(manifest: dict[str, Any]) -> list[ArmRows]:
         rows = read_metrics(job["run_dir"])
         if not rows:
             continue
-        status_path = Path(job["run_dir"]) / "status.json"
-        state = (
-            json.loads(status_path.read_text()).get("state", "unknown") if status_path.exists() else "unknown"
-        )
+        state = _read_state(Path(job["run_dir"]) / "status.json")
         batch = int(job["derived"]["batch_size"])
         arms.append(ArmRows(name, job["signature"], batch, state, pd.DataFrame(rows)))
     return arms
+
+
+def _read_state(path: Path) -> str:
+    """A run's state from its status.json; `unknown` when missing or torn (a killed writer)."""
+    try:
+        return str(json.loads(path.read_text()).get("state", "unknown"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return "unknown"
 
 
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:

@@ -20,9 +20,11 @@ from analysis.tables import (
     ARM_COLUMNS,
     BinSpec,
     Margin,
+    PairGrid,
     arm_context,
     arms_of,
     bin_arms,
+    op_spreads,
     pair_table,
     verdict_line,
 )
@@ -130,10 +132,12 @@ def report(
     arms = arms_of(runs, cmp.spec)
     usable = [p for p in cmp.pairs if set(p) <= set(arms)]
     missing = sorted(set(missing or []) | {a for p in cmp.pairs for a in p} - set(arms))
+    grids = PairGrid(cmp.spec)
+    spread = op_spreads(arms, usable, grids)  # once for both metrics: the yardstick is training loss
     tables, gaps = [], []
     for kind in ("train", "val"):
         if any(len(arm.series(kind).tokens) for arm in arms.values()):
-            t, g = pair_table(arms, usable, cmp.spec, cmp.margin, kind)
+            t, g = pair_table(arms, usable, grids, spread, cmp.margin, kind)
             tables.append(t)
             gaps.append(g)
     pairs = (
@@ -141,7 +145,7 @@ def report(
     )
     gap_bins = pd.concat(gaps, ignore_index=True) if gaps else pd.DataFrame()
     binned = bin_arms(arms, cmp.spec)
-    context = arm_context(arms, cmp.spec)
+    context = arm_context(arms)
 
     pairs.to_csv(out / "pairs.csv", index=False)
     binned.to_csv(out / "bins.csv", index=False)

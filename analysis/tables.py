@@ -71,6 +71,7 @@ class Arm:
     tokens: int  # the furthest token count it logged
     train: Series
     val: Series
+    loss_std: float  # per-step training-loss noise over the window (`noise_std`)
     b_simple: float  # median over the window
     tokens_per_s: float  # median over the window
     gpu_hours: float  # the last value
@@ -97,6 +98,7 @@ def arms_of(runs: pd.DataFrame, spec: BinSpec) -> dict[str, Arm]:
             tokens=int(tokens.max()),
             train=Series(tokens[train], loss[train]),
             val=Series(tokens[val], loss[val]),
+            loss_std=noise_std(loss[window]),
             b_simple=float(np.nanmedian(df["b_simple"].to_numpy(np.float64)[window]))
             if window.any()
             else np.nan,
@@ -277,27 +279,12 @@ def summarize_gap(gap: np.ndarray, delta: float = float("nan"), alpha: float = 0
 ARM_COLUMNS = ["arm", "batch_size", "state", "tokens", "loss_std", "b_simple", "tokens_per_s", "gpu_hours"]
 
 
-def arm_context(arms: dict[str, Arm], spec: BinSpec) -> pd.DataFrame:
+def arm_context(arms: dict[str, Arm]) -> pd.DataFrame:
     """Per arm over the window: batch, state, tokens reached, per-step loss noise, B_simple, speed, cost."""
-    rows = []
-    for arm in arms.values():
-        t = arm.train
-        window = (t.tokens > spec.skip_tokens) & (
-            (t.tokens <= spec.until_tokens) if spec.until_tokens else True
-        )
-        loss_std = noise_std(t.loss[window])
-        rows.append(
-            [
-                arm.name,
-                arm.batch,
-                arm.state,
-                arm.tokens,
-                loss_std,
-                arm.b_simple,
-                arm.tokens_per_s,
-                arm.gpu_hours,
-            ]
-        )
+    rows = [
+        [a.name, a.batch, a.state, a.tokens, a.loss_std, a.b_simple, a.tokens_per_s, a.gpu_hours]
+        for a in arms.values()
+    ]
     return pd.DataFrame(rows, columns=ARM_COLUMNS)
 
 
@@ -325,12 +312,15 @@ def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], grids: PairGrid) ->
 
 
 def pair_table(
-    arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec, margin: Margin, kind: str = "train"
+    arms: dict[str, Arm],
+    pairs: list[list[str]],
+    grids: PairGrid,
+    spread: dict[str, float],
+    margin: Margin,
+    kind: str = "train",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per pair, the per-bin gaps of every pair) on `kind` loss."""
-    grids = PairGrid(spec)
-    spread = op_spreads(arms, pairs, grids)  # the yardstick is always on training loss
-    context = arm_context(arms, spec).set_index("arm")["loss_std"]
+    """(one row per pair, the per-bin gaps of every pair) on `kind` loss; `spread` is
+    `op_spreads` (always on training loss), `grids` the binning shared with it."""
     rows, gaps = [], []
     for a, b in pairs:
         if a not in arms or b not in arms or not len(arms[a].series(kind).tokens):
@@ -341,7 +331,7 @@ def pair_table(
         delta = margin.nats or margin.fraction * op_spread
         stats_ = summarize_gap(bins["gap"].to_numpy(), delta, margin.alpha)
         small, large = sorted((arms[a], arms[b]), key=lambda x: x.batch)
-        std_small, std_large = context[small.name], context[large.name]
+        std_small, std_large = small.loss_std, large.loss_std
         rows.append(
             {
                 "metric": kind,

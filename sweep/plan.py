@@ -101,9 +101,11 @@ def _run_config(
     data_dir = data_dir_for(cfg.data)
     spec = spec or ArmSpec(batch_size=batch.batch_size)
     precision = spec.precision or cfg.precision.dtype
-    schedule = replace(cfg.experiment.schedule, kind=spec.schedule or cfg.experiment.schedule.kind)
-    if kind == "warmup":
-        schedule = ScheduleConfig()
+    schedule = (
+        ScheduleConfig()  # the warmup is a plain constant-lr run
+        if kind == "warmup"
+        else replace(cfg.experiment.schedule, kind=spec.schedule or cfg.experiment.schedule.kind)
+    )
     optimizer = OptimizerConfig(
         name=spec.optimizer,
         lr=point.lr * spec.lr_scale,

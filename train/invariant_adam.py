@@ -66,11 +66,11 @@ class InvariantAdam(torch.optim.Optimizer):
 
     def add_micro(self) -> None:
         """Take the micro-batch's gradient contribution out of `.grad` into the two sums."""
-        for p in self._params():
-            if p.grad is None:
-                continue
-            self._sum[p].add_(p.grad)
-            self._sq[p].addcmul_(p.grad, p.grad)
+        params = [p for p in self._params() if p.grad is not None]
+        grads = [p.grad for p in params]
+        torch._foreach_add_([self._sum[p] for p in params], grads)
+        torch._foreach_addcmul_([self._sq[p] for p in params], grads, grads)
+        for p in params:
             p.grad = None
 
     def finish(self, world: int, grad_accum: int) -> torch.Tensor:
@@ -78,9 +78,8 @@ class InvariantAdam(torch.optim.Optimizer):
         micro-batch gradient (reducing over ranks when `world` > 1). Returns this rank's squared
         gradient norm before the reduction (the small-batch half of the noise-scale estimate)."""
         params = [p for p in self._params() if p in self._sum]
-        local_sq = torch.zeros((), device=params[0].device)
-        for p in params:
-            local_sq += self._sum[p].float().pow(2).sum()
+        norms = torch._foreach_norm([self._sum[p] for p in params])  # no copy of the gradients
+        local_sq = torch.linalg.vector_norm(torch.stack(norms).float()) ** 2
         if world > 1:
             flat = torch.cat(
                 [self._sum[p].flatten() / world for p in params] + [self._sq[p].flatten() for p in params]

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 KINDS = ("constant", "step_decay", "seesaw")
 
@@ -56,10 +55,10 @@ def halvings(cfg: ScheduleConfig, budget: int) -> list[float]:
 class Layout:
     """Per step: global batch (sequences), lr factor, phase, first sample; and the token totals."""
 
-    batch: np.ndarray
-    lr_factor: np.ndarray
-    phase: np.ndarray
-    offset: np.ndarray  # samples read before the step
+    batch: Any  # numpy arrays, one entry per step
+    lr_factor: Any
+    phase: Any
+    offset: Any  # samples read before the step
     seq_len: int
 
     @property
@@ -75,6 +74,8 @@ class Layout:
 
 def layout(cfg: ScheduleConfig, batch_size: int, seq_len: int, budget: int) -> Layout:
     """Lay the run out in steps; raises ScheduleError when the budget is not a whole number of them."""
+    import numpy as np  # here, not at module level: `import sweep` (via ScheduleConfig) stays light
+
     cuts = halvings(cfg, budget)
     batches, factors, phases, offsets = [], [], [], []
     samples, phase = 0, 0
