@@ -32,7 +32,7 @@ import torch
 import yaml
 from transformers import Qwen2ForCausalLM
 
-from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, WandbConfig
+from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainerConfig, WandbConfig
 from train.data import TokenStream, load_split, prepare
 from train.loop import DTYPES, train
 from train.model import build_model, flops_per_token, qwen2_config
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def ours(cfg: RunConfig, steps: int) -> float:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
-    cfg.run_dir, cfg.token_budget = str(run_dir), steps * cfg.batch_size * cfg.seq_len
+    cfg.run_dir, cfg.token_budget = str(run_dir), steps * cfg.batch_size * cfg.trainer.seq_len
     start = time.perf_counter()
     train(cfg)
     elapsed = time.perf_counter() - start
@@ -52,8 +52,8 @@ def ours(cfg: RunConfig, steps: int) -> float:
 
 
 def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
-    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
-    model = build_model(cfg.model, 0, cfg.attn_implementation).to(device)
+    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.trainer.seq_len, cfg.trainer.data_seed)
+    model = build_model(cfg.model, 0, cfg.trainer.attn_implementation).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, fused=device.type == "cuda")
     dtype = DTYPES[cfg.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -97,12 +97,14 @@ def main() -> None:
         model=ModelConfig(**values),
         optimizer=OptimizerConfig(name=args.optimizer, lr=1e-4),
         batch_size=args.batch,
-        seq_len=args.seq_len,
         token_budget=0,
-        micro_batch_size=args.micro_batch,
+        trainer=TrainerConfig(
+            seq_len=args.seq_len,
+            micro_batch_size=args.micro_batch,
+            compile=args.compile,
+            loss_chunk_tokens=args.loss_chunk,
+        ),
         precision=args.precision,
-        compile=args.compile,
-        loss_chunk_tokens=args.loss_chunk,
         wandb=WandbConfig(mode="disabled"),
     )
     tokens = args.steps * args.batch * args.seq_len

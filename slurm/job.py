@@ -100,7 +100,7 @@ class StageJob:
         assert self.run is not None
         if os.environ.get("RANK", "0") != "0":
             return
-        from train.runlog import read_status, write_json_atomic
+        from train.status import RunState, set_state
 
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if restarts >= self.max_requeues:
@@ -109,9 +109,7 @@ class StageJob:
         job_id = os.environ["SLURM_JOB_ID"]
         if "SLURM_ARRAY_JOB_ID" in os.environ:
             job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        status = read_status(self.run.run_dir) or {}
-        status.update(state="requeued", error=None)
-        write_json_atomic(Path(self.run.run_dir) / "status.json", status)
+        set_state(self.run.run_dir, RunState.REQUEUED)
         print(
             f"requeueing job {job_id} (restart {restarts + 1} of at most {self.max_requeues})",
             file=sys.stderr,

@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from sweep.schema import Config, register
+from sweep.compose import to_config
+from sweep.schema import register
 
 register()
-
-
-def to_config(cfg: DictConfig) -> Config:
-    """The typed Config of a composed Hydra config (the `hydra` node dropped)."""
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, Config)
-    return obj
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Single-arm mode: run the arm (and the stages it needs that are not done) in the foreground."""
-    from sweep.launch import job_state
     from sweep.plan import PlanError, arm_table, build_plan
+    from sweep.state import job_state
+    from train.status import RunState
 
     if cfg.arm is None:
         sys.exit("error: choose an arm (arm=NAME), or run the whole sweep with -m")
@@ -43,14 +34,14 @@ def main(cfg: DictConfig) -> None:
 
     record_plan(plan)
     for job in plan.jobs:
-        if job_state(job) == "completed":
+        if job_state(job.kind, job.run_dir).state == RunState.COMPLETED:
             print(f"{job.name}: already completed ({job.run_dir})")
             continue
         print(f"{job.name}: running in the foreground ({job.run_dir})", flush=True)
         if job.stage.run is not None:
             job.stage.run.progress = True
         job.stage()
-        print(f"{job.name}: {job_state(job)}")
+        print(f"{job.name}: {job_state(job.kind, job.run_dir, ended=True).state}")
 
 
 def _multirun_flag_first(argv: list[str]) -> list[str]:

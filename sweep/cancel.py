@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from sweep.manifest import read_manifest
-from sweep.state import squeue_states, sweep_states
+from sweep.state import latest_job_ids, squeue_states, sweep_states
+from train.status import IN_FLIGHT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     only = {a for a in args.arms.split(",") if a}
     states = sweep_states(manifest, queue)
+    latest = latest_job_ids(manifest)
     targets = {
-        name: manifest["jobs"][name]["job_ids"][-1]
+        name: latest[name]
         for name, state in states.items()
-        if state.state in ("pending", "running")
-        and manifest["jobs"][name].get("job_ids")
-        and (not only or name in only)
+        if state.state in IN_FLIGHT and name in latest and (not only or name in only)
     }
     if not targets:
         print("nothing to cancel")

@@ -17,9 +17,16 @@ from typing import Any
 
 from sweep.manifest import record_plan
 from sweep.plan import Job, SweepPlan, arm_table
-from sweep.state import RESUBMIT, STUCK, JobState, read_own_status, squeue_states, sweep_states
-
-FAILED = ("failed", "diverged", "skipped")
+from sweep.state import (
+    STUCK,
+    JobState,
+    job_state,
+    latest_job_ids,
+    read_own_status,
+    squeue_states,
+    sweep_states,
+)
+from train.status import IN_FLIGHT, NOT_DONE, RESUBMIT, RunState
 
 
 @dataclass
@@ -31,13 +38,7 @@ class LauncherOptions:
     only: list[str] = field(default_factory=list)  # consider only these jobs (resubmit --arms)
 
 
-def job_state(job: Job) -> str:
-    """What the job's own files say (no scheduler): completed, failed, running... or pending."""
-    status = read_own_status(job.kind, job.run_dir)
-    return status["state"] if status else "pending"
-
-
-def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
+def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
     """Print the arm table, then run (local) or submit (slurm) what needs it. Returns job states."""
     print(f"sweep {plan.name}: {plan.dir}")
     print(arm_table(plan), flush=True)
@@ -63,12 +64,9 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, str]:
     if not todo:
         print("nothing to run: every job of this sweep is completed, queued or running")
     elif opts.executor == "slurm":
-        in_flight = {
-            name: manifest["jobs"][name]["job_ids"][-1]
-            for name, s in known.items()
-            if s.state in ("pending", "running") and manifest["jobs"][name].get("job_ids")
-        }
-        stuck = [manifest["jobs"][j.name]["job_ids"][-1] for j in todo if known[j.name].reason == STUCK]
+        latest = latest_job_ids(manifest)
+        in_flight = {n: latest[n] for n, s in known.items() if s.state in IN_FLIGHT and n in latest}
+        stuck = [latest[j.name] for j in todo if known[j.name].reason == STUCK and j.name in latest]
         if stuck:  # queued behind a failed dependency: cancel before submitting the replacement
             subprocess.run(["scancel", *stuck], check=False)
         states.update(_submit_slurm(plan, todo, in_flight))
@@ -91,11 +89,11 @@ def _todo(plan: SweepPlan, known: dict[str, JobState], only: list[str]) -> list[
         named = job.name in only
         if only and not named and job.kind == "arm":
             continue
-        if state.state == "completed":
+        if state.state == RunState.COMPLETED:
             notes["already completed, skipped"].append(job.name)
-        elif state.state in ("pending", "running") and state.reason != "not submitted":
+        elif state.state in IN_FLIGHT and not state.unsubmitted:
             notes["left alone"].append(f"{job.name} ({state.state})")
-        elif state.state in RESUBMIT or state.reason == "not submitted" or named:
+        elif state.state in RESUBMIT or state.unsubmitted or named:
             if state.state in RESUBMIT:
                 print(
                     f"{job.name}: {state.state} ({state.reason}): resubmitting (resumes from its checkpoint)"
@@ -110,8 +108,8 @@ def _todo(plan: SweepPlan, known: dict[str, JobState], only: list[str]) -> list[
 
 
 def _run_local(
-    plan: SweepPlan, todo: list[Job], known: dict[str, str], opts: LauncherOptions
-) -> dict[str, str]:
+    plan: SweepPlan, todo: list[Job], known: dict[str, RunState], opts: LauncherOptions
+) -> dict[str, RunState]:
     """Run jobs as local submitit processes, dependencies first, with a progress bar per job."""
     import submitit
     from tqdm import tqdm
@@ -125,7 +123,7 @@ def _run_local(
         signal_delay_s=res.signal_lead_s,
     )
     states = dict(known)
-    states.update({j.name: "pending" for j in todo})
+    states.update({j.name: RunState.PENDING for j in todo})
     pending = list(todo)
     running: dict[str, tuple[Job, Any, Any]] = {}
     position = 0
@@ -147,12 +145,14 @@ def _run_local(
                 if len(running) >= opts.max_parallel:
                     break
                 waiting_on = set(running) | {p.name for p in pending}
-                blocked = [d for d in job.depends_on if states.get(d) != "completed" and d not in waiting_on]
+                blocked = [
+                    d for d in job.depends_on if states.get(d) != RunState.COMPLETED and d not in waiting_on
+                ]
                 if blocked:
-                    states[job.name] = "skipped"
+                    states[job.name] = RunState.SKIPPED
                     print(f"{job.name}: skipped ({', '.join(blocked)}: {states.get(blocked[0])})", flush=True)
                     pending.remove(job)
-                elif all(states.get(d) == "completed" for d in job.depends_on):
+                elif all(states.get(d) == RunState.COMPLETED for d in job.depends_on):
                     handle = executor.submit(job.stage)
                     budget = job.stage.run.token_budget if job.stage.run else None
                     bar = None
@@ -181,25 +181,24 @@ def _run_local(
         for _, handle, _ in running.values():
             handle.cancel(check=False)
         raise
-    failed = {n: s for n, s in states.items() if s in FAILED}
+    failed = {n: s for n, s in states.items() if s in NOT_DONE}
     if failed:
         print("not completed: " + ", ".join(f"{n} ({s})" for n, s in failed.items()), file=sys.stderr)
     return states
 
 
-def _finished_state(job: Job, handle: Any) -> str:
-    state = job_state(job)
-    if state == "completed":
-        return state
-    state = state if state in ("failed", "diverged") else "failed"
-    status = read_own_status(job.kind, job.run_dir)
-    error = (status or {}).get("error")
-    if not error:
-        exc = handle.exception()
-        last = str(exc).strip().splitlines()[-1] if exc and str(exc).strip() else ""
-        error = f"{type(exc).__name__}: {last}" if exc else ""
-    print(f"{job.name}: {state}: {error}\n  log: {Path(handle.paths.stderr)}", file=sys.stderr)
-    return state
+def _finished_state(job: Job, handle: Any) -> RunState:
+    """How a local job ended, by the same resolver as every other job (its process has ended)."""
+    state = job_state(job.kind, job.run_dir, ended=True)
+    if state.state == RunState.COMPLETED:
+        return state.state
+    error = state.reason
+    exc = handle.exception()
+    if exc is not None and not (state.status or {}).get("error"):  # the run wrote no error: submitit's
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        error = f"{type(exc).__name__}: {last}"
+    print(f"{job.name}: {state.state}: {error}\n  log: {Path(handle.paths.stderr)}", file=sys.stderr)
+    return state.state
 
 
 def slurm_parameters(plan: SweepPlan, job: Job) -> dict[str, Any]:
@@ -227,7 +226,7 @@ def slurm_parameters(plan: SweepPlan, job: Job) -> dict[str, Any]:
     return params
 
 
-def _submit_slurm(plan: SweepPlan, todo: list[Job], in_flight: dict[str, str]) -> dict[str, str]:
+def _submit_slurm(plan: SweepPlan, todo: list[Job], in_flight: dict[str, str]) -> dict[str, RunState]:
     """Submit every job in `todo`, chained with afterok dependencies on jobs still queued; return at once.
 
     With resources.array_parallelism > 0, arms that wait on the same jobs go in one job array.
@@ -271,4 +270,4 @@ def _submit_slurm(plan: SweepPlan, todo: list[Job], in_flight: dict[str, str]) -
     for name, job_id in submitted.items():
         print(f"submitted {name}: job {job_id}")
     print(f"sweep dir: {plan.dir}\nwatch it:  python -m sweep.status {plan.dir}")
-    return dict.fromkeys(submitted, "pending")
+    return dict.fromkeys(submitted, RunState.PENDING)

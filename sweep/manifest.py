@@ -16,7 +16,7 @@ from filelock import FileLock
 
 from slurm.job import git_state
 from sweep.plan import SweepPlan
-from train.runlog import write_json_atomic
+from train.status import write_json_atomic
 
 MANIFEST = "manifest.json"
 

@@ -1,35 +1,33 @@
 """From composed configs to a plan: the jobs of a sweep, their signatures, and the arm table.
 
 Every check that can fail is made here, before anything is queued: unknown ops or rules, a rule
-that gives beta >= 1, a batch that does not split over ranks and micro-batches, a budget that is
-not a whole number of steps, two arms that would be the same run.
+that gives beta >= 1, two arms that would be the same run, and every check of the run configs
+themselves (`RunConfig.validate`, which the trainer makes again: batches that do not split over
+ranks and micro-batches, budgets that are not a whole number of steps, unknown optimizers...).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from slurm.job import StageJob
+from sweep.identity import DEFAULT_SPLIT, run_signature
 from sweep.schema import ArmSpec, Config, ResourcesConfig
-from train.batching import BatchError, BatchPlan, plan_batches
-from train.config import OPTIMIZERS, DataConfig, OptimizerConfig, RunConfig
+from train.config import DataConfig, InvalidRun, OptimizerConfig, RunConfig, Steps
 from train.data import data_dir_for, data_signature
 from train.rules import OperatingPoint, RuleError, apply_rule
-from train.schedule import ScheduleConfig, ScheduleError, layout
+from train.schedule import ScheduleConfig
 
 
 class PlanError(ValueError):
-    """The sweep cannot run as configured; the message lists every problem found."""
+    """The sweep cannot run as configured; `problems` lists every problem found."""
 
-
-def signature(content: dict[str, Any]) -> str:
-    """Short hash of a run's result-affecting content (canonical JSON)."""
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 @dataclass
@@ -68,22 +66,21 @@ def _derive(name: str, cfg: Config, chain: tuple[str, ...] = ()) -> OperatingPoi
     if name in chain:
         raise PlanError(f"arms {' -> '.join((*chain, name))} derive from each other in a cycle")
     spec: ArmSpec = exp.arms[name]
+    where = f"its base arm {name}: " if chain else ""  # the planner names the arm being planned
     if spec.from_arm:
         base = _derive(spec.from_arm, cfg, (*chain, name))
     elif spec.op in cfg.ops:
         base = cfg.ops[spec.op]
     else:
-        raise PlanError(
-            f"arm {name}: op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})"
-        )
+        raise PlanError(f"{where}op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
     if spec.rule not in cfg.rules:
         raise PlanError(
-            f"arm {name}: rule {spec.rule!r} is not one of the experiment's rules ({', '.join(cfg.rules)})"
+            f"{where}rule {spec.rule!r} is not one of the experiment's rules ({', '.join(cfg.rules)})"
         )
     try:
         return apply_rule(base, cfg.rules[spec.rule], spec.batch_size)
     except RuleError as exc:
-        raise PlanError(f"arm {name}: {exc}") from exc
+        raise PlanError(f"{where}{exc}") from exc
 
 
 def _run_config(
@@ -91,89 +88,60 @@ def _run_config(
     name: str,
     kind: str,
     point: OperatingPoint,
-    batch: BatchPlan,
+    batch_size: int,
     budget: int,
     init: Job | None,
     run_root: Path,
     spec: ArmSpec | None = None,
-) -> RunConfig:
-    """The run of one job; `spec` (arms only) adds its optimizer, precision, schedule and lr scale."""
-    data_dir = data_dir_for(cfg.data)
-    spec = spec or ArmSpec(batch_size=batch.batch_size)
-    precision = spec.precision or cfg.precision.dtype
+) -> tuple[RunConfig, Steps]:
+    """The run of one job, checked and named; `spec` (arms only) adds its optimizer, precision,
+    schedule and lr scale. Raises PlanError with every problem of the run."""
+    spec = spec or ArmSpec(batch_size=batch_size)
     schedule = (
         ScheduleConfig()  # the warmup is a plain constant-lr run
         if kind == "warmup"
         else replace(cfg.experiment.schedule, kind=spec.schedule or cfg.experiment.schedule.kind)
     )
-    optimizer = OptimizerConfig(
-        name=spec.optimizer,
-        lr=point.lr * spec.lr_scale,
-        beta1=point.beta1,
-        beta2=point.beta2,
-        eps=point.eps,
-        weight_decay=point.weight_decay,
-        grad_clip=cfg.trainer.grad_clip,
-    )
-    lr_warmup = cfg.experiment.warmup.lr_warmup_tokens if kind == "warmup" else 0
-    identity = {
-        "kind": kind,
-        "model": asdict(cfg.model),
-        "data": data_signature(cfg.data),
-        "seq_len": cfg.trainer.seq_len,
-        "batch_size": batch.batch_size,
-        # Options added later enter the identity only when set, so existing arms keep their signature.
-        "optimizer": {k: v for k, v in asdict(optimizer).items() if k != "name" or v != "adamw"},
-        "precision": precision,
-        "token_budget": budget,
-        "lr_warmup_tokens": lr_warmup,
-        # The branch point by its identity (the warmup's signature), never by its path.
-        "init": f"warmup:{init.signature}" if init else f"seed:{cfg.trainer.init_seed}",
-        "data_seed": cfg.trainer.data_seed,
-        "val_samples": cfg.trainer.val_samples,
-        "carry_optimizer": cfg.trainer.carry_optimizer and init is not None,
-    }
-    if schedule.kind != "constant":
-        identity["schedule"] = asdict(schedule)
-    if optimizer.name == "invariant_adam":  # its second moment depends on the micro-batch size
-        identity["micro_batch_size"] = batch.micro_batch_size
-    sig = signature(identity)
-    return RunConfig(
+    run = RunConfig(
         name=name,
         stage=kind,
-        signature=sig,
-        run_dir=str(run_root / f"{name}-{sig}"),
-        data_dir=str(data_dir),
+        signature="",
+        run_dir="",
+        data_dir=str(data_dir_for(cfg.data)),
         model=cfg.model,
-        optimizer=optimizer,
-        batch_size=batch.batch_size,
-        seq_len=cfg.trainer.seq_len,
+        optimizer=OptimizerConfig(
+            name=spec.optimizer,
+            lr=point.lr * spec.lr_scale,
+            beta1=point.beta1,
+            beta2=point.beta2,
+            eps=point.eps,
+            weight_decay=point.weight_decay,
+        ),
+        batch_size=batch_size,
         token_budget=budget,
-        split="warmup" if kind == "warmup" else "experiment",
-        micro_batch_size=batch.micro_batch_size,
-        lr_warmup_tokens=lr_warmup,
+        # Carrying the optimizer state needs a branch point to carry it from.
+        trainer=replace(cfg.trainer, carry_optimizer=cfg.trainer.carry_optimizer and init is not None),
+        split=DEFAULT_SPLIT[kind],
+        lr_warmup_tokens=cfg.experiment.warmup.lr_warmup_tokens if kind == "warmup" else 0,
         schedule=schedule,
-        precision=precision,
+        precision=spec.precision or cfg.precision.dtype,
         init_checkpoint=str(init.run_dir) if init else "",
-        carry_optimizer=cfg.trainer.carry_optimizer and init is not None,
-        attn_implementation=cfg.trainer.attn_implementation,
-        compile=cfg.trainer.compile,
-        loss_chunk_tokens=cfg.trainer.loss_chunk_tokens,
-        noise_scale_decay=cfg.trainer.noise_scale_decay,
-        peak_flops=cfg.trainer.peak_flops,
-        init_seed=cfg.trainer.init_seed,
-        data_seed=cfg.trainer.data_seed,
-        val_every_tokens=cfg.trainer.val_every_tokens,
-        val_samples=cfg.trainer.val_samples,
-        checkpoint_every_tokens=cfg.trainer.checkpoint_every_tokens,
-        keep_checkpoints=cfg.trainer.keep_checkpoints,
-        log_every_steps=cfg.trainer.log_every_steps,
         sweep_name=cfg.experiment.name,
         wandb=cfg.wandb,
     )
+    try:
+        steps = run.validate(cfg.resources.world_size)
+    except InvalidRun as exc:
+        raise PlanError(*exc.problems) from exc
+    # The micro-batch the first batch really uses (0 or more than the per-rank batch: all of it).
+    run.trainer.micro_batch_size = steps.plans[batch_size].micro_batch_size
+    run.signature = run_signature(run, data_signature(cfg.data), init.signature if init else None)
+    run.run_dir = str(run_root / f"{name}-{run.signature}")
+    return run, steps
 
 
-def _row(job_name: str, op: str, rule: str, run: RunConfig, batch: BatchPlan, steps: int) -> dict[str, Any]:
+def _row(job_name: str, op: str, rule: str, run: RunConfig, steps: Steps) -> dict[str, Any]:
+    batch = steps.plans[run.batch_size]
     setup = [run.optimizer.name] if run.optimizer.name != "adamw" else []
     setup += [run.schedule.kind] if run.schedule.kind != "constant" else []
     setup += [run.precision] if run.precision != "fp32" else []
@@ -182,7 +150,7 @@ def _row(job_name: str, op: str, rule: str, run: RunConfig, batch: BatchPlan, st
         "op": op,
         "rule": rule,
         "batch_size": run.batch_size,
-        "seq_len": run.seq_len,
+        "seq_len": run.trainer.seq_len,
         "batch_tokens": batch.tokens_per_step,
         "micro_batch_size": batch.micro_batch_size,
         "grad_accum": batch.grad_accum,
@@ -191,10 +159,32 @@ def _row(job_name: str, op: str, rule: str, run: RunConfig, batch: BatchPlan, st
         "beta2": run.optimizer.beta2,
         "eps": run.optimizer.eps,
         "token_budget": run.token_budget,
-        "steps": steps,
+        "steps": steps.layout.steps,
         "setup": ",".join(setup) or "-",
         "signature": run.signature,
     }
+
+
+class Problems:
+    """Every problem of a sweep, collected so that the user fixes them all in one go; one problem
+    shared by several arms (a trainer setting, say) is listed once, with the arms it hits."""
+
+    def __init__(self) -> None:
+        self._by_message: dict[str, list[str]] = {}
+
+    def add(self, message: str, arm: str = "") -> None:
+        arms = self._by_message.setdefault(message, [])
+        if arm and arm not in arms:
+            arms.append(arm)
+
+    def raise_any(self) -> None:
+        if not self._by_message:
+            return
+        lines = []
+        for message, arms in self._by_message.items():
+            who = f"{'arm' if len(arms) == 1 else 'arms'} {', '.join(arms)}: " if arms else ""
+            lines.append(f"  - {who}{message}")
+        raise PlanError("the sweep cannot run:\n" + "\n".join(lines))
 
 
 def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
@@ -208,63 +198,58 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
     sweep_dir = Path(first.sweep.dir).absolute()
     run_root = sweep_dir / "runs"
     jobs: dict[str, Job] = {}
-    errors: list[str] = []
+    problems = Problems()
     arm_sigs: dict[str, str] = {}
     # Overrides shared by every job (+experiment=..., model=...) are the sweep's; the others name variants.
     common = set.intersection(*(set(o) for o in overrides))
     for cfg, job_overrides in zip(configs, overrides, strict=True):
         cfg.data = replace(cfg.data, cache_dir=str(Path(cfg.data.cache_dir).absolute()))
         if cfg.experiment.name != first.experiment.name or Path(cfg.sweep.dir).absolute() != sweep_dir:
-            errors.append("all jobs of one sweep must share experiment.name and sweep.dir")
+            problems.add("all jobs of one sweep must share experiment.name and sweep.dir")
             continue
         if not cfg.arm:
-            errors.append(f"job {' '.join(job_overrides)}: no arm chosen (set arm=NAME)")
+            problems.add(f"job {' '.join(job_overrides)}: no arm chosen (set arm=NAME)")
             continue
-        try:
-            prepare = _prepare_job(cfg.data)
-            jobs.setdefault(prepare.name, prepare)
-            init: Job | None = None
-            deps = [prepare.name]
-            if cfg.experiment.warmup.enabled:
+        prepare = _prepare_job(cfg.data)
+        jobs.setdefault(prepare.name, prepare)
+        init: Job | None = None
+        deps = [prepare.name]
+        if cfg.experiment.warmup.enabled:
+            try:
                 warmup = _warmup_job(cfg, run_root, prepare.name)
-                init, deps = warmup, [warmup.name]
-                if warmup.name in jobs and jobs[warmup.name].signature != warmup.signature:
-                    raise PlanError("jobs of this sweep need different warmups: sweep one warmup at a time")
-                jobs.setdefault(warmup.name, warmup)
-            variant = [o for o in job_overrides if o not in common and not o.startswith("arm=")]
+            except PlanError as exc:
+                for problem in exc.problems:
+                    problems.add(problem, "warmup")
+                continue
+            init, deps = warmup, [warmup.name]
+            if warmup.name in jobs and jobs[warmup.name].signature != warmup.signature:
+                problems.add("jobs of this sweep need different warmups: sweep one warmup at a time")
+                continue
+            jobs.setdefault(warmup.name, warmup)
+        variant = [o for o in job_overrides if o not in common and not o.startswith("arm=")]
+        try:
             arm = _arm_job(cfg, job_overrides, variant, run_root, init, deps)
-        except (PlanError, BatchError) as exc:
-            errors.append(str(exc))
+        except PlanError as exc:
+            for problem in exc.problems:
+                problems.add(problem, cfg.arm)
             continue
         if arm.name in jobs:
-            errors.append(
+            problems.add(
                 f"arm name {arm.name!r} appears twice in the sweep: sweep arm alone, or name variants"
             )
         elif arm.signature in arm_sigs:
-            errors.append(
+            problems.add(
                 f"arms {arm_sigs[arm.signature]} and {arm.name} are the same run (signature {arm.signature})"
             )
         else:
             jobs[arm.name] = arm
             arm_sigs[arm.signature] = arm.name
-    if first.precision.dtype not in ("fp32", "bf16", "fp16"):
-        errors.append(f"precision.dtype={first.precision.dtype!r}: expected fp32, bf16 or fp16")
-    if first.trainer.val_samples < 1:
-        errors.append(
-            f"trainer.val_samples={first.trainer.val_samples}: validation needs at least one sequence"
-        )
-    if first.trainer.seq_len > first.model.max_position_embeddings:
-        errors.append(
-            f"trainer.seq_len={first.trainer.seq_len} exceeds model.max_position_embeddings="
-            f"{first.model.max_position_embeddings}"
-        )
     for pair in first.experiment.pairs:
         if len(pair) != 2 or any(a not in first.experiment.arms for a in pair):
-            errors.append(
+            problems.add(
                 f"pair {pair} must name two arms of the experiment ({', '.join(first.experiment.arms)})"
             )
-    if errors:
-        raise PlanError("the sweep cannot run:\n" + "\n".join(f"  - {e}" for e in dict.fromkeys(errors)))
+    problems.raise_any()
     return SweepPlan(
         first.experiment.name,
         sweep_dir,
@@ -289,16 +274,10 @@ def _prepare_job(data: DataConfig) -> Job:
 def _warmup_job(cfg: Config, run_root: Path, prepare: str) -> Job:
     spec = cfg.experiment.warmup
     if spec.op not in cfg.ops:
-        raise PlanError(f"warmup: op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
-    point = cfg.ops[spec.op]
-    batch = plan_batches(
-        spec.batch_size,
-        cfg.trainer.micro_batch_size,
-        cfg.resources.world_size,
-        cfg.trainer.seq_len,
-        spec.token_budget,
+        raise PlanError(f"op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
+    run, steps = _run_config(
+        cfg, "warmup", "warmup", cfg.ops[spec.op], spec.batch_size, spec.token_budget, None, run_root
     )
-    run = _run_config(cfg, "warmup", "warmup", point, batch, spec.token_budget, None, run_root)
     return Job(
         "warmup",
         "warmup",
@@ -307,7 +286,7 @@ def _warmup_job(cfg: Config, run_root: Path, prepare: str) -> Job:
         StageJob("train", run=run, max_requeues=cfg.resources.max_requeues),
         [prepare],
         [],
-        _row("warmup", spec.op, "none", run, batch, batch.steps),
+        _row("warmup", spec.op, "none", run, steps),
     )
 
 
@@ -315,45 +294,15 @@ def _arm_job(
     cfg: Config, overrides: list[str], variant: list[str], run_root: Path, init: Job | None, deps: list[str]
 ) -> Job:
     assert cfg.arm is not None
-    spec = cfg.experiment.arms.get(cfg.arm)
     point = _derive(cfg.arm, cfg)
-    budget = (spec.token_budget if spec else 0) or cfg.experiment.token_budget
-    try:
-        batch = plan_batches(
-            point.reference_batch,
-            cfg.trainer.micro_batch_size,
-            cfg.resources.world_size,
-            cfg.trainer.seq_len,
-            budget,
-        )
-    except BatchError as exc:
-        raise PlanError(f"arm {cfg.arm}: {exc}") from exc
+    spec = cfg.experiment.arms[cfg.arm]
+    budget = spec.token_budget or cfg.experiment.token_budget
     # Sweeping other keys than `arm` (e.g. trainer.init_seed=0,1) makes variants of one arm.
     name = cfg.arm if not variant else f"{cfg.arm}[{','.join(variant)}]"
-    run = _run_config(cfg, name, "arm", point, batch, budget, init, run_root, spec)
-    try:  # every batch a schedule reaches must split over ranks and micro-batches too
-        lay = layout(run.schedule, batch.batch_size, cfg.trainer.seq_len, budget)
-        for b in sorted(set(lay.batch.tolist())):
-            plan_batches(
-                b,
-                cfg.trainer.micro_batch_size,
-                cfg.resources.world_size,
-                cfg.trainer.seq_len,
-                b * cfg.trainer.seq_len,
-            )
-    except (ScheduleError, BatchError) as exc:
-        raise PlanError(f"arm {cfg.arm}: {exc}") from exc
-    if run.optimizer.name not in OPTIMIZERS:
-        raise PlanError(
-            f"arm {cfg.arm}: optimizer {run.optimizer.name!r}, expected one of {', '.join(OPTIMIZERS)}"
-        )
-    if run.precision not in ("fp32", "bf16", "fp16"):
-        raise PlanError(f"arm {cfg.arm}: precision {run.precision!r}, expected fp32, bf16 or fp16")
-    if run.optimizer.name == "invariant_adam" and run.precision == "fp16":
-        raise PlanError(f"arm {cfg.arm}: invariant_adam does not support fp16 (use bf16 or fp32)")
-    run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"] if spec else []
-    op = spec.op if spec and spec.op else f"arm {spec.from_arm}" if spec else "?"
-    row = _row(name, op, spec.rule if spec else "?", run, batch, lay.steps)
+    run, steps = _run_config(cfg, name, "arm", point, point.reference_batch, budget, init, run_root, spec)
+    run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"]
+    op = spec.op or f"arm {spec.from_arm}"
+    row = _row(name, op, spec.rule, run, steps)
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(
         name,

@@ -13,7 +13,8 @@ import sys
 
 from sweep.launch import LauncherOptions, execute
 from sweep.manifest import plan_from_manifest, read_manifest
-from sweep.state import RESUBMIT, squeue_states, sweep_states
+from sweep.state import squeue_states, sweep_states
+from train.status import RESUBMIT
 
 
 def main(argv: list[str] | None = None) -> int:

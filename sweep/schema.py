@@ -1,7 +1,7 @@
 """The Hydra schema: dataclasses registered in the ConfigStore, so YAML is type-checked at compose time.
 
 The YAML files under `conf/` choose values; these classes say which keys exist and of what type.
-Model, data, rule and operating-point nodes are the trainer's own plain dataclasses.
+Model, data, trainer, rule and operating-point nodes are the trainer's own plain dataclasses.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from train.config import DataConfig, ModelConfig, WandbConfig
+from train.config import DataConfig, ModelConfig, TrainerConfig, WandbConfig
 from train.rules import OperatingPoint, RuleConfig
 from train.schedule import ScheduleConfig
 
@@ -60,28 +60,6 @@ class ExperimentConfig:
 @dataclass
 class PrecisionConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16
-
-
-@dataclass
-class TrainerConfig:
-    """How every run of the sweep trains; only result-affecting fields enter an arm's signature."""
-
-    seq_len: int = 128
-    micro_batch_size: int = 0  # per rank; 0 = whole per-rank batch in one pass
-    grad_clip: float = 1e9
-    init_seed: int = 0
-    data_seed: int = 0
-    val_samples: int = 32
-    val_every_tokens: int = 0
-    checkpoint_every_tokens: int = 0
-    keep_checkpoints: int = 2
-    log_every_steps: int = 1
-    carry_optimizer: bool = False  # arms take the warmup's Adam moments too (default: cold optimizer)
-    attn_implementation: str = "sdpa"
-    compile: bool = False
-    loss_chunk_tokens: int = 0  # >0: LM head + loss in chunks of this many tokens (152k vocabularies)
-    noise_scale_decay: float = 0.95
-    peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU's name
 
 
 @dataclass

@@ -5,7 +5,7 @@ raised is `failed`). The queue says whether it is still waiting or running: one 
 call per refresh, and `sacct` only for jobs that left the queue without a final status, and only
 where accounting is enabled.
 
-States: pending, running, completed, failed, diverged, timeout, lost.
+The states are `train.status.RunState`; this module is the one place that decides them.
 """
 
 from __future__ import annotations
@@ -20,23 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.runlog import read_status
+from train.status import FINAL, RunState, read_status
 
-FINAL = ("completed", "failed", "diverged")
-RESUBMIT = ("failed", "timeout", "lost")  # diverged runs would diverge again: resubmit by name only
 LOST_AFTER_S = 300.0  # a run whose heartbeat is older than this, and whose job left the queue, is lost
 
 NEVER = "DEPENDENCY_NEVER_SATISFIED"  # squeue state + reason of a job stuck behind a failed dependency
 STUCK = "a job it depends on failed (still queued; resubmitting cancels it)"
+NOT_SUBMITTED = "not submitted"
 _QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 
 @dataclass
 class JobState:
-    state: str
+    state: RunState
     reason: str = ""  # e.g. "cancelled", "scheduler: TIMEOUT", the error of a failed run
     status: dict[str, Any] | None = None
+
+    @property
+    def unsubmitted(self) -> bool:
+        return self.state == RunState.PENDING and self.reason == NOT_SUBMITTED
 
 
 def squeue_states() -> dict[str, str] | None:
@@ -81,7 +84,7 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 def read_own_status(kind: str, run_dir: Path) -> dict[str, Any] | None:
     """What a job's own files say: the prepared data's meta.json, or the run's status.json."""
     if kind == "prepare":
-        return {"state": "completed"} if (run_dir / "meta.json").exists() else None
+        return {"state": RunState.COMPLETED} if (run_dir / "meta.json").exists() else None
     return read_status(run_dir)
 
 
@@ -104,46 +107,67 @@ def resolve(
     queue: dict[str, str] | None,
     accounting: dict[str, str],
     now: float | None = None,
+    ended: bool = False,
 ) -> JobState:
-    """The state of one job from its own status, the queue (None: no scheduler) and accounting."""
+    """The state of one job from its own status, the queue (None: no scheduler), accounting and,
+    for a local job, whether its process has `ended`."""
     own = (status or {}).get("state")
+    error = (status or {}).get("error") or ""
     if own in FINAL:
-        return JobState(own, (status or {}).get("error") or "", status)
+        return JobState(RunState(own), error, status)
     if queue is not None and job_id and job_id in queue:
         slurm = queue[job_id]
         if slurm == NEVER:
-            return JobState("failed", STUCK, status)
+            return JobState(RunState.FAILED, STUCK, status)
         if slurm in _QUEUED:
-            return JobState("pending", slurm.lower(), status)
+            return JobState(RunState.PENDING, slurm.lower(), status)
         if slurm in _RUNNING:
-            return JobState("running", "", status)
+            return JobState(RunState.RUNNING, "", status)
     acct = accounting.get(job_id or "", "")
     if acct == "TIMEOUT":
-        return JobState("timeout", "scheduler: TIMEOUT", status)
+        return JobState(RunState.TIMEOUT, "scheduler: TIMEOUT", status)
     if acct.startswith("CANCELLED"):
-        return JobState("failed", "cancelled", status)
+        return JobState(RunState.FAILED, "cancelled", status)
     if acct in ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
-        return JobState("failed", f"scheduler: {acct}", status)
-    if own == "stopped":  # stopped on a signal, checkpointed, and not (or no longer) queued
-        return JobState("failed", (status or {}).get("error") or "stopped", status)
-    if own in ("running", "requeued"):
+        return JobState(RunState.FAILED, f"scheduler: {acct}", status)
+    if own == RunState.STOPPED:  # stopped on a signal, checkpointed, and not (or no longer) queued
+        return JobState(RunState.FAILED, error or "stopped", status)
+    if ended:  # a local job whose process returned without the run saying how it ended
+        return JobState(RunState.FAILED, error or "its process ended before the run recorded an end", status)
+    if own in (RunState.RUNNING, RunState.REQUEUED):
         age = (now or time.time()) - float((status or {}).get("heartbeat", 0))
         if queue is None and not _alive_here(status or {}):
-            return JobState("lost", "its process is gone", status)
+            return JobState(RunState.LOST, "its process is gone", status)
         if queue is None and age < LOST_AFTER_S:
-            return JobState("running", "", status)  # a local run still beating
-        if queue is not None and job_id and age < LOST_AFTER_S and own == "requeued":
-            return JobState("pending", "requeued", status)
-        return JobState("lost", f"no heartbeat for {age:.0f} s and not in the queue", status)
+            return JobState(RunState.RUNNING, "", status)  # a local run still beating
+        if queue is not None and job_id and age < LOST_AFTER_S and own == RunState.REQUEUED:
+            return JobState(RunState.PENDING, "requeued", status)
+        return JobState(RunState.LOST, f"no heartbeat for {age:.0f} s and not in the queue", status)
     if job_id and queue is not None:
-        return JobState("lost", "left the queue without starting", status)
-    return JobState("pending", "not submitted", status)
+        return JobState(RunState.LOST, "left the queue without starting", status)
+    return JobState(RunState.PENDING, NOT_SUBMITTED, status)
+
+
+def latest_job_id(entry: dict[str, Any]) -> str | None:
+    """The id of the newest job submitted for a manifest entry (None: never submitted)."""
+    ids = entry.get("job_ids") or []
+    return str(ids[-1]) if ids else None
+
+
+def latest_job_ids(manifest: dict[str, Any]) -> dict[str, str]:
+    """The newest job id of every job of a manifest that was ever submitted."""
+    return {name: job_id for name, entry in manifest["jobs"].items() if (job_id := latest_job_id(entry))}
+
+
+def job_state(kind: str, run_dir: Path, job_id: str | None = None, ended: bool = False) -> JobState:
+    """The state of one job without asking the scheduler: local jobs, and single-arm mode."""
+    return resolve(read_own_status(kind, run_dir), job_id, None, {}, ended=ended)
 
 
 def sweep_states(manifest: dict[str, Any], queue: dict[str, str] | None) -> dict[str, JobState]:
     """State of every job of a manifest, asking `sacct` only about jobs that need it."""
     jobs = manifest["jobs"]
-    last_id = {name: (job.get("job_ids") or [None])[-1] for name, job in jobs.items()}
+    last_id = {name: latest_job_id(job) for name, job in jobs.items()}
     own = {name: read_own_status(job["kind"], Path(job["run_dir"])) for name, job in jobs.items()}
     undecided = [
         job_id

@@ -16,7 +16,8 @@ from typing import Any
 
 from sweep.manifest import read_manifest
 from sweep.plan import format_table
-from sweep.state import squeue_states, sweep_states
+from sweep.state import latest_job_id, squeue_states, sweep_states
+from train.status import BAD, IN_FLIGHT, RunState
 
 COLUMNS = [
     "job",
@@ -31,7 +32,6 @@ COLUMNS = [
     "wandb",
     "note",
 ]
-BAD = ("failed", "diverged", "timeout", "lost")
 
 
 def _duration(seconds: float | None) -> str:
@@ -59,14 +59,14 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         tokens, budget, speed = status.get("tokens"), status.get("token_budget"), status.get("tokens_per_s")
         eta = (
             (budget - tokens) / speed
-            if state.state == "running" and speed and budget and tokens is not None
+            if state.state == RunState.RUNNING and speed and budget and tokens is not None
             else None
         )
         rows.append(
             {
                 "job": name,
                 "state": state.state,
-                "job_id": (job.get("job_ids") or [""])[-1],
+                "job_id": latest_job_id(job) or "",
                 "tokens": tokens,
                 "budget": budget if budget is not None else job.get("derived", {}).get("token_budget"),
                 "loss": status.get("loss"),
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.watch:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + str(sweep_dir))
         print(table, flush=True)
-        if not args.watch or all(r["state"] not in ("pending", "running") for r in rows):
+        if not args.watch or all(r["state"] not in IN_FLIGHT for r in rows):
             break
         time.sleep(args.watch)
     return 1 if any(r["state"] in BAD for r in rows) else 0

@@ -40,8 +40,12 @@ def prepared_data(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def tiny_run(data_dir: Path, run_dir: Path, **changes):
-    """A RunConfig for a 2-layer, 32-wide model on `data_dir`: about 10 ms a step on one core."""
-    from train.config import ModelConfig, OptimizerConfig, RunConfig, WandbConfig
+    """A RunConfig for a 2-layer, 32-wide model on `data_dir`: about 10 ms a step on one core.
+
+    `changes` may name RunConfig fields and TrainerConfig fields alike (seq_len=..., grad_clip=...)."""
+    from dataclasses import fields as dataclass_fields
+
+    from train.config import ModelConfig, OptimizerConfig, RunConfig, TrainerConfig, WandbConfig
 
     fields = dict(
         name="arm",
@@ -52,9 +56,12 @@ def tiny_run(data_dir: Path, run_dir: Path, **changes):
         model=ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),
         optimizer=OptimizerConfig(lr=3e-3),
         batch_size=8,
-        seq_len=32,
         token_budget=8 * 32 * 12,
         wandb=WandbConfig(mode="disabled"),
+    )
+    trainer = {f.name for f in dataclass_fields(TrainerConfig)}
+    fields["trainer"] = TrainerConfig(
+        seq_len=32, **{k: changes.pop(k) for k in list(changes) if k in trainer}
     )
     fields.update(changes)
     return RunConfig(**fields)
@@ -65,7 +72,10 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sweep.__main__ import to_config
+    from sweep.compose import to_config
+    from sweep.schema import register
+
+    register()
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return to_config(hydra_compose(config_name="config", overrides=overrides))

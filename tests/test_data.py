@@ -43,7 +43,7 @@ def _stream_tokens(make_stream, batch: int, world: int, micro: int, steps: int, 
         if step == resume_at:
             stream = make_stream()
         for rank in range(world):
-            share = stream.rank_batch(step, batch, rank, world)
+            share = stream.rank_slice(step * batch, batch, rank, world)
             seen.extend(share[i : i + micro] for i in range(0, len(share), micro))
     return np.concatenate(seen)
 

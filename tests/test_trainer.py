@@ -91,13 +91,14 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path) -> 
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo")
-    plan = plan_batches(cfg.batch_size, cfg.micro_batch_size, world, cfg.seq_len, cfg.token_budget)
-    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
-    lm = build_model(cfg.model, cfg.init_seed)
+    t = cfg.trainer
+    plan = plan_batches(cfg.batch_size, t.micro_batch_size, world, t.seq_len, cfg.token_budget)
+    stream = TokenStream(load_split(cfg.data_dir, cfg.split), t.seq_len, t.data_seed)
+    lm = build_model(cfg.model, t.init_seed)
     net: torch.nn.Module = TokenLoss(lm)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
-    batch = torch.from_numpy(stream.rank_batch(0, cfg.batch_size, rank, world))
+    batch = torch.from_numpy(stream.rank_slice(0, cfg.batch_size, rank, world))
     accumulate_gradients(net, batch, plan, world > 1, lambda: torch.autocast("cpu", enabled=False))
     if rank == 0:
         torch.save({n: p.grad for n, p in lm.named_parameters()}, out)
@@ -156,7 +157,8 @@ def reference(prepared_data, tmp_path_factory):
         token_budget=8 * 32 * 24,
         checkpoint_every_tokens=8 * 32 * 3,
         val_every_tokens=8 * 32 * 4,
-        optimizer=OptimizerConfig(lr=3e-3, grad_clip=1.0),
+        optimizer=OptimizerConfig(lr=3e-3),
+        grad_clip=1.0,
     )
     code, err = finish(start(cfg))
     assert code == 0, err[-3000:]
@@ -245,7 +247,7 @@ def test_mfu_is_logged_against_a_given_peak(prepared_data, tmp_path):
 
     train(cfg)
     row = rows(tmp_path / "run")[-1]
-    flops = flops_per_token(build_model(cfg.model, 0), cfg.seq_len)
+    flops = flops_per_token(build_model(cfg.model, 0), cfg.trainer.seq_len)
     assert row["mfu"] == pytest.approx(flops * row["tokens_per_s"] / 1e11)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from train.schedule import ScheduleConfig
+from train.batching import BatchError, BatchPlan, plan_batches
+from train.schedule import Layout, ScheduleConfig, ScheduleError, layout
 
 T = TypeVar("T")
 
@@ -78,6 +79,9 @@ class DataConfig:
 
 
 OPTIMIZERS = ("adamw", "invariant_adam")
+PRECISIONS = ("fp32", "bf16", "fp16")
+WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
+WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
 
 
 @dataclass
@@ -91,7 +95,29 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """How a run trains, apart from its arm's hyperparameters: the `trainer` node of the sweep's
+    config and of every run's config (one definition, one set of defaults)."""
+
+    seq_len: int = 128
+    micro_batch_size: int = 0  # per rank; 0 = the whole per-rank batch in one pass
     grad_clip: float = 1e9  # high by default: clipping that fires at one batch size only changes the rule
+    init_seed: int = 0
+    data_seed: int = 0
+    val_samples: int = 32
+    val_every_tokens: int = 0  # 0 = only at the start and the end
+    checkpoint_every_tokens: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every_steps: int = 1
+    carry_optimizer: bool = False  # arms take the branch point's Adam moments too (default: cold optimizer)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    compile: bool = False  # torch.compile the model + loss
+    loss_chunk_tokens: int = 0  # >0: LM head + loss over this many tokens at a time (152k vocabularies)
+    noise_scale_decay: float = 0.95  # EMA decay of the B_simple estimates
+    peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU's name (none on CPU)
 
 
 @dataclass
@@ -99,6 +125,25 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "batch-size-scaling"
     entity: str = ""
+
+
+class InvalidRun(ValueError):
+    """A run config that cannot train; `problems` lists every reason (the message joins them)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Steps:
+    """A valid run laid out in steps: the schedule's layout and the batch plan of every batch it uses."""
+
+    layout: Layout
+    plans: dict[int, BatchPlan]
+
+    def plan(self, step: int) -> BatchPlan:
+        return self.plans[int(self.layout.batch[step])]
 
 
 @dataclass
@@ -117,27 +162,13 @@ class RunConfig:
     model: ModelConfig
     optimizer: OptimizerConfig
     batch_size: int
-    seq_len: int
     token_budget: int
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     split: str = "experiment"
-    micro_batch_size: int = 0  # per rank; 0 = the whole per-rank batch at once
     lr_warmup_tokens: int = 0  # linear ramp from 0, counted in tokens so it is batch-size invariant
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # constant, step decay or Seesaw
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler)
-    init_checkpoint: str = ""  # weights to branch from; empty = seeded init
-    carry_optimizer: bool = False  # also take the branch point's Adam moments (default: cold optimizer)
-    init_seed: int = 0
-    data_seed: int = 0
-    val_every_tokens: int = 0  # 0 = only at the end
-    val_samples: int = 32
-    checkpoint_every_tokens: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
-    log_every_steps: int = 1
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    compile: bool = False  # torch.compile the model + loss
-    loss_chunk_tokens: int = 0  # >0: LM head + loss over this many tokens at a time (large vocabularies)
-    noise_scale_decay: float = 0.95  # EMA decay of the B_simple estimates
-    peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU's name (none on CPU)
+    init_checkpoint: str = ""  # the run dir to branch from (its final weights); empty = seeded init
     progress: bool = False  # a progress bar on stderr (rank 0), for runs in the foreground
     sweep_name: str = ""
     tags: list[str] = field(default_factory=list)
@@ -145,16 +176,59 @@ class RunConfig:
     extra_config: dict[str, object] = field(default_factory=dict)  # shown in W&B, not used by training
     launch: dict[str, object] = field(default_factory=dict)  # job id, nodes, restarts: in status.json and W&B
 
+    def validate(self, world_size: int) -> Steps:
+        """Every check that needs no data, made once for the planner (before anything is queued)
+        and the trainer (before the first step): the run laid out in steps, or InvalidRun naming
+        every problem at once."""
+        problems = []
+        t = self.trainer
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.optimizer.name not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer.name!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer.name == "invariant_adam" and self.precision == "fp16":
+            problems.append(
+                "invariant_adam does not support fp16: its squared gradients bypass the loss scaler "
+                "(use bf16 or fp32)"
+            )
+        if self.wandb.mode not in WANDB_MODES:
+            problems.append(f"wandb.mode={self.wandb.mode!r}: expected one of {', '.join(WANDB_MODES)}")
+        if t.val_samples < 1:
+            problems.append(f"trainer.val_samples={t.val_samples}: validation needs at least one sequence")
+        if t.seq_len > self.model.max_position_embeddings:
+            problems.append(
+                f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}"
+            )
+        try:
+            plan_batches(self.batch_size, t.micro_batch_size, world_size, t.seq_len, self.token_budget)
+            # Every batch the schedule reaches (a Seesaw ramp doubles it) must split exactly too.
+            lay = layout(self.schedule, self.batch_size, t.seq_len, self.token_budget)
+            plans = {
+                b: plan_batches(b, t.micro_batch_size, world_size, t.seq_len, b * t.seq_len)
+                for b in sorted({int(b) for b in lay.batch})
+            }
+        except (BatchError, ScheduleError) as exc:
+            problems.append(str(exc))
+        if problems:
+            raise InvalidRun(problems)
+        return Steps(lay, plans)
+
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output, e.g. read from JSON."""
+    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output, e.g. read from JSON.
+
+    A key the class does not have is refused, not dropped: a config written by another version
+    of this code (a field since moved) must not come back with a default in its place."""
     hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
     kwargs = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.name not in data:
-            continue
-        value, hint = data[f.name], hints[f.name]
+    for name, value in data.items():
+        hint = hints[name]
         candidates = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        target = next((c for c in candidates if is_dataclass(c)), None)
-        kwargs[f.name] = from_dict(target, value) if target is not None and isinstance(value, dict) else value
+        target = next((c for c in candidates if isinstance(c, type) and is_dataclass(c)), None)
+        kwargs[name] = from_dict(target, value) if target is not None and isinstance(value, dict) else value
     return cls(**kwargs)

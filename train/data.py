@@ -117,13 +117,17 @@ def _train_bpe(cfg: DataConfig, out: Path) -> Tokenizer:
     )
     tok.train_from_iterator((text for _, text in docs), trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
-    return Tokenizer(tok, tok.token_to_id(EOS_TOKEN), tok.get_vocab_size())
+    eos = tok.token_to_id(EOS_TOKEN)
+    assert eos is not None, "the BPE trainer was given EOS as a special token"
+    return Tokenizer(tok, eos, tok.get_vocab_size())
 
 
 def _hub_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer.name)
+    if tok.eos_token_id is None:  # documents are separated by EOS: without one they would run together
+        raise ValueError(f"data.tokenizer.name={cfg.tokenizer.name!r} has no EOS token")
     tok.save_pretrained(str(out / "tokenizer"))
     return Tokenizer(tok, tok.eos_token_id, len(tok))
 
@@ -246,10 +250,6 @@ class TokenStream:
         """Samples [start, start + count) as an int64 array of shape (count, seq_len + 1)."""
         offsets = self.window_ids(start, count)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         return np.asarray(self.tokens[offsets], dtype=np.int64)
-
-    def rank_batch(self, step: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
-        """This rank's contiguous share of the global batch of step `step` (a fixed batch size)."""
-        return self.rank_slice(step * batch_size, batch_size, rank, world_size)
 
     def rank_slice(self, offset: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
         """This rank's contiguous share of the global batch of samples [offset, offset + batch_size)."""

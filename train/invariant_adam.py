@@ -67,7 +67,7 @@ class InvariantAdam(torch.optim.Optimizer):
     def add_micro(self) -> None:
         """Take the micro-batch's gradient contribution out of `.grad` into the two sums."""
         params = [p for p in self._params() if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]  # all of them: the filter is for mypy
         torch._foreach_add_([self._sum[p] for p in params], grads)
         torch._foreach_addcmul_([self._sq[p] for p in params], grads, grads)
         for p in params:

@@ -1,4 +1,8 @@
-"""`train(cfg)`: one run (the warmup or an arm), top to bottom.
+"""`train(cfg)`: one run (the warmup or an arm), as a loop of named phases.
+
+    check inputs -> build model and optimizer -> branch -> resume ->
+        loop: one step -> log -> evaluate -> checkpoint
+    -> finish
 
 Distributed set-up comes from the standard torch variables (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT, LOCAL_RANK); whoever launched the processes (submitit, a test) exports them. With
@@ -10,27 +14,26 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from train.batching import BatchPlan, plan_batches
+from train.batching import BatchPlan
 from train.checkpoint import load_latest_checkpoint, save_checkpoint
-from train.config import OPTIMIZERS, RunConfig
+from train.config import RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, validation_windows
 from train.invariant_adam import InvariantAdam
 from train.model import TokenLoss, build_model, flops_per_token
 from train.noise import NoiseScale
-from train.runlog import RunLog, mark_failed, read_status
-from train.schedule import layout
+from train.runlog import RunLog
+from train.state import Counters, TrainState, rng_state
+from train.status import RunState, mark_failed, read_status
 from train.throughput import peak_flops, peak_memory_gb
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,7 +83,20 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _init_distributed() -> tuple[int, int, torch.device]:
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs: its rank among `world` processes, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed() -> Placement:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -89,46 +105,7 @@ def _init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _branch_point(run_dir: str) -> dict[str, Any]:
-    """The final checkpoint of a finished run (the warmup): the weights every arm starts from."""
-    status = read_status(run_dir) or {}
-    state = load_latest_checkpoint(run_dir)
-    if state is None or not state.get("final") or status.get("state") != "completed":
-        raise FileNotFoundError(f"no completed run to branch from in {run_dir} (state {status.get('state')})")
-    return state
-
-
-def _set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
-    """The arm's own hyperparameters, also over an optimizer state carried from the branch point."""
-    for group in optimizer.param_groups:
-        group.update(
-            lr=cfg.optimizer.lr,
-            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-            eps=cfg.optimizer.eps,
-            weight_decay=cfg.optimizer.weight_decay,
-        )
+    return Placement(rank, world, device)
 
 
 class LocalGradNorm:
@@ -202,308 +179,401 @@ def accumulate_gradients(
 
 
 @dataclass
-class Counters:
-    """Run totals that survive restarts (stored in every checkpoint)."""
+class Network:
+    """The model as a step drives it: wrapped for DDP (and torch.compile), under autocast, with
+    the per-rank gradient-norm hook, plus what the step needs of the run's settings."""
 
-    clipped_steps: int = 0
-    device_seconds: float = 0.0  # wall time x devices, over every segment of the run
+    net: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    where: Placement
+    dtype: torch.dtype | None
+    grad_clip: float
+    local_norm: LocalGradNorm
+
+    def autocast(self) -> Any:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.where.device.type, dtype=self.dtype)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token loss of the global batch
+    grad_norm: float  # global norm before clipping (inf / nan on an fp16 overflow step)
+    small_sq: float | None  # squared norm of the small-batch gradient, for B_simple
+    signum: int  # a stop signal any rank received (0: none)
+    loss_scale: float  # the fp16 gradient scaler's scale during the step (1 without it)
+
+
+def train_step(
+    network: Network, state: TrainState, batch: torch.Tensor, plan: BatchPlan, signum: int
+) -> StepResult:
+    """One optimizer step on this rank's share of the global batch: gradients (accumulated over
+    micro-batches), clipping, the optimizer step, and the one collective per step, which carries
+    the loss, whether any rank was asked to stop (so every rank stops at the same step, whichever
+    got the signal) and the per-rank gradient norms."""
+    where, scaler, optimizer = network.where, state.scaler, state.optimizer
+    invariant = optimizer if isinstance(optimizer, InvariantAdam) else None
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    network.local_norm.sq.zero_()
+    loss_sum, small_sq = accumulate_gradients(
+        network.net, batch, plan, where.ddp, network.autocast, scaler, scale, invariant, network.local_norm
+    )
+    scaler.unscale_(optimizer)  # a no-op unless fp16
+    grad_norm = torch.nn.utils.clip_grad_norm_(network.params, network.grad_clip)  # before clipping
+    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if where.ddp:
+        flags = torch.tensor([signum == signal.SIGUSR2, signum == signal.SIGTERM], device=where.device)
+        per_rank = network.local_norm.sq / scale**2
+        packed = torch.cat([loss_sum.float()[None], flags.float(), per_rank[None]])
+        dist.all_reduce(packed)
+        loss_sum, small_sq = packed[0], packed[3] / where.world
+        signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
+    return StepResult(
+        loss=loss_sum.item() / plan.tokens_per_step,
+        grad_norm=grad_norm.item(),
+        small_sq=None if small_sq is None else small_sq.item(),
+        signum=signum,
+        loss_scale=scale,
+    )
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run `cfg` to its token budget, resuming from its newest checkpoint if it has one.
 
     Whatever stops it, `status.json` says so: an error before training starts (bad data dir, a
-    budget the split cannot hold) is recorded as `failed` just like one in the loop.
+    budget the split cannot hold) is recorded as failed just like one in the loop.
     """
-    rank, world, device = _init_distributed()
+    where = _init_distributed()
     try:
         with StopFlag() as stop:
-            return _train(cfg, rank, world, device, stop)
+            return Trainer(cfg, where, stop).run()
     except BaseException as exc:
-        if rank == 0:
-            mark_failed(cfg, f"{type(exc).__name__}: {exc}")
+        if where.rank == 0:
+            mark_failed(
+                cfg.run_dir,
+                f"{type(exc).__name__}: {exc}",
+                name=cfg.name,
+                stage=cfg.stage,
+                signature=cfg.signature,
+                token_budget=cfg.token_budget,
+            )
         raise
 
 
-def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, stop: StopFlag) -> dict[str, Any]:
-    started = time.perf_counter()
-    # --- Inputs: refuse what cannot work before any step is taken.
-    meta = load_meta(cfg.data_dir)
-    if meta["vocab_size"] > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer has {meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}"
-        )
-    if cfg.precision not in DTYPES:
-        raise ValueError(f"precision {cfg.precision!r}: expected one of {', '.join(DTYPES)}")
-    if cfg.optimizer.name not in OPTIMIZERS:
-        raise ValueError(f"optimizer {cfg.optimizer.name!r}: expected one of {', '.join(OPTIMIZERS)}")
-    if cfg.optimizer.name == "invariant_adam" and cfg.precision == "fp16":
-        raise ValueError(
-            "invariant_adam does not support fp16 (its squared gradients bypass the loss scaler)"
-        )
-    # Every step laid out up front: its batch (which a Seesaw ramp doubles), lr factor and samples.
-    lay = layout(cfg.schedule, cfg.batch_size, cfg.seq_len, cfg.token_budget)
-    plans = {
-        int(b): plan_batches(int(b), cfg.micro_batch_size, world, cfg.seq_len, int(b) * cfg.seq_len)
-        for b in np.unique(lay.batch)
-    }
-    stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.seq_len, cfg.data_seed)
-    needed = lay.tokens_after(lay.steps - 1) // cfg.seq_len
-    if needed > stream.n_windows:
-        raise ValueError(
-            f"token budget {cfg.token_budget} needs {needed} sequences but split "
-            f"{cfg.split!r} holds {stream.n_windows}: lower the budget or prepare more data"
-        )
+class Trainer:
+    """One run, phase by phase. Each phase is a method; `run()` is the loop that calls them."""
 
-    # --- Model and optimizer: the branch point's weights, a cold optimizer unless asked otherwise.
-    lm = build_model(cfg.model, cfg.init_seed, cfg.attn_implementation)
-    branch = _branch_point(cfg.init_checkpoint) if cfg.init_checkpoint else None
-    if branch is not None:
-        lm.load_state_dict(branch["model"])
-    lm.to(device)
-    optimizer: torch.optim.Optimizer
-    if cfg.optimizer.name == "invariant_adam":
-        optimizer = InvariantAdam(lm.parameters())
-    else:
-        optimizer = torch.optim.AdamW(lm.parameters(), fused=device.type == "cuda")
-    invariant = optimizer if isinstance(optimizer, InvariantAdam) else None
-    if branch is not None and cfg.carry_optimizer:
-        optimizer.load_state_dict(branch["optimizer"])
-    _set_hyperparameters(optimizer, cfg)
-    dtype = DTYPES[cfg.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    noise = NoiseScale(cfg.noise_scale_decay)
-    counters = Counters()
+    def __init__(self, cfg: RunConfig, where: Placement, stop: StopFlag) -> None:
+        self.started = time.perf_counter()
+        self.cfg, self.where, self.stop = cfg, where, stop
+        self.steps, self.stream = self.check_inputs()
+        self.state = self.build()
+        self.branch()
+        resumed = self.resume()
+        self.network = self.wrap()
+        # Rows a killed earlier attempt logged past its last checkpoint (all of them, if it had
+        # none) are superseded by what this attempt logs.
+        resume_step = self.state.step if resumed else -1
+        self.log = RunLog(cfg, self.steps.layout.steps, resume_step) if where.rank == 0 else None
+        self.evaluator = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens)
+        val = load_split(cfg.data_dir, "validation")
+        windows = validation_windows(val, cfg.trainer.seq_len, cfg.trainer.val_samples)
+        self.val = torch.from_numpy(windows).to(where.device)
+        self.previous_val: list[float] = []
+        self.meter = Meter(self)
 
-    # --- Resume: everything that decides the next step comes back from the newest valid checkpoint.
-    start_step = 0
-    resumed = load_latest_checkpoint(cfg.run_dir)
-    if resumed is not None:
-        lm.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
-        noise.load_state_dict(resumed["noise_scale"])
-        counters = Counters(**resumed["counters"])
-        rng = resumed["rng"]
-        _set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-        start_step = resumed["step"]
-        expected = (int(lay.phase[start_step - 1]), lay.tokens_after(start_step - 1) // cfg.seq_len)
-        if (resumed.get("phase", 0), resumed["samples"]) != expected:
+    # --- Phase 1: refuse what cannot work before any step is taken.
+    def check_inputs(self) -> tuple[Steps, TokenStream]:
+        cfg = self.cfg
+        steps = cfg.validate(self.where.world)  # the same checks the planner made
+        meta = load_meta(cfg.data_dir)
+        if meta["vocab_size"] > cfg.model.vocab_size:
             raise ValueError(
-                f"checkpoint at step {start_step} is at phase/sample {resumed.get('phase', 0)}/"
-                f"{resumed['samples']} but this run's schedule puts that step at {expected[0]}/{expected[1]}"
+                f"tokenizer has {meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}"
+            )
+        stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.trainer.seq_len, cfg.trainer.data_seed)
+        needed = steps.layout.tokens_after(steps.layout.steps - 1) // cfg.trainer.seq_len
+        if needed > stream.n_windows:
+            raise ValueError(
+                f"token budget {cfg.token_budget} needs {needed} sequences but split "
+                f"{cfg.split!r} holds {stream.n_windows}: lower the budget or prepare more data"
+            )
+        return steps, stream
+
+    # --- Phase 2: model and optimizer, seeded and cold.
+    def build(self) -> TrainState:
+        cfg, device = self.cfg, self.where.device
+        model = build_model(cfg.model, cfg.trainer.init_seed, cfg.trainer.attn_implementation)
+        model.to(device)  # type: ignore[arg-type]  # in place; transformers types `.to` as a decorator
+        optimizer: torch.optim.Optimizer
+        if cfg.optimizer.name == "invariant_adam":
+            optimizer = InvariantAdam(model.parameters())
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+        return TrainState(
+            model=model,
+            optimizer=optimizer,
+            scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+            noise=NoiseScale(cfg.trainer.noise_scale_decay),
+            layout=self.steps.layout,
+            run_id=cfg.signature,
+            counters=Counters(),
+        )
+
+    # --- Phase 3: the branch point's weights (and Adam moments, if asked); then the arm's own
+    # hyperparameters, also over a carried optimizer state.
+    def branch(self) -> None:
+        cfg, state = self.cfg, self.state
+        if cfg.init_checkpoint:
+            point = _branch_point(cfg.init_checkpoint)
+            state.model.load_state_dict(point["model"])
+            if cfg.trainer.carry_optimizer:
+                state.optimizer.load_state_dict(point["optimizer"])
+        for group in state.optimizer.param_groups:
+            group.update(
+                lr=cfg.optimizer.lr,
+                betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+                eps=cfg.optimizer.eps,
+                weight_decay=cfg.optimizer.weight_decay,
             )
 
-    ddp = world > 1
-    net: torch.nn.Module = TokenLoss(lm, cfg.loss_chunk_tokens)
-    local_norm = LocalGradNorm(device)
-    if ddp:
-        net = torch.nn.parallel.DistributedDataParallel(net)
-        net.register_comm_hook(local_norm, LocalGradNorm.hook)  # type: ignore[arg-type]
-    evaluator = TokenLoss(lm, cfg.loss_chunk_tokens)
-    if cfg.compile:
-        net = torch.compile(net)  # type: ignore[assignment]
+    # --- Phase 4: everything that decides the next step, from the newest valid checkpoint.
+    def resume(self) -> bool:
+        checkpoint = load_latest_checkpoint(self.cfg.run_dir)
+        if checkpoint is None:
+            return False
+        self.state.load_state_dict(checkpoint, self.where.rank)
+        return True
 
-    def b_small(plan: BatchPlan) -> int:
-        """Noise-scale estimate: per-rank (DDP) or first-micro-batch (one process) vs the global gradient."""
-        return plan.batch_size // world if ddp else plan.micro_batch_size if plan.grad_accum > 1 else 0
+    def wrap(self) -> Network:
+        cfg, where = self.cfg, self.where
+        net: torch.nn.Module = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens)
+        local_norm = LocalGradNorm(where.device)
+        if where.ddp:
+            net = torch.nn.parallel.DistributedDataParallel(net)
+            net.register_comm_hook(local_norm, LocalGradNorm.hook)  # type: ignore[arg-type]
+        if cfg.trainer.compile:
+            net = torch.compile(net)  # type: ignore[assignment]
+        params = [p for p in self.state.model.parameters() if p.requires_grad]
+        return Network(net, params, where, DTYPES[cfg.precision], cfg.trainer.grad_clip, local_norm)
 
-    def autocast() -> Any:
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+    def run(self) -> dict[str, Any]:
+        """The loop: one optimizer step per global batch, stopping only at step boundaries."""
+        state, steps = self.state, self.steps.layout.steps
+        try:
+            if state.step == 0:
+                self.evaluate()
+            self.meter.start_window()  # after the first evaluation: tokens/s measures training
+            for step in range(state.step, steps):
+                result = self.one_step(step)
+                self.record(result)
+                stopping = bool(result.signum) and state.step < steps
+                if self.crossed(self.cfg.trainer.val_every_tokens) and state.step < steps:
+                    self.evaluate()
+                if stopping or (
+                    self.crossed(self.cfg.trainer.checkpoint_every_tokens) and state.step < steps
+                ):
+                    self.checkpoint()
+                if stopping:
+                    raise Stopped(result.signum, state.step)
+            if not state.finished:
+                self.evaluate()
+                state.finished = True
+                self.checkpoint()
+        except BaseException as exc:
+            self.finish(exc)
+            raise
+        self.finish(None)
+        return {
+            "name": self.cfg.name,
+            "signature": self.cfg.signature,
+            "steps": steps,
+            "tokens": self.cfg.token_budget,
+        }
 
-    # Rows a killed earlier attempt logged past its last checkpoint (all of them, if it had none) are
-    # superseded by what this attempt logs.
-    log = RunLog(cfg, lay.steps, start_step if resumed is not None else -1) if rank == 0 else None
-    val = torch.from_numpy(
-        validation_windows(load_split(cfg.data_dir, "validation"), cfg.seq_len, cfg.val_samples)
-    ).to(device)
-    previous_val: list[float] = []
+    # --- Phase 5: one step at the schedule's lr on the step's samples; divergence and the noise
+    # scale judged on what it measured.
+    def one_step(self, step: int) -> StepResult:
+        state, where = self.state, self.where
+        lr = self.lr_at(step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        plan = self.steps.plan(step)
+        offset = int(self.steps.layout.offset[step])
+        rows = self.stream.rank_slice(offset, plan.batch_size, where.rank, where.world)
+        batch = torch.from_numpy(rows).to(where.device)
+        result = train_step(self.network, state, batch, plan, self.stop.signum)
+        state.step = step + 1
+        if not math.isfinite(result.loss):
+            raise Diverged(f"loss {result.loss} at step {state.step}")
+        if math.isfinite(result.grad_norm):  # an fp16 overflow step was skipped: no gradient to judge
+            state.counters.clipped_steps += result.grad_norm > self.cfg.trainer.grad_clip
+            if result.small_sq is not None:
+                # Per-rank (DDP) or first-micro-batch (one process) gradient against the global one.
+                b_small = plan.batch_size // where.world if where.ddp else plan.micro_batch_size
+                state.noise.update(result.small_sq, b_small, result.grad_norm**2, plan.batch_size)
+        return result
 
-    def validate(step: int) -> None:
-        # Every rank evaluates its share of the fixed validation slice; the sums are all-reduced,
-        # so all ranks know the result and a broken measurement stops them all at once.
-        evaluator.eval()
-        total = torch.zeros((), device=device)
-        mine = val[rank * len(val) // world : (rank + 1) * len(val) // world]
-        with torch.no_grad(), autocast():
-            eval_batch = plans[cfg.batch_size].micro_batch_size
+    # --- Phase 6: the step's row (metrics.jsonl, W&B) and the heartbeat (status.json); rank 0.
+    def record(self, result: StepResult) -> None:
+        state, plan = self.state, self.steps.plan(self.state.step - 1)
+        tokens_per_s = self.meter.tick(plan.tokens_per_step)
+        if self.log is None:
+            return
+        done, trainer = state.step, self.cfg.trainer
+        if done % trainer.log_every_steps == 0 or done == self.steps.layout.steps:
+            row: dict[str, Any] = {
+                "step": done,
+                "tokens": state.tokens,
+                "loss": result.loss,
+                "lr": self.lr_at(done - 1),
+                "beta1": self.cfg.optimizer.beta1,
+                "beta2": self.cfg.optimizer.beta2,
+                "batch_size": plan.batch_size,
+                "grad_norm": result.grad_norm,
+                "clip_fraction": state.counters.clipped_steps / done,
+                "b_simple": state.noise.b_simple,
+                "tokens_per_s": tokens_per_s,
+                "mfu": self.meter.mfu(tokens_per_s),
+                "peak_mem_gb": peak_memory_gb(self.where.device),
+                "gpu_hours": state.counters.device_seconds / 3600,
+            }
+            if state.scaler.is_enabled():
+                row["loss_scale"] = result.loss_scale
+            self.log.log({k: v for k, v in row.items() if v is not None})
+        self.log.update(step=done, tokens=state.tokens, loss=result.loss, tokens_per_s=tokens_per_s)
+        self.meter.show(plan.tokens_per_step, result.loss)
+
+    # --- Phase 7: the loss on the fixed validation slice. Every rank evaluates its share and the
+    # sums are all-reduced, so all ranks know the result and a broken measurement stops them all.
+    def evaluate(self) -> None:
+        where, cfg = self.where, self.cfg
+        self.evaluator.eval()
+        total = torch.zeros((), device=where.device)
+        mine = self.val[
+            where.rank * len(self.val) // where.world : (where.rank + 1) * len(self.val) // where.world
+        ]
+        eval_batch = self.steps.plans[cfg.batch_size].micro_batch_size
+        with torch.no_grad(), self.network.autocast():
             for i in range(0, len(mine), eval_batch):
-                total += evaluator(mine[i : i + eval_batch]).float()
-        evaluator.train()
-        if ddp:
+                total += self.evaluator(mine[i : i + eval_batch]).float()
+        self.evaluator.train()
+        if where.ddp:
             dist.all_reduce(total)
-        val_loss = total.item() / (val.size(0) * cfg.seq_len)
-        if log is not None:
-            log.log({"step": step, "tokens": lay.tokens_after(step - 1), "val_loss": val_loss})
+        val_loss = total.item() / (self.val.size(0) * cfg.trainer.seq_len)
+        step = self.state.step
+        if self.log is not None:
+            self.log.log({"step": step, "tokens": self.state.tokens, "val_loss": val_loss})
         if not math.isfinite(val_loss) or val_loss <= 0:
             raise BadValidation(f"validation loss {val_loss} at step {step}: the measurement is broken")
-        if previous_val and val_loss == previous_val[-1]:
+        if self.previous_val and val_loss == self.previous_val[-1]:
             raise BadValidation(
                 f"validation loss unchanged ({val_loss}) from the previous evaluation to step {step}: "
                 "the weights are not being updated"
             )
-        previous_val.append(val_loss)
+        self.previous_val.append(val_loss)
 
-    def checkpoint(step: int, final: bool) -> None:
-        # Every rank's RNG state (one gather), so that a resumed rank continues its own streams.
-        rngs: list[Any] = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, _rng_state())
+    # --- Phase 8: a checkpoint of the state, with every rank's RNG states (one gather), so that
+    # a resumed rank continues its own streams; rank 0 writes it.
+    def checkpoint(self) -> None:
+        rngs: list[Any] = [None] * self.where.world
+        if self.where.ddp:
+            dist.all_gather_object(rngs, rng_state())
         else:
-            rngs = [_rng_state()]
-        if rank == 0:
-            state = {
-                "model": lm.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "noise_scale": noise.state_dict(),
-                "counters": asdict(counters),
-                "step": step,
-                "tokens": lay.tokens_after(step - 1),
-                "samples": lay.tokens_after(step - 1) // cfg.seq_len,  # data position: the next sample
-                "phase": int(lay.phase[step - 1]),  # schedule position (halvings / Seesaw doublings passed)
-                "lr": lr_at(step - 1),
-                "rng": rngs,
-                "final": final,
-                "signature": cfg.signature,
-                "wandb_id": log.wandb_id if log is not None else None,
-            }
-            save_checkpoint(cfg.run_dir, step, state, cfg.keep_checkpoints)
+            rngs = [rng_state()]
+        if self.where.rank == 0:
+            state = self.state.state_dict(rngs, lr=self.lr_at(self.state.step - 1))
+            save_checkpoint(self.cfg.run_dir, self.state.step, state, self.cfg.trainer.keep_checkpoints)
 
-    def lr_at(step: int) -> float:
+    def finish(self, exc: BaseException | None) -> None:
+        """Say how the run ended (status.json, W&B) and close the progress bar."""
+        self.meter.close()
+        if self.log is not None:
+            if exc is None:
+                self.log.close(RunState.COMPLETED)
+            elif isinstance(exc, Diverged):
+                self.log.close(RunState.DIVERGED, str(exc))
+            elif isinstance(exc, Stopped):
+                self.log.close(RunState.STOPPED, str(exc))
+            else:
+                self.log.close(RunState.FAILED, f"{type(exc).__name__}: {exc}")
+        if exc is None and self.where.ddp:
+            dist.barrier()
+
+    def lr_at(self, step: int) -> float:
         """The schedule's lr for step `step`, after a linear ramp counted in tokens (batch-size invariant)."""
-        lr = cfg.optimizer.lr * float(lay.lr_factor[step])
-        if cfg.lr_warmup_tokens <= 0:
+        lay = self.steps.layout
+        lr = self.cfg.optimizer.lr * float(lay.lr_factor[step])
+        if self.cfg.lr_warmup_tokens <= 0:
             return lr
-        return lr * min(1.0, lay.tokens_after(step) / cfg.lr_warmup_tokens)
+        return lr * min(1.0, lay.tokens_after(step) / self.cfg.lr_warmup_tokens)
 
-    def crossed(done: int, every_tokens: int) -> bool:
-        """Whether the `done`-th step crossed a multiple of `every_tokens`."""
+    def crossed(self, every_tokens: int) -> bool:
+        """Whether the step just done crossed a multiple of `every_tokens`."""
         if every_tokens <= 0:
             return False
+        lay, done = self.steps.layout, self.state.step
         return lay.tokens_after(done - 1) // every_tokens > lay.tokens_after(done - 2) // every_tokens
 
-    if start_step == 0:
-        validate(0)
-    params = [p for p in lm.parameters() if p.requires_grad]
-    flops = flops_per_token(lm, cfg.seq_len)
-    peak = peak_flops(device, cfg.precision, cfg.peak_flops)
-    bar = None
-    if log is not None and cfg.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(
-            total=cfg.token_budget,
-            initial=lay.tokens_after(start_step - 1),
-            desc=cfg.name,
-            unit="tok",
-            unit_scale=True,
-        )
-    window_time, window_tokens = time.perf_counter(), 0
-    step_end = started  # device time counts from start-up: the devices are held all along
-    try:
-        # --- The loop: one optimizer step per global batch, stopping only at step boundaries.
-        for step in range(start_step, lay.steps):
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            plan = plans[int(lay.batch[step])]
-            rows = stream.rank_slice(int(lay.offset[step]), plan.batch_size, rank, world)
-            batch = torch.from_numpy(rows).to(device)
-            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            local_norm.sq.zero_()
-            loss_sum, micro_sq = accumulate_gradients(
-                net, batch, plan, ddp, autocast, scaler, scale, invariant, local_norm
+class Meter:
+    """Throughput, MFU, device time and the progress bar of one attempt of a run."""
+
+    WINDOW_S = 10.0  # tokens/s is measured over windows of about this long
+
+    def __init__(self, trainer: Trainer) -> None:
+        cfg, where = trainer.cfg, trainer.where
+        self.state, self.world = trainer.state, where.world
+        self.flops = flops_per_token(trainer.state.model, cfg.trainer.seq_len)
+        self.peak = peak_flops(where.device, cfg.precision, cfg.trainer.peak_flops)
+        self.start_window()
+        self.step_end = trainer.started  # device time counts from start-up: the devices are held all along
+        self.bar = None
+        if trainer.log is not None and cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=cfg.token_budget,
+                initial=trainer.state.tokens,
+                desc=cfg.name,
+                unit="tok",
+                unit_scale=True,
             )
-            scaler.unscale_(optimizer)  # a no-op unless fp16
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)  # before clipping
-            scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
 
-            signum = stop.signum
-            small_sq = micro_sq
-            if ddp:
-                # One collective per step: the loss sum, whether any rank was asked to stop (so every
-                # rank stops at the same step, whichever got the signal) and the per-rank gradient norms.
-                flags = torch.tensor([signum == signal.SIGUSR2, signum == signal.SIGTERM], device=device)
-                packed = torch.cat([loss_sum.float()[None], flags.float(), (local_norm.sq / scale**2)[None]])
-                dist.all_reduce(packed)
-                loss_sum, small_sq = packed[0], packed[3] / world
-                signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
-            loss = loss_sum.item() / plan.tokens_per_step
-            done = step + 1
-            if not math.isfinite(loss):
-                raise Diverged(f"loss {loss} at step {done}")
-            norm = grad_norm.item()
-            if math.isfinite(norm):  # an fp16 overflow step was skipped: no gradient to judge
-                counters.clipped_steps += norm > cfg.optimizer.grad_clip
-                if small_sq is not None:
-                    noise.update(small_sq.item(), b_small(plan), norm**2, plan.batch_size)
-            now = time.perf_counter()
-            counters.device_seconds += (now - step_end) * world
-            step_end = now
+    def start_window(self) -> None:
+        self.window_time, self.window_tokens = time.perf_counter(), 0
 
-            window_tokens += plan.tokens_per_step
-            if log is not None:
-                tokens_per_s = window_tokens / max(now - window_time, 1e-9)
-                tokens = lay.tokens_after(step)
-                if done % cfg.log_every_steps == 0 or done == lay.steps:
-                    row: dict[str, Any] = {
-                        "step": done,
-                        "tokens": tokens,
-                        "loss": loss,
-                        "lr": lr,
-                        "beta1": cfg.optimizer.beta1,
-                        "beta2": cfg.optimizer.beta2,
-                        "batch_size": plan.batch_size,
-                        "grad_norm": norm,
-                        "clip_fraction": counters.clipped_steps / done,
-                        "b_simple": noise.b_simple,
-                        "tokens_per_s": tokens_per_s,
-                        "mfu": flops * tokens_per_s / (peak * world) if peak else None,
-                        "peak_mem_gb": peak_memory_gb(device),
-                        "gpu_hours": counters.device_seconds / 3600,
-                    }
-                    if scaler.is_enabled():
-                        row["loss_scale"] = scale
-                    log.log({k: v for k, v in row.items() if v is not None})
-                log.update(step=done, tokens=tokens, loss=loss, tokens_per_s=tokens_per_s)
-                if bar is not None:
-                    bar.update(plan.tokens_per_step)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if now - window_time > 10.0:
-                    window_time, window_tokens = now, 0
-            if crossed(done, cfg.val_every_tokens) and done < lay.steps:
-                validate(done)
-            stopping = bool(signum) and done < lay.steps
-            if stopping or (crossed(done, cfg.checkpoint_every_tokens) and done < lay.steps):
-                checkpoint(done, final=False)
-            if stopping:
-                raise Stopped(signum, done)
-        if resumed is None or not resumed.get("final"):
-            validate(lay.steps)
-            checkpoint(lay.steps, final=True)
-    except Diverged as exc:
-        if log is not None:
-            log.close("diverged", str(exc))
-        raise
-    except Stopped as exc:
-        if log is not None:
-            log.close("stopped", str(exc))
-        raise
-    except BaseException as exc:
-        if log is not None:
-            log.close("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    summary = {"name": cfg.name, "signature": cfg.signature, "steps": lay.steps, "tokens": cfg.token_budget}
-    if log is not None:
-        log.close("completed")
-    if ddp:
-        dist.barrier()
-    return summary
+    def tick(self, tokens: int) -> float:
+        """A step of `tokens` tokens just ended: add its device time; tokens/s over the window."""
+        now = time.perf_counter()
+        self.state.counters.device_seconds += (now - self.step_end) * self.world
+        self.step_end = now
+        self.window_tokens += tokens
+        tokens_per_s = self.window_tokens / max(now - self.window_time, 1e-9)
+        if now - self.window_time > self.WINDOW_S:
+            self.window_time, self.window_tokens = now, 0
+        return tokens_per_s
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        return self.flops * tokens_per_s / (self.peak * self.world) if self.peak else None
+
+    def show(self, tokens: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(tokens)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _branch_point(run_dir: str) -> dict[str, Any]:
+    """The final checkpoint of a finished run (the warmup): the weights every arm starts from."""
+    status = read_status(run_dir) or {}
+    state = load_latest_checkpoint(run_dir)
+    if state is None or not state.get("final") or status.get("state") != RunState.COMPLETED:
+        raise FileNotFoundError(f"no completed run to branch from in {run_dir} (state {status.get('state')})")
+    return state

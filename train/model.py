@@ -44,7 +44,7 @@ def matmul_params(model: Qwen2ForCausalLM) -> int:
     """Parameters that take part in a matmul per token: all of them but the input embedding table
     (a lookup), with the LM head counted once whether or not it is tied to that table."""
     total = sum(p.numel() for p in model.parameters())  # tied weights are listed once
-    embedding = model.get_input_embeddings().weight.numel()
+    embedding = sum(p.numel() for p in model.get_input_embeddings().parameters())
     return total if model.config.tie_word_embeddings else total - embedding
 
 

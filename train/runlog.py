@@ -13,37 +13,12 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from train.config import RunConfig
+from train.config import RunConfig, WandbMode
+from train.status import RunState, write_status
 
-STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_status(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / STATUS_FILE
-    try:
-        status: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return status
-
-
-def mark_failed(cfg: RunConfig, error: str) -> None:
-    """Record `failed` unless the run already recorded how it ended (completed, failed, diverged, stopped)."""
-    status = read_status(cfg.run_dir) or {"name": cfg.name, "stage": cfg.stage, "signature": cfg.signature}
-    if status.get("state") in ("failed", "diverged", "completed", "stopped"):
-        return
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    status.update(state="failed", error=error, token_budget=cfg.token_budget, heartbeat=time.time())
-    write_json_atomic(Path(cfg.run_dir) / STATUS_FILE, status)
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
@@ -79,7 +54,7 @@ class RunLog:
             "name": cfg.name,
             "stage": cfg.stage,
             "signature": cfg.signature,
-            "state": "running",
+            "state": RunState.RUNNING,
             "step": 0,
             "total_steps": total_steps,
             "tokens": 0,
@@ -121,7 +96,7 @@ class RunLog:
             run = wandb.init(
                 id=self.wandb_id,
                 resume="allow",
-                mode=self.cfg.wandb.mode,
+                mode=cast(WandbMode, self.cfg.wandb.mode),  # checked by RunConfig.validate
                 project=self.cfg.wandb.project,
                 entity=self.cfg.wandb.entity or None,
                 group=self.cfg.sweep_name or None,
@@ -161,13 +136,14 @@ class RunLog:
         now = time.time()
         if force or now - self._last_beat >= self.HEARTBEAT_S:
             self.status["heartbeat"] = now
-            write_json_atomic(self.run_dir / STATUS_FILE, self.status)
+            write_status(self.run_dir, self.status)
             self._last_beat = now
 
-    def close(self, state: str, error: str | None = None) -> None:
+    def close(self, state: RunState, error: str | None = None) -> None:
         self.update(force=True, state=state, error=error, finished=time.time())
         self._metrics.close()
-        if state in ("failed", "diverged"):
+        if state in (RunState.FAILED, RunState.DIVERGED):
             title = f"{self.cfg.sweep_name}/{self.cfg.name} {state}"
             self._wandb_call("alert", lambda run: run.alert(title=title, text=error or state))
-        self._wandb_call("finish", lambda run: run.finish(exit_code=0 if state == "completed" else 1))
+        exit_code = 0 if state == RunState.COMPLETED else 1
+        self._wandb_call("finish", lambda run: run.finish(exit_code=exit_code))
