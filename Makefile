@@ -1,4 +1,5 @@
 # Two commands for a new user: `make demo` (run the embedded study) and `make test`.
+# `make test-fast` is the developer's loop: lint and every test but the end-to-end and SLURM ones.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel of these machines; on a GPU
 # machine use e.g. `make demo TORCH_SPEC=torch` for the normal (CUDA) wheel.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint hooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,14 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not e2e and not slurm"
+
+# git hooks running ruff and mypy before each commit (.pre-commit-config.yaml)
+hooks: install
+	$(BIN)/python -m pip install -q pre-commit
+	$(BIN)/pre-commit install
 
 clean:
 	rm -rf $(VENV) sweeps

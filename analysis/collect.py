@@ -4,7 +4,8 @@ Every source (run dirs here, the W&B API in `analysis.wandb_source`) yields, per
 rows in the order they were logged, possibly in several segments (a requeued or resumed run logs
 again from its last checkpoint, so tokens repeat). `long_table` turns them into the one schema the
 tables read: one row per (arm, kind, tokens), the later row winning, `kind` = train or val.
-Nothing here imports the trainer.
+Nothing here imports the trainer: run files are read through `train.status` (the status file's
+own reader), which needs no torch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from train.status import read_status
 
 COLUMNS = [
     "arm",
@@ -128,25 +131,7 @@ def run_dir_arms(manifest: dict[str, Any]) -> list[ArmRows]:
         rows = read_metrics(job["run_dir"])
         if not rows:
             continue
-        state = _read_state(Path(job["run_dir"]) / "status.json")
+        state = (read_status(job["run_dir"]) or {}).get("state", "unknown")  # torn or missing: unknown
         batch = int(job["derived"]["batch_size"])
         arms.append(ArmRows(name, job["signature"], batch, state, pd.DataFrame(rows)))
     return arms
-
-
-def _read_state(path: Path) -> str:
-    """A run's state from its status.json; `unknown` when missing or torn (a killed writer)."""
-    try:
-        return str(json.loads(path.read_text()).get("state", "unknown"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return "unknown"
-
-
-def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
-    path = Path(sweep_dir) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{sweep_dir} holds no manifest.json: run the sweep first, or set sweep.dir=PATH"
-        )
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    return manifest

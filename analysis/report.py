@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import plots as plot
-from analysis.collect import long_table, read_manifest, run_dir_arms
+from analysis.collect import long_table, run_dir_arms
 from analysis.tables import (
     ARM_COLUMNS,
     BinSpec,
@@ -28,6 +28,7 @@ from analysis.tables import (
     pair_table,
     verdict_line,
 )
+from sweep.manifest import read_manifest
 
 PAIR_COLUMNS = ["pair", "batch_a", "batch_b", "bins", "mean_gap", "gap_se", "t", "same_sign", "max_abs_gap"]
 PAIR_COLUMNS += [

@@ -1,25 +1,21 @@
-"""`python -m sweep.cancel <sweep dir> [--arms A,H]`: scancel the sweep's queued and running jobs."""
+"""`python -m sweep.cancel <sweep dir | experiment> [--arms A,H]`: scancel queued and running jobs."""
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 
-from sweep.manifest import read_manifest
+from sweep.manifest import read_manifest, sweep_dir_of, sweep_parser
 from sweep.state import latest_job_ids, squeue_states, sweep_states
 from train.status import IN_FLIGHT
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sweep.cancel", description=(__doc__ or "").splitlines()[0]
-    )
-    parser.add_argument("sweep_dir")
+    parser = sweep_parser("python -m sweep.cancel", __doc__)
     parser.add_argument("--arms", default="", help="comma-separated job names (default: all)")
     args = parser.parse_args(argv)
     try:
-        manifest = read_manifest(args.sweep_dir)
+        manifest = read_manifest(sweep_dir_of(args))
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -111,80 +111,99 @@ def _run_local(
     plan: SweepPlan, todo: list[Job], known: dict[str, RunState], opts: LauncherOptions
 ) -> dict[str, RunState]:
     """Run jobs as local submitit processes, dependencies first, with a progress bar per job."""
-    import submitit
-    from tqdm import tqdm
-
-    executor = submitit.LocalExecutor(folder=plan.dir / "jobs")
-    res = plan.resources
-    executor.update_parameters(
-        timeout_min=res.timeout_min,
-        tasks_per_node=res.gpus_per_node or res.tasks_per_node,
-        gpus_per_node=res.gpus_per_node,
-        signal_delay_s=res.signal_lead_s,
-    )
-    states = dict(known)
-    states.update({j.name: RunState.PENDING for j in todo})
-    pending = list(todo)
-    running: dict[str, tuple[Job, Any, Any]] = {}
-    position = 0
+    local = _LocalRun(plan, todo, known, opts.max_parallel)
     try:
-        while pending or running:
-            for name, (job, handle, bar) in list(running.items()):
-                status = read_own_status(job.kind, job.run_dir) or {}
-                if bar is not None and status.get("tokens") is not None:
-                    bar.update(status["tokens"] - bar.n)
-                    if status.get("loss") is not None:
-                        bar.set_postfix(loss=f"{status['loss']:.4f}", refresh=False)
-                if handle.done():
-                    states[name] = _finished_state(job, handle)
-                    if bar is not None:
-                        bar.close()
-                    print(f"{name}: {states[name]}", flush=True)
-                    del running[name]
-            for job in list(pending):
-                if len(running) >= opts.max_parallel:
-                    break
-                waiting_on = set(running) | {p.name for p in pending}
-                blocked = [
-                    d for d in job.depends_on if states.get(d) != RunState.COMPLETED and d not in waiting_on
-                ]
-                if blocked:
-                    states[job.name] = RunState.SKIPPED
-                    print(f"{job.name}: skipped ({', '.join(blocked)}: {states.get(blocked[0])})", flush=True)
-                    pending.remove(job)
-                elif all(states.get(d) == RunState.COMPLETED for d in job.depends_on):
-                    handle = executor.submit(job.stage)
-                    budget = job.stage.run.token_budget if job.stage.run else None
-                    bar = None
-                    if budget:
-                        # disable=None: a bar on a terminal, plain start/end lines in a log file.
-                        bar = tqdm(
-                            total=budget,
-                            desc=f"{job.name:>8}",
-                            unit="tok",
-                            unit_scale=True,
-                            position=position,
-                            leave=True,
-                            dynamic_ncols=True,
-                            disable=None,
-                        )
-                        position += 1
-                    if bar is None or bar.disable:
-                        print(
-                            f"{job.name}: running (local job {handle.job_id}, log {handle.paths.stderr})",
-                            flush=True,
-                        )
-                    running[job.name] = (job, handle, bar)
-                    pending.remove(job)
+        while local.pending or local.running:
+            local.collect_finished()
+            local.start_ready()
             time.sleep(opts.poll_s)
     except KeyboardInterrupt:
-        for _, handle, _ in running.values():
+        for _, handle, _ in local.running.values():
             handle.cancel(check=False)
         raise
-    failed = {n: s for n, s in states.items() if s in NOT_DONE}
+    failed = {n: s for n, s in local.states.items() if s in NOT_DONE}
     if failed:
         print("not completed: " + ", ".join(f"{n} ({s})" for n, s in failed.items()), file=sys.stderr)
-    return states
+    return local.states
+
+
+class _LocalRun:
+    """The jobs of a local sweep: waiting (`pending`), running (with their handle and bar), done."""
+
+    def __init__(self, plan: SweepPlan, todo: list[Job], known: dict[str, RunState], max_parallel: int):
+        import submitit
+
+        self.executor = submitit.LocalExecutor(folder=plan.dir / "jobs")
+        res = plan.resources
+        self.executor.update_parameters(
+            timeout_min=res.timeout_min,
+            tasks_per_node=res.gpus_per_node or res.tasks_per_node,
+            gpus_per_node=res.gpus_per_node,
+            signal_delay_s=res.signal_lead_s,
+        )
+        self.max_parallel = max_parallel
+        self.states = {**known, **{j.name: RunState.PENDING for j in todo}}
+        self.pending = list(todo)
+        self.running: dict[str, tuple[Job, Any, Any]] = {}
+        self.bars = 0
+
+    def collect_finished(self) -> None:
+        """Move every bar on; record the end state of jobs whose process returned."""
+        for name, (job, handle, bar) in list(self.running.items()):
+            status = read_own_status(job.kind, job.run_dir) or {}
+            if bar is not None and status.get("tokens") is not None:
+                bar.update(status["tokens"] - bar.n)
+                if status.get("loss") is not None:
+                    bar.set_postfix(loss=f"{status['loss']:.4f}", refresh=False)
+            if handle.done():
+                self.states[name] = _finished_state(job, handle)
+                if bar is not None:
+                    bar.close()
+                print(f"{name}: {self.states[name]}", flush=True)
+                del self.running[name]
+
+    def start_ready(self) -> None:
+        """Start jobs whose dependencies completed, up to `max_parallel`; skip those whose failed."""
+        for job in list(self.pending):
+            if len(self.running) >= self.max_parallel:
+                return
+            waiting_on = set(self.running) | {p.name for p in self.pending}
+            done = [self.states.get(d) for d in job.depends_on]
+            blocked = [d for d, s in zip(job.depends_on, done, strict=True) if s != RunState.COMPLETED]
+            if any(d not in waiting_on for d in blocked):
+                failed = next(d for d in blocked if d not in waiting_on)
+                self.states[job.name] = RunState.SKIPPED
+                print(f"{job.name}: skipped ({failed}: {self.states.get(failed)})", flush=True)
+                self.pending.remove(job)
+            elif not blocked:
+                handle = self.executor.submit(job.stage)
+                bar = self._bar(job)
+                if bar is None or bar.disable:
+                    print(
+                        f"{job.name}: running (local job {handle.job_id}, log {handle.paths.stderr})",
+                        flush=True,
+                    )
+                self.running[job.name] = (job, handle, bar)
+                self.pending.remove(job)
+
+    def _bar(self, job: Job) -> Any:
+        """A progress bar over the job's tokens; disable=None: a bar on a terminal, plain start/end
+        lines in a log file. None for the prepare job (no token budget)."""
+        from tqdm import tqdm
+
+        if job.stage.run is None:
+            return None
+        self.bars += 1
+        return tqdm(
+            total=job.stage.run.token_budget,
+            desc=f"{job.name:>8}",
+            unit="tok",
+            unit_scale=True,
+            position=self.bars - 1,
+            leave=True,
+            dynamic_ncols=True,
+            disable=None,
+        )
 
 
 def _finished_state(job: Job, handle: Any) -> RunState:

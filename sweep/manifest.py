@@ -2,21 +2,24 @@
 
 Written atomically under a file lock, so two invocations cannot tear or interleave it. An arm
 whose signature changed keeps its old entries under `previous` (its old run dir stays on disk).
+Reading it needs nothing heavy: `analysis/` reads manifests through `read_manifest` too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from slurm.job import git_state
-from sweep.plan import SweepPlan
 from train.status import write_json_atomic
+
+if TYPE_CHECKING:
+    from sweep.plan import SweepPlan
 
 MANIFEST = "manifest.json"
 
@@ -24,13 +27,29 @@ MANIFEST = "manifest.json"
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
     path = Path(sweep_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{sweep_dir} is not a sweep dir (no {MANIFEST})")
+        raise FileNotFoundError(f"{sweep_dir} holds no {MANIFEST}: not a sweep dir (run the sweep first)")
     manifest: dict[str, Any] = json.loads(path.read_text())
     return manifest
 
 
+def sweep_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line every sweep tool shares: a sweep dir, or an experiment name under --root."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
+    parser.add_argument("sweep", help="a sweep dir, or an experiment name (looked up under --root)")
+    parser.add_argument("--root", default="sweeps", help="where experiment names live (default: sweeps)")
+    return parser
+
+
+def sweep_dir_of(args: argparse.Namespace) -> Path:
+    """The sweep dir `sweep_parser`'s arguments name (a dir with a manifest wins over a name)."""
+    given = Path(args.sweep)
+    return given if (given / MANIFEST).exists() else Path(args.root) / args.sweep
+
+
 def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[str, Any]:
     """Merge the plan (and new job ids) into the manifest; returns what was written."""
+    from slurm.job import git_state
+
     plan.dir.mkdir(parents=True, exist_ok=True)
     path = plan.dir / MANIFEST
     with FileLock(str(path) + ".lock"):
@@ -69,30 +88,33 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
 def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
     """The sweep as last recorded, rebuilt without recomposing its config (for resubmit and cancel)."""
     from slurm.job import StageJob
-    from sweep.plan import Job
+    from sweep.plan import Job, SweepPlan
     from sweep.schema import ResourcesConfig
     from train.config import from_dict
     from train.rules import OperatingPoint
 
     manifest = read_manifest(sweep_dir)
-    jobs = [
-        Job(
-            name,
-            entry["kind"],
-            entry["signature"],
-            Path(entry["run_dir"]),
-            from_dict(StageJob, entry["stage"]),
-            entry["depends_on"],
-            entry["overrides"],
-            entry["derived"],
-        )
-        for name, entry in manifest["jobs"].items()
-    ]
+    try:
+        jobs = [
+            Job(
+                name,
+                entry["kind"],
+                entry["signature"],
+                Path(entry["run_dir"]),
+                from_dict(StageJob, entry["stage"]),
+                entry["depends_on"],
+                entry["overrides"],
+                entry["derived"],
+            )
+            for name, entry in manifest["jobs"].items()
+        ]
+        resources = from_dict(ResourcesConfig, manifest["resources"])
+        ops = {k: from_dict(OperatingPoint, v) for k, v in manifest["ops"].items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{Path(sweep_dir) / MANIFEST} was written by another version of this code ({exc}): run the "
+            "sweep command again, which records it anew (run dirs and job ids are kept)"
+        ) from exc
     return SweepPlan(
-        manifest["experiment"],
-        Path(manifest["sweep_dir"]),
-        jobs,
-        manifest["pairs"],
-        from_dict(ResourcesConfig, manifest["resources"]),
-        {k: from_dict(OperatingPoint, v) for k, v in manifest["ops"].items()},
+        manifest["experiment"], Path(manifest["sweep_dir"]), jobs, manifest["pairs"], resources, ops
     )

@@ -110,12 +110,7 @@ def _run_config(
         data_dir=str(data_dir_for(cfg.data)),
         model=cfg.model,
         optimizer=OptimizerConfig(
-            name=spec.optimizer,
-            lr=point.lr * spec.lr_scale,
-            beta1=point.beta1,
-            beta2=point.beta2,
-            eps=point.eps,
-            weight_decay=point.weight_decay,
+            **{**point.hyperparameters(), "lr": point.lr * spec.lr_scale}, name=spec.optimizer
         ),
         batch_size=batch_size,
         token_budget=budget,
@@ -195,70 +190,69 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
     if not configs:
         raise PlanError("nothing to run: the sweep has no jobs")
     first = configs[0]
-    sweep_dir = Path(first.sweep.dir).absolute()
-    run_root = sweep_dir / "runs"
-    jobs: dict[str, Job] = {}
-    problems = Problems()
-    arm_sigs: dict[str, str] = {}
+    planner = _Planner(Path(first.sweep.dir).absolute())
     # Overrides shared by every job (+experiment=..., model=...) are the sweep's; the others name variants.
     common = set.intersection(*(set(o) for o in overrides))
     for cfg, job_overrides in zip(configs, overrides, strict=True):
         cfg.data = replace(cfg.data, cache_dir=str(Path(cfg.data.cache_dir).absolute()))
-        if cfg.experiment.name != first.experiment.name or Path(cfg.sweep.dir).absolute() != sweep_dir:
-            problems.add("all jobs of one sweep must share experiment.name and sweep.dir")
-            continue
-        if not cfg.arm:
-            problems.add(f"job {' '.join(job_overrides)}: no arm chosen (set arm=NAME)")
-            continue
-        prepare = _prepare_job(cfg.data)
-        jobs.setdefault(prepare.name, prepare)
-        init: Job | None = None
-        deps = [prepare.name]
-        if cfg.experiment.warmup.enabled:
-            try:
-                warmup = _warmup_job(cfg, run_root, prepare.name)
-            except PlanError as exc:
-                for problem in exc.problems:
-                    problems.add(problem, "warmup")
-                continue
-            init, deps = warmup, [warmup.name]
-            if warmup.name in jobs and jobs[warmup.name].signature != warmup.signature:
-                problems.add("jobs of this sweep need different warmups: sweep one warmup at a time")
-                continue
-            jobs.setdefault(warmup.name, warmup)
-        variant = [o for o in job_overrides if o not in common and not o.startswith("arm=")]
-        try:
-            arm = _arm_job(cfg, job_overrides, variant, run_root, init, deps)
-        except PlanError as exc:
-            for problem in exc.problems:
-                problems.add(problem, cfg.arm)
-            continue
-        if arm.name in jobs:
-            problems.add(
-                f"arm name {arm.name!r} appears twice in the sweep: sweep arm alone, or name variants"
-            )
-        elif arm.signature in arm_sigs:
-            problems.add(
-                f"arms {arm_sigs[arm.signature]} and {arm.name} are the same run (signature {arm.signature})"
-            )
+        if cfg.experiment.name != first.experiment.name or Path(cfg.sweep.dir).absolute() != planner.dir:
+            planner.problems.add("all jobs of one sweep must share experiment.name and sweep.dir")
+        elif not cfg.arm:
+            planner.problems.add(f"job {' '.join(job_overrides)}: no arm chosen (set arm=NAME)")
         else:
-            jobs[arm.name] = arm
-            arm_sigs[arm.signature] = arm.name
+            variant = [o for o in job_overrides if o not in common and not o.startswith("arm=")]
+            planner.add(cfg, job_overrides, variant)
     for pair in first.experiment.pairs:
         if len(pair) != 2 or any(a not in first.experiment.arms for a in pair):
-            problems.add(
+            planner.problems.add(
                 f"pair {pair} must name two arms of the experiment ({', '.join(first.experiment.arms)})"
             )
-    problems.raise_any()
-    return SweepPlan(
-        first.experiment.name,
-        sweep_dir,
-        list(jobs.values()),
-        first.experiment.pairs,
-        first.resources,
-        first.ops,
-        first.sweep.dry_run,
-    )
+    planner.problems.raise_any()
+    exp = first.experiment
+    jobs = list(planner.jobs.values())
+    return SweepPlan(exp.name, planner.dir, jobs, exp.pairs, first.resources, first.ops, first.sweep.dry_run)
+
+
+class _Planner:
+    """The jobs planned so far (prepare, warmup, arms: dependencies first) and the problems found."""
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.dir = sweep_dir
+        self.jobs: dict[str, Job] = {}
+        self.problems = Problems()
+        self._arm_by_signature: dict[str, str] = {}
+
+    def add(self, cfg: Config, overrides: list[str], variant: list[str]) -> None:
+        """The arm of `cfg` and the stages it needs (tokenizing, the warmup)."""
+        assert cfg.arm is not None
+        prepare = self.jobs.setdefault("prepare", _prepare_job(cfg.data))
+        init: Job | None = None
+        if cfg.experiment.warmup.enabled:
+            try:
+                init = _warmup_job(cfg, self.dir / "runs", prepare.name)
+            except PlanError as exc:
+                for problem in exc.problems:
+                    self.problems.add(problem, "warmup")
+                return
+            if self.jobs.setdefault(init.name, init).signature != init.signature:
+                self.problems.add("jobs of this sweep need different warmups: sweep one warmup at a time")
+                return
+        try:
+            arm = _arm_job(cfg, overrides, variant, self.dir / "runs", init, [(init or prepare).name])
+        except PlanError as exc:
+            for problem in exc.problems:
+                self.problems.add(problem, cfg.arm)
+            return
+        if arm.name in self.jobs:
+            self.problems.add(
+                f"arm name {arm.name!r} appears twice in the sweep: sweep it alone, or name variants"
+            )
+        elif arm.signature in self._arm_by_signature:
+            twin = self._arm_by_signature[arm.signature]
+            self.problems.add(f"arms {twin} and {arm.name} are the same run (signature {arm.signature})")
+        else:
+            self.jobs[arm.name] = arm
+            self._arm_by_signature[arm.signature] = arm.name
 
 
 def _prepare_job(data: DataConfig) -> Job:

@@ -1,4 +1,4 @@
-"""`python -m sweep.resubmit <sweep dir> [--arms A,H] [--failed] [--local]`: resubmit explicitly.
+"""`python -m sweep.resubmit <sweep dir | experiment> [--arms A,H] [--failed] [--local]`: resubmit explicitly.
 
 Without --arms it does what re-running the sweep command does (failed, timeout and lost jobs are
 resubmitted; completed, queued and running ones are left alone); --arms also reruns named arms
@@ -8,20 +8,16 @@ checkpoint. It reads the manifest, so it needs no config and resubmits exactly w
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from sweep.launch import LauncherOptions, execute
-from sweep.manifest import plan_from_manifest, read_manifest
+from sweep.manifest import plan_from_manifest, read_manifest, sweep_dir_of, sweep_parser
 from sweep.state import squeue_states, sweep_states
 from train.status import RESUBMIT
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sweep.resubmit", description=(__doc__ or "").splitlines()[0]
-    )
-    parser.add_argument("sweep_dir")
+    parser = sweep_parser("python -m sweep.resubmit", __doc__)
     parser.add_argument(
         "--arms", default="", help="comma-separated arm names (default: every job that needs it)"
     )
@@ -31,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        plan = plan_from_manifest(args.sweep_dir)
-    except FileNotFoundError as exc:
+        plan = plan_from_manifest(sweep_dir_of(args))
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     only = [a for a in args.arms.split(",") if a]

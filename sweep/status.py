@@ -8,13 +8,12 @@ where accounting exists): a job SLURM calls COMPLETED whose Python raised is `fa
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from sweep.manifest import read_manifest
+from sweep.manifest import read_manifest, sweep_dir_of, sweep_parser
 from sweep.plan import format_table
 from sweep.state import latest_job_id, squeue_states, sweep_states
 from train.status import BAD, IN_FLIGHT, RunState
@@ -81,16 +80,10 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sweep.status", description=(__doc__ or "").splitlines()[0]
-    )
-    parser.add_argument("sweep", help="a sweep dir, or an experiment name (looked up under --root)")
-    parser.add_argument("--root", default="sweeps", help="where experiment names live (default: sweeps)")
+    parser = sweep_parser("python -m sweep.status", __doc__)
     parser.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until all jobs end")
     args = parser.parse_args(argv)
-    sweep_dir = Path(args.sweep)
-    if not (sweep_dir / "manifest.json").exists():
-        sweep_dir = Path(args.root) / args.sweep
+    sweep_dir = sweep_dir_of(args)
     while True:
         try:
             rows = sweep_rows(sweep_dir)

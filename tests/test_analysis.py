@@ -334,18 +334,18 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path):
         "+experiment=sqrt_rule",
         f"sweep.root={tmp_path}",
     ]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "source=nowhere: use run_dirs" in res.stderr
     res = subprocess.run(
-        cmd[:3] + ["source=wandb", "wandb.group=g"], cwd=REPO, capture_output=True, text=True, timeout=120
+        cmd[:3] + ["source=wandb", "wandb.group=g"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 2 and "needs wandb.entity, wandb.project and wandb.group" in res.stderr
     res = subprocess.run(
         [*cmd[:3], "+experiment=sqrt_rule", f"sweep.root={tmp_path}"],
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert res.returncode == 2 and "holds no manifest.json" in res.stderr
-    assert not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())  # nothing written, not even a log file in the working directory

@@ -109,6 +109,7 @@ def test_theorem_1_kappa_micro_steps_equal_one_invariant_step_as_lr_shrinks():
 # ----------------------------------------------------------------------------- in the trainer
 
 
+@pytest.mark.slow
 def test_two_ranks_reduce_the_squared_micro_gradients_like_one_rank(prepared_data, tmp_path):
     """The same 4 micro-batches of 2 sequences, on one rank or split over two: the same run."""
     budget = 8 * 32 * 5
@@ -134,6 +135,7 @@ def _binned_curve(run_dir: Path, budget: int, bins: int = 8) -> np.ndarray:
     return np.array([loss[which == i].mean() for i in range(bins)])
 
 
+@pytest.mark.slow
 def test_curves_at_several_batch_sizes_overlay_with_lr_proportional_to_batch(prepared_data, tmp_path):
     """Batch 2, 4, 8 from the same start, micro-batches of one sequence, lr x kappa and betas ** kappa
     (rule linear_beta): invariant Adam's loss-vs-tokens curves overlay, standard Adam's do not.

@@ -58,8 +58,8 @@ def test_none_and_linear():
 @pytest.mark.parametrize(
     ("op", "rule", "message"),
     [
-        (OperatingPoint(512, 1e-4, 1.0, 0.95, 1e-8), "none", "beta1=1.0, outside"),
-        (OperatingPoint(512, 1e-4, 0.9, 0.0, 1e-8), "sqrt", "beta2=0.0, outside"),
+        (OperatingPoint(reference_batch=512, lr=1e-4, beta1=1.0, beta2=0.95), "none", "beta1=1.0, outside"),
+        (OperatingPoint(reference_batch=512, lr=1e-4, beta1=0.9, beta2=0.0), "sqrt", "beta2=0.0, outside"),
         (SEED_A, "cubic", "unknown scaling rule 'cubic'"),
     ],
 )
@@ -89,14 +89,16 @@ def test_first_order_beta_form():
     # Moving up 16x in first order takes beta1 = 0.9 to 1 - 1.6 < 0: refused, not clipped silently.
     with pytest.raises(RuleError, match=r"beta1=-0\.59999"):
         apply_rule(
-            SEED_A.__class__(32, 1e-4, 0.9, 0.95, 1e-8), RuleConfig("sqrt", beta_form="first_order"), 512
+            OperatingPoint(reference_batch=32, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8),
+            RuleConfig("sqrt", beta_form="first_order"),
+            512,
         )
     with pytest.raises(RuleError, match="beta_form"):
         apply_rule(SEED_A, RuleConfig("sqrt", beta_form="cubic"), 32)
 
 
 def test_beta_clamps():
-    small = OperatingPoint(32, 1e-4, 0.9, 0.95, 1e-8)
+    small = OperatingPoint(reference_batch=32, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
     up = apply_rule(small, RuleConfig("keep_lr_beta2"), 512)
     assert up.beta2 == pytest.approx(0.95**16)  # 0.44: far too short a memory for v
     floored = apply_rule(small, RuleConfig("keep_lr_beta2", beta2_min=0.9), 512)

@@ -78,6 +78,7 @@ def test_the_trainer_reads_every_sample_once_across_batch_changes(prepared_data,
     assert all(r["tokens_per_s"] > 0 for r in logged)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_ramp_resumes_exactly(prepared_data, tmp_path_factory):
     budget = 4 * SEQ * 32  # batch 4 for 16 steps, 8 for 4 steps (to 3/4), then 16 for 2 steps
     cfg = tiny_run(

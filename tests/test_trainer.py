@@ -118,6 +118,7 @@ def _run_world(cfg: RunConfig, world: int, out: Path) -> None:
     assert [p.exitcode for p in procs] == [0] * world
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_with_accumulation_matches_one_rank_with_the_whole_batch(prepared_data, tmp_path):
     budget = 8 * 32 * 5
     one = tiny_run(prepared_data, tmp_path / "one", token_budget=budget)
@@ -165,6 +166,7 @@ def reference(prepared_data, tmp_path_factory):
     return cfg, _trace(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [2, 8, 17])
 def test_sigkill_at_any_step_then_resume_logs_the_identical_run(reference, tmp_path, kill_after):
     cfg, expected = reference
@@ -183,6 +185,7 @@ def test_sigkill_at_any_step_then_resume_logs_the_identical_run(reference, tmp_p
     assert len(segments) == 2 and {p.name for p in segments} == {f"run-{cfg.signature}.wandb"}
 
 
+@pytest.mark.slow
 def test_stop_signal_checkpoints_at_a_step_boundary_and_resumes_exactly(reference, tmp_path):
     cfg, expected = reference
     cfg = replace(cfg, run_dir=str(tmp_path / "run"))

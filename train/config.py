@@ -85,16 +85,25 @@ WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
 
 
 @dataclass
-class OptimizerConfig:
-    """Adam with hyperparameters already moved by the scaling rule: `adamw` (torch's), or
-    `invariant_adam` (train/invariant_adam.py: second moment from squared micro-batch gradients)."""
+class AdamHyperparameters:
+    """What a scaling rule moves (train/rules.py), and what an arm's optimizer runs with."""
 
-    name: str = "adamw"
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(AdamHyperparameters)}
+
+
+@dataclass
+class OptimizerConfig(AdamHyperparameters):
+    """Adam with hyperparameters already moved by the scaling rule: `adamw` (torch's), or
+    `invariant_adam` (train/invariant_adam.py: second moment from squared micro-batch gradients)."""
+
+    name: str = "adamw"
 
 
 @dataclass

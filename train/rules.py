@@ -32,17 +32,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from train.config import AdamHyperparameters
+
 
 @dataclass
-class OperatingPoint:
+class OperatingPoint(AdamHyperparameters):
     """Adam hyperparameters tuned at `reference_batch` sequences."""
 
     reference_batch: int = 64
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
 
 
 @dataclass
