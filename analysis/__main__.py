@@ -10,8 +10,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.collect import long_table
-from analysis.report import Comparison, analyze, report
+from analysis.report import Comparison, analyze, check_pairs, report
 from analysis.tables import BinSpec, Margin
 
 
@@ -34,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     bad = [p for p in pairs if len(p) != 2]
     if bad:
         _fail(f"a pair names two arms, got {bad}")
-    spec = BinSpec(a.bins, a.bin_tokens, a.skip_tokens, a.until_tokens)
+    spec = BinSpec(a.bins, a.bin_tokens, a.skip_tokens, a.until_tokens, a.segments)
     cmp = Comparison(pairs, spec, Margin(a.margin, a.margin_fraction, a.alpha))
     out = Path(a.out) if a.out else None
     try:
@@ -48,9 +47,10 @@ def main(cfg: DictConfig) -> None:
             sel = WandbSelection(
                 w.entity, w.project, group, filters, w.base_url, w.workers, w.backoff_s, w.attempts
             )  # type: ignore[arg-type]
-            runs = long_table(collect_wandb(sel, sweep_dir / "wandb_cache" / w.entity / w.project))
+            found = collect_wandb(sel, sweep_dir / "wandb_cache" / w.entity / w.project)
+            check_pairs(cmp.pairs, found, set())
             cmp.title = str(group)
-            tables = report(runs, cmp, out or sweep_dir / "results")
+            tables = report(found, cmp, out or sweep_dir / "results")
         else:
             tables = analyze(sweep_dir, cmp, out)
     except (FileNotFoundError, LookupError, ValueError) as exc:

@@ -11,7 +11,7 @@ own reader), which needs no torch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,12 @@ import pandas as pd
 
 from train.status import read_status
 
+VAL_SEQUENCES = "val_sequence_loss"  # the trainer's key (train/runlog.py) for per-sequence losses
+
 COLUMNS = [
     "arm",
+    "base",
+    "replicate",
     "signature",
     "batch_size",
     "state",
@@ -39,13 +43,45 @@ LOGGED = ["step", "tokens", "loss", "val_loss", "lr", "b_simple", "tokens_per_s"
 
 @dataclass
 class ArmRows:
-    """One arm as a source found it: identity and its logged rows, oldest first."""
+    """One run of an arm as a source found it: identity and its logged rows, oldest first."""
 
-    arm: str
+    arm: str  # the job name
     signature: str
     batch_size: int
     state: str
     rows: pd.DataFrame  # columns ⊆ LOGGED; several segments already concatenated in logging order
+    base: str = ""  # the arm pairs name (the job name without its data-order replicate); "" = `arm`
+    replicate: str = ""  # e.g. "data_seed=1" where the sweep has several data orders
+    val_sequences: dict[int, np.ndarray] = field(default_factory=dict)  # tokens -> per-sequence val loss
+
+    @classmethod
+    def from_job(
+        cls,
+        name: str,
+        signature: str,
+        row: dict[str, Any],
+        state: str,
+        rows: pd.DataFrame,
+        sequences: dict[int, np.ndarray] | None = None,
+    ) -> ArmRows:
+        """From a job's arm-table row (manifest `derived`, W&B config `arm`) and its logged rows."""
+        return cls(
+            name,
+            signature,
+            int(row["batch_size"]),
+            state,
+            rows.drop(columns=VAL_SEQUENCES, errors="ignore"),
+            str(row.get("base") or name),
+            str(row.get("replicate") or ""),
+            sequences or {},
+        )
+
+
+def val_sequences(rows: list[dict[str, Any]]) -> dict[int, np.ndarray]:
+    """Per evaluation (by tokens; the last logged wins) the per-sequence validation losses."""
+    return {
+        int(r["tokens"]): np.asarray(r[VAL_SEQUENCES], dtype=np.float64) for r in rows if VAL_SEQUENCES in r
+    }
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -82,6 +118,8 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
     arms = sorted(arms, key=lambda x: x.arm)
     categories = {
         "arm": sorted({a.arm for a in arms}),
+        "base": sorted({a.base or a.arm for a in arms}),
+        "replicate": sorted({a.replicate for a in arms}),
         "kind": ["train", "val"],
         "signature": sorted({a.signature for a in arms}),
         "state": sorted({a.state for a in arms}),
@@ -95,7 +133,8 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
             where = np.flatnonzero(has_tokens & ~np.isnan(values[source]))
             parts.append((a, values, code, where[_last_per_token(values["tokens"][where])]))
     total = sum(len(keep) for *_, keep in parts)
-    codes = {"arm": np.int32, "kind": np.int8, "signature": np.int32, "state": np.int32}
+    codes = {"arm": np.int32, "base": np.int32, "replicate": np.int32, "kind": np.int8}
+    codes |= {"signature": np.int32, "state": np.int32}
     out = {
         c: np.empty(total, codes.get(c, np.int64 if c in ("tokens", "batch_size") else np.float64))
         for c in COLUMNS
@@ -104,6 +143,8 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
     for a, values, code, keep in parts:
         end = start + len(keep)
         out["arm"][start:end] = categories["arm"].index(a.arm)
+        out["base"][start:end] = categories["base"].index(a.base or a.arm)
+        out["replicate"][start:end] = categories["replicate"].index(a.replicate)
         out["kind"][start:end] = code
         out["signature"][start:end] = categories["signature"].index(a.signature)
         out["state"][start:end] = categories["state"].index(a.state)
@@ -123,15 +164,22 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
 
 
 def run_dir_arms(manifest: dict[str, Any]) -> list[ArmRows]:
-    """Each arm of a sweep manifest with its `metrics.jsonl` (arms with no rows yet are left out)."""
+    """Each arm of a sweep manifest with its `metrics.jsonl` (arms with no rows yet are left out).
+
+    One run may stand under two names (an arm swept alone, later as data-order replicate 0 of the
+    same arm): it counts once, under the name the manifest recorded last."""
     arms = []
+    latest = {job["signature"]: name for name, job in manifest["jobs"].items() if job["kind"] == "arm"}
     for name, job in manifest["jobs"].items():
-        if job["kind"] != "arm":
+        if job["kind"] != "arm" or latest[job["signature"]] != name:
             continue
         rows = read_metrics(job["run_dir"])
         if not rows:
             continue
         state = (read_status(job["run_dir"]) or {}).get("state", "unknown")  # torn or missing: unknown
-        batch = int(job["derived"]["batch_size"])
-        arms.append(ArmRows(name, job["signature"], batch, state, pd.DataFrame(rows)))
+        arms.append(
+            ArmRows.from_job(
+                name, job["signature"], job["derived"], state, pd.DataFrame(rows), val_sequences(rows)
+            )
+        )
     return arms

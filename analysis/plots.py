@@ -1,4 +1,11 @@
-"""The three figures of a comparison, sized and labelled for a paper (units on every axis)."""
+"""The three figures of a comparison, sized and labelled for a paper (units on every axis).
+
+- curves.png: loss vs tokens (millions) for every arm; the two arms of a pair share a colour, the
+  smaller batch dashed.
+- equivalence.png: per pair, the paired gap per display bin with its robust interval, the verdict
+  segments' intervals as boxes, the +-delta band, the skipped range shaded, the verdict written.
+- pairing.png: per pair, the per-window noise of the paired gap against the unpaired one.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
+
+FIGURES = ("curves.png", "equivalence.png", "pairing.png")
 
 
 def _pyplot() -> Any:
@@ -19,47 +29,119 @@ def _pyplot() -> Any:
     return plt
 
 
-def curves(binned: pd.DataFrame, path: Path, title: str) -> None:
-    """Loss vs tokens, every arm, bin means with +-SE bands."""
+def _colours(context: pd.DataFrame, pairs: list[list[str]]) -> dict[str, Any]:
+    """Per arm run: one colour per pair (both its arms, every replicate), then one per other arm."""
+    palette = _pyplot().get_cmap("tab10").colors
+    base = dict(zip(context["arm"], context["base"], strict=True))
+    groups = [set(p) for p in pairs] + [{b} for b in dict.fromkeys(base.values())]
+    colour_of_base: dict[str, Any] = {}
+    for group in groups:
+        if group & set(colour_of_base) or not group & set(base.values()):
+            continue
+        n = len(set(colour_of_base.values()))
+        colour_of_base |= dict.fromkeys(group, palette[n % len(palette)])
+    return {arm: colour_of_base[b] for arm, b in base.items()}
+
+
+def curves(
+    binned: pd.DataFrame,
+    context: pd.DataFrame,
+    pairs: list[list[str]],
+    labels: dict[str, str],
+    path: Path,
+    title: str,
+) -> None:
+    """Loss vs tokens, every arm run: bin means with +-SE bands; a pair's smaller batch dashed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=150)
-    for arm, df in binned.groupby("arm"):
-        mid = (df["bin_start"] + df["bin_end"]) / 2
-        ax.plot(mid, df["mean"], marker="o", ms=3, label=str(arm))
+    colour = _colours(context, pairs)
+    info = context.set_index("arm")
+    batch_of_base = dict(zip(context["base"], context["batch_size"], strict=False))
+    smaller = {min(p, key=lambda x: batch_of_base.get(x, math.inf)) for p in pairs if len(p) == 2}
+    for arm, df in binned.groupby("arm", sort=False):
+        mid = (df["bin_start"] + df["bin_end"]) / 2e6
+        running = info.loc[arm, "state"] not in ("completed", "finished")
+        label = labels.get(str(arm), str(arm)) + (" — running" if running else "")
+        style = "--" if info.loc[arm, "base"] in smaller else "-"
+        ax.plot(mid, df["mean"], ls=style, marker="o", ms=2.5, color=colour[arm], label=label)
         se = df["se"].fillna(0.0)
-        ax.fill_between(mid, df["mean"] - se, df["mean"] + se, alpha=0.25)
-    ax.set_xlabel("tokens consumed since branching")
+        ax.fill_between(mid, df["mean"] - se, df["mean"] + se, alpha=0.2, color=colour[arm])
+    ax.set_xlabel("tokens consumed since branching (millions)")
     ax.set_ylabel("training loss (nats/token), bin mean ± SE")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(title="arm")
+    if binned["arm"].nunique() <= 16:
+        ax.legend(fontsize=7, title="arm (batch, rule)", title_fontsize=7)
+        ax.set_title(title)
+    else:  # a legend of that many entries would cover the curves
+        ax.set_title(f"{title} ({binned['arm'].nunique()} arms; pairs share a colour)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def equivalence(gaps: pd.DataFrame, path: Path, title: str) -> None:
-    """Per pair: the gap per bin with SE bars, zero, and the +-delta equivalence band."""
+def _half_width(df: pd.DataFrame, level: float) -> np.ndarray:
+    q = np.array([stats.t.ppf(0.5 + level / 2, d) if d > 0 else np.nan for d in df["gap_df"]])
+    return np.nan_to_num(q * df["gap_se"].to_numpy(np.float64), nan=0.0)
+
+
+def equivalence(gaps: pd.DataFrame, pairs: pd.DataFrame, skip_tokens: int, path: Path, title: str) -> None:
+    """Per pair: display bins with their intervals, the verdict segments as boxes, +-delta, the verdict."""
     plt = _pyplot()
-    pairs = list(dict.fromkeys(gaps["pair"]))
-    cols = min(2, len(pairs))
-    rows = math.ceil(len(pairs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), dpi=150, squeeze=False)
-    for ax, pair in zip(axes.flat, pairs, strict=False):
-        df = gaps[gaps["pair"] == pair]
-        mid = (df["bin_start"] + df["bin_end"]) / 2
-        delta = float(df["delta"].iloc[0])
+    names = list(dict.fromkeys(pairs["pair"]))
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), dpi=150, squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        row = pairs[pairs["pair"] == name].iloc[0]
+        level = 1 - 2 * float(row["alpha"])
+        mine = gaps[gaps["pair"] == name]
+        bins, segments = mine[mine["unit"] == "bin"], mine[mine["unit"] == "segment"]
+        delta = float(row["delta"])
         if np.isfinite(delta):
-            ax.axhspan(-delta, delta, color="tab:green", alpha=0.15, label=f"±δ = {delta:.3g} nats")
+            ax.axhspan(-delta, delta, color="tab:green", alpha=0.12, label=f"±δ = {delta:.3g} nats")
+        if skip_tokens > 0:
+            ax.axvspan(0, skip_tokens / 1e6, color="gray", alpha=0.15, label="skipped (transient)")
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.errorbar(mid, df["gap"], yerr=df["gap_se"].fillna(0.0), fmt="o", ms=3, capsize=2, label="gap ± SE")
-        a, b = pair.split("-", 1)
-        ax.set_title(f"{pair}: loss({a}) − loss({b})")
-        ax.set_xlabel("tokens consumed since branching")
-        ax.set_ylabel("loss gap (nats/token)")
+        for seg in segments.itertuples():
+            h = _half_width(pd.DataFrame([seg._asdict()]), level)[0]
+            ax.add_patch(
+                plt.Rectangle(
+                    (seg.bin_start / 1e6, seg.gap - h),
+                    (seg.bin_end - seg.bin_start) / 1e6,
+                    2 * h,
+                    color="tab:orange",
+                    alpha=0.25,
+                    lw=0,
+                )
+            )
+        ax.plot([], [], color="tab:orange", alpha=0.4, lw=6, label=f"segment {level:.0%} CI (verdict)")
+        mid = (bins["bin_start"] + bins["bin_end"]) / 2e6
+        ax.errorbar(
+            mid,
+            bins["gap"],
+            yerr=_half_width(bins, level),
+            fmt="o",
+            ms=3,
+            capsize=2,
+            label=f"bin gap, {level:.0%} CI",
+        )
+        a, b = name.split("-", 1)
+        ax.set_title(f"{name}: loss({a}) − loss({b}) on the same samples", fontsize=9)
+        ax.text(
+            0.02,
+            0.95,
+            f"{row['verdict']} (reach {row['reach']:.3g})",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=9,
+            weight="bold",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"},
+        )
+        ax.set_xlabel("tokens consumed since branching (millions)")
+        ax.set_ylabel("paired loss gap (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(pairs) :]:
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
@@ -67,26 +149,34 @@ def equivalence(gaps: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def noise(arms: pd.DataFrame, path: Path, title: str) -> None:
-    """Per-step loss noise vs batch (log-log) and the 1/sqrt(batch) line of the noise-dominated regime."""
+def pairing(pairs: pd.DataFrame, path: Path, title: str) -> None:
+    """Per pair: per-window noise of the unpaired and the paired gap (what pairing buys)."""
     plt = _pyplot()
-    df = arms[np.isfinite(arms["loss_std"]) & (arms["loss_std"] > 0)]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=150)
-    for row in df.itertuples():
-        ax.scatter(row.batch_size, row.loss_std, s=30, zorder=3)
-        ax.annotate(str(row.arm), (row.batch_size, row.loss_std), textcoords="offset points", xytext=(5, 4))
-    if len(df):
-        # The line through the geometric mean of the points: std = c / sqrt(batch).
-        c = float(np.exp(np.mean(np.log(df["loss_std"]) + 0.5 * np.log(df["batch_size"]))))
-        b = np.geomspace(df["batch_size"].min() / 1.5, df["batch_size"].max() * 1.5, 50)
-        ax.plot(b, c / np.sqrt(b), ls="--", color="gray", label="∝ 1/√batch")
-        ax.legend()
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (sequences)")
-    ax.set_ylabel("per-step training-loss noise (nats/token)")
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(pairs) + 2), 4.2), dpi=150)
+    x = np.arange(len(pairs))
+    ax.bar(
+        x - 0.2,
+        pairs["unpaired_noise"],
+        width=0.4,
+        label="unpaired: the two arms' window means",
+        color="tab:gray",
+    )
+    ax.bar(x + 0.2, pairs["paired_noise"], width=0.4, label="paired: their difference on the same samples")
+    ax.set_ylim(0, 1.25 * float(np.nanmax(pairs["unpaired_noise"])) if len(pairs) else 1)
+    for i, gain in enumerate(pairs["pairing_gain"]):
+        if np.isfinite(gain):
+            ax.annotate(
+                f"×{gain:.1f} SE\n×{gain**2:.0f} tokens",
+                (i, float(pairs["unpaired_noise"].iloc[i])),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks(x, pairs["pair"])
+    ax.set_ylabel("per-window noise of the gap (nats/token)")
     ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-IMAGES = ("curves.png", "equivalence.png", "noise.png")
+from analysis.plots import FIGURES as IMAGES
 
 
 def publish(tables: dict[str, Any], out: Path, project: str, entity: str, group: str, mode: str) -> str:

@@ -1,12 +1,14 @@
-"""Write a comparison to `<out>/`: pairs.csv/.md/.tex, bins.csv, arms.csv, runs.parquet, three plots.
+"""Write a comparison to `<out>/`: pairs.md/.csv/.tex, gaps.csv, bins.csv, arms.csv, runs.parquet, plots.
 
-`pairs.md` (also printed) holds, for training and (where logged) validation loss, the pair table
-and each pair's verdict in words, then the per-arm context (noise, B_simple, speed, cost).
+`pairs.md` (also printed) starts with one line per pair and metric (the verdict, the mean gap and
+its interval, the margin), then each verdict in words, the detailed tables, and the per-arm
+context; it reads at 100 columns.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,51 +17,46 @@ from typing import Any
 import pandas as pd
 
 from analysis import plots as plot
-from analysis.collect import long_table, run_dir_arms
+from analysis.collect import ArmRows, long_table, run_dir_arms
 from analysis.tables import (
     ARM_COLUMNS,
     BinSpec,
     Margin,
-    PairGrid,
     arm_context,
     arms_of,
-    bin_arms,
-    op_spreads,
-    pair_table,
+    curve_bins,
+    pair_rows,
     verdict_line,
 )
 from sweep.manifest import read_manifest
 
-PAIR_COLUMNS = ["pair", "batch_a", "batch_b", "bins", "mean_gap", "gap_se", "t", "same_sign", "max_abs_gap"]
-PAIR_COLUMNS += [
-    "op_spread",
-    "gap_over_spread",
-    "delta",
-    "tost_p",
-    "verdict",
-    "noise_ratio",
-    "sqrt_batch_ratio",
-]
+SUMMARY_COLUMNS = ["pair", "metric", "verdict", "mean_gap", "ci_low", "ci_high", "reach", "delta"]
+DETAIL_COLUMNS = ["pair", "metric", "batch_a", "batch_b", "replicates", "windows", "segments", "from_tokens"]
+DETAIL_COLUMNS += ["to_tokens", "gap_se", "same_sign", "op_spread", "gap_over_spread"]
+PAIRING_COLUMNS = ["pair", "paired_noise", "unpaired_noise", "pairing_gain"]
 TEX_COLUMNS = {
     "pair": "Pair",
     "batch_a": "$B_a$",
     "batch_b": "$B_b$",
     "mean_gap": "Mean gap",
-    "gap_se": "SE",
-    "same_sign": "Same sign",
-    "op_spread": "Op. spread",
+    "ci_low": "CI low",
+    "ci_high": "CI high",
+    "reach": "Reach",
     "delta": r"$\delta$",
-    "tost_p": "TOST $p$",
     "verdict": "Verdict",
 }
-NOTES = (
-    "mean_gap = loss(a) - loss(b) averaged over the pair's common token bins (nats); gap_se its SE over "
-    "bins; "
-    "same_sign = share of bins with the sign of the mean; op_spread = |mean gap| between operating points at "
-    "equal batch size (gap_over_spread << 1: the rule maps one batch size onto the other); delta = the "
-    "equivalence margin, tost_p = two one-sided tests against +-delta; noise_ratio = per-step loss noise of "
-    "the smaller-batch arm over the larger one, sqrt_batch_ratio what the noise-dominated regime predicts."
-)
+NOTES = """\
+How to read it. Training loss: the two arms are compared on matched windows (the samples both
+consumed between two shared step boundaries), so the gap is paired sample for sample; mean_gap is
+loss(a) - loss(b) over the compared tokens, with its (1 - 2 alpha) CI from an autocorrelation-
+robust standard error (AR(1)-prewhitened EWC, t intervals). The verdict cuts the range into
+`segments` token ranges: equivalent = every segment's CI inside +-delta (reach = the largest |CI
+bound| < delta); NOT equivalent = some segment's Bonferroni-widened CI entirely outside +-delta;
+otherwise inconclusive. Validation loss: paired over the same validation sequences at each common
+evaluation (exact SE), mean_gap = the gap at the last one, the verdict over evaluations. delta =
+analysis.margin, or margin_fraction x op_spread (|gap| between operating points at the same batch
+size). pairing_gain = unpaired / paired per-window noise: what pairing buys in SE (its square in
+tokens). Display bins (gaps.csv, equivalence.png) never enter the verdict."""
 
 
 @dataclass
@@ -117,92 +114,189 @@ def to_latex(df: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
+def check_pairs(pairs: list[list[str]], found: list[ArmRows], known: set[str]) -> None:
+    """Refuse a pair that names an arm the sweep does not have (a typo), before anything is written."""
+    names = known | {a.arm for a in found} | {a.base or a.arm for a in found}
+    unknown = sorted({x for p in pairs for x in p} - names)
+    if unknown:
+        raise LookupError(
+            f"pair(s) name unknown arm(s) {', '.join(unknown)}; the sweep's arms: {', '.join(sorted(names))}"
+        )
+
+
+def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Every table of a comparison (nothing written): `pairs`, `gaps`, `bins`, `arms`, `runs` (the
+    merged long table of `found`, made here unless given)."""
+    runs = long_table(found) if runs is None else runs
+    arms = arms_of(runs, cmp.spec, {a.arm: a.val_sequences for a in found})
+    pairs, gaps = pair_rows(arms, cmp.pairs, cmp.spec, cmp.margin)
+    if pairs.empty:
+        pairs = pd.DataFrame(columns=["metric", *SUMMARY_COLUMNS, *DETAIL_COLUMNS])
+    return {
+        "pairs": pairs,
+        "gaps": gaps,
+        "bins": curve_bins(arms, cmp.spec),
+        "arms": arm_context(arms),
+        "runs": runs,
+    }
+
+
 def report(
-    runs: pd.DataFrame, cmp: Comparison, out: Path, missing: list[str] | None = None, plots: bool = True
+    found: list[ArmRows],
+    cmp: Comparison,
+    out: Path,
+    missing: list[str] | None = None,
+    plots: bool = True,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Compute every table, write every file, print `pairs.md`; returns the tables by name (and `out`)."""
+    """Compute every table, write every file, print `pairs.md`; returns the tables by name (and `out`).
+
+    `labels`: per arm run, its legend text in the curves plot (arm, batch, rule)."""
     if not cmp.pairs:
         raise ValueError("no pairs to compare: the experiment declares none; give analysis.pairs='[[A,B]]'")
-    if runs.empty:
+    if not found:
         raise LookupError("no arm has logged any rows yet: nothing to compare")
     out.mkdir(parents=True, exist_ok=True)
+    runs = long_table(found)
     # The merged table is the largest file: write it while the tables are computed (the parquet
-    # writer releases the GIL), which halves the wall time on 100 runs x 100k rows.
+    # writer releases the GIL).
     background = ThreadPoolExecutor(max_workers=1)
     writer = background.submit(runs.to_parquet, out / "runs.parquet", index=False)
-    arms = arms_of(runs, cmp.spec)
-    usable = [p for p in cmp.pairs if set(p) <= set(arms)]
-    missing = sorted(set(missing or []) | {a for p in cmp.pairs for a in p} - set(arms))
-    grids = PairGrid(cmp.spec)
-    spread = op_spreads(arms, usable, grids)  # once for both metrics: the yardstick is training loss
-    tables, gaps = [], []
-    for kind in ("train", "val"):
-        if any(len(arm.series(kind).tokens) for arm in arms.values()):
-            t, g = pair_table(arms, usable, grids, spread, cmp.margin, kind)
-            tables.append(t)
-            gaps.append(g)
-    pairs = (
-        pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["metric", *PAIR_COLUMNS])
-    )
-    gap_bins = pd.concat(gaps, ignore_index=True) if gaps else pd.DataFrame()
-    binned = bin_arms(arms, cmp.spec)
-    context = arm_context(arms)
-
+    tables = compare(found, cmp, runs)
+    pairs, context = tables["pairs"], tables["arms"]
     pairs.to_csv(out / "pairs.csv", index=False)
-    binned.to_csv(out / "bins.csv", index=False)
+    tables["gaps"].to_csv(out / "gaps.csv", index=False)
+    tables["bins"].to_csv(out / "bins.csv", index=False)
     context.to_csv(out / "arms.csv", index=False)
     (out / "pairs.tex").write_text(to_latex(pairs, cmp.title))
+    text = markdown(pairs, context, cmp, missing or [])
+    (out / "pairs.md").write_text(text)
+    if plots:
+        draw(out, cmp, tables, labels or {})
+    writer.result()  # re-raises a failed write
+    background.shutdown()
+    print(text)
+    for name in ("pairs.md", "pairs.csv", "pairs.tex", "gaps.csv", "bins.csv", "arms.csv", "runs.parquet"):
+        print(f"wrote {out / name}")
+    for name in plot.FIGURES:
+        if (out / name).exists():
+            print(f"wrote {out / name}")
+    return {**tables, "out": out}
 
-    text = [f"# {cmp.title}: pairwise loss gap vs tokens", ""]
-    for metric, part in pairs.groupby("metric", sort=False):
-        n_bins = ", ".join(f"{r.pair} {r.bins}" for r in part.itertuples())
-        text += [f"## {metric} loss (bins: {n_bins})", "", to_markdown(part, PAIR_COLUMNS), ""]
-        text += [f"- {verdict_line(row)}" for row in part.to_dict("records")] + [""]
+
+def verdict_table(pairs: pd.DataFrame) -> str:
+    """The short table of verdicts: pair, metric, verdict, mean gap with its interval, reach, delta."""
+    level = f"{1 - 2 * float(pairs['alpha'].iloc[0]):.0%}" if len(pairs) and "alpha" in pairs else "90%"
+    rows = pd.DataFrame(
+        {
+            "pair": pairs["pair"],
+            "metric": pairs["metric"],
+            "verdict": pairs["verdict"],
+            f"mean gap [{level} CI]": [
+                f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" if math.isfinite(lo) else fmt(m)
+                for m, lo, hi in zip(pairs["mean_gap"], pairs["ci_low"], pairs["ci_high"], strict=True)
+            ],
+            "reach": pairs["reach"],
+            "δ": pairs["delta"],
+        }
+    )
+    return to_markdown(rows, list(rows.columns))
+
+
+def markdown(pairs: pd.DataFrame, context: pd.DataFrame, cmp: Comparison, missing: list[str]) -> str:
+    """pairs.md: the verdicts first, at 100 columns, then the detail."""
+    spec = cmp.spec
+    window = f"tokens > {spec.skip_tokens:,}" + (
+        f" and <= {spec.until_tokens:,}" if spec.until_tokens else ""
+    )
+    text = [
+        f"# {cmp.title}: paired loss gaps",
+        "",
+        f"Compared on {window}; {spec.segments} verdict segments.",
+        "",
+    ]
+    text += ["## verdicts", "", verdict_table(pairs), ""]
+    for row in pairs.to_dict("records"):
+        text += textwrap.wrap(verdict_line(row), 100, initial_indent="- ", subsequent_indent="  ")
+    text += [""]
+    text += ["## detail", "", to_markdown(pairs, DETAIL_COLUMNS), ""]
+    train = pairs[pairs["metric"] == "train"]
+    if len(train):
+        text += [
+            "## what pairing buys (training loss, per window)",
+            "",
+            to_markdown(train, PAIRING_COLUMNS),
+            "",
+        ]
     text += ["## arms", "", to_markdown(context, ARM_COLUMNS), "", NOTES, ""]
     if missing:
         text += [f"No metrics yet for arm(s) {', '.join(missing)}: their pairs are left out.", ""]
-    stopped = context[(context["state"] != "completed") & (context["state"] != "finished")]
+    stopped = context[~context["state"].isin(["completed", "finished"])]
     for row in stopped.itertuples():
         text += [
-            f"Arm {row.arm} is {row.state} at {row.tokens:,} tokens: its pairs are compared up to there.",
+            f"Arm {row.arm} is {row.state} at {row.tokens:,} tokens: its pairs are compared up to where "
+            "both arms got, and their verdicts may still change.",
             "",
         ]
-    (out / "pairs.md").write_text("\n".join(text))
-
-    if plots:
-        draw(out, cmp.title, binned, gap_bins, context)
-    writer.result()  # re-raises a failed write
-    background.shutdown()
-    print("\n".join(text))
-    for name in ("pairs.md", "pairs.csv", "pairs.tex", "bins.csv", "arms.csv", "runs.parquet"):
-        print(f"wrote {out / name}")
-    for name in ("curves.png", "equivalence.png", "noise.png"):
-        if (out / name).exists():
-            print(f"wrote {out / name}")
-    return {"pairs": pairs, "bins": binned, "arms": context, "gaps": gap_bins, "out": out}
+    return "\n".join(text)
 
 
-def draw(out: Path, title: str, binned: pd.DataFrame, gap_bins: pd.DataFrame, context: pd.DataFrame) -> None:
-    """curves.png, equivalence.png (training-loss gaps) and noise.png."""
-    if len(binned):
-        plot.curves(binned, out / "curves.png", f"{title}: loss vs tokens")
-    if len(gap_bins):
-        train_gaps = gap_bins[gap_bins["metric"] == "train"]
-        plot.equivalence(train_gaps, out / "equivalence.png", f"{title}: per-bin gap and margin")
-    if len(context):
-        plot.noise(context, out / "noise.png", f"{title}: loss noise vs batch")
+def draw(out: Path, cmp: Comparison, tables: dict[str, Any], labels: dict[str, str]) -> None:
+    """curves.png, equivalence.png (training-loss gaps) and pairing.png."""
+    if len(tables["bins"]):
+        title = f"{cmp.title}: loss vs tokens"
+        plot.curves(tables["bins"], tables["arms"], cmp.pairs, labels, out / "curves.png", title)
+    gaps, pairs = tables["gaps"], tables["pairs"]
+    if len(gaps) and (gaps["metric"] == "train").any():
+        plot.equivalence(
+            gaps[gaps["metric"] == "train"],
+            pairs[pairs["metric"] == "train"],
+            cmp.spec.skip_tokens,
+            out / "equivalence.png",
+            f"{cmp.title}: paired gap per bin and margin",
+        )
+    train = pairs[pairs["metric"] == "train"]
+    if len(train):
+        plot.pairing(train, out / "pairing.png", f"{cmp.title}: what pairing buys")
+
+
+def sweep_arms(sweep_dir: Path) -> tuple[dict[str, Any], list[ArmRows], list[str], dict[str, str]]:
+    """A sweep's manifest, its arms' rows from their run dirs, the arms with none yet, and labels."""
+    manifest = read_manifest(sweep_dir)
+    found = run_dir_arms(manifest)
+    jobs = {name: job for name, job in manifest["jobs"].items() if job["kind"] == "arm"}
+    missing = sorted(set(jobs) - {a.arm for a in found})
+    labels = {
+        name: f"{name} (B={job['derived'].get('batch_size')}, {job['derived'].get('rule', '?')})"
+        for name, job in jobs.items()
+    }
+    return manifest, found, missing, labels
 
 
 def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | None = None) -> dict[str, Any]:
     """Compare a sweep's arms from its run dirs: the manifest's pairs plus `cmp.pairs`."""
     sweep_dir = Path(sweep_dir)
-    manifest = read_manifest(sweep_dir)
+    manifest, found, missing, labels = sweep_arms(sweep_dir)
     cmp = cmp or Comparison(pairs=[])
     declared = [list(p) for p in manifest.get("pairs", [])]
     pairs = declared + [list(p) for p in cmp.pairs if list(p) not in declared]
-    found = run_dir_arms(manifest)
-    arms = [name for name, job in manifest["jobs"].items() if job["kind"] == "arm"]
+    # The arms the experiment defines (the manifest records them; older ones: those of its pairs),
+    # and the runs of this sweep by name.
+    known = set(manifest.get("arms") or [x for p in declared for x in p])
+    for name, job in manifest["jobs"].items():
+        if job["kind"] == "arm":
+            known |= {name, job["derived"].get("base", name)}
+    check_pairs(pairs, found, known)
     title = cmp.title if cmp.title != "comparison" else str(manifest.get("experiment", sweep_dir.name))
     full = Comparison(pairs, cmp.spec, cmp.margin, title)
-    missing = sorted(set(arms) - {a.arm for a in found})
-    return report(long_table(found), full, out or sweep_dir / "results", missing=missing)
+    return report(found, full, out or sweep_dir / "results", missing=missing, labels=labels)
+
+
+def live_verdicts(sweep_dir: str | Path, cmp: Comparison | None = None) -> pd.DataFrame:
+    """Each declared pair's verdict from the rows logged so far (for `sweep.status --verdicts`)."""
+    manifest, found, _, _ = sweep_arms(Path(sweep_dir))
+    pairs = [list(p) for p in manifest.get("pairs", [])]
+    if not found or not pairs:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    base = cmp or Comparison(pairs)
+    return compare(found, Comparison(pairs, base.spec, base.margin))["pairs"]

@@ -1,86 +1,102 @@
-"""Pairwise comparison of arms on a common token grid, with the statistics a reviewer asks for.
+"""Pairwise comparison of arms: paired gaps on matched samples, robust intervals, verdicts.
 
-Per pair (a, b), both arms are cut into the same token bins (a row's `tokens` is the count consumed
-when it was logged; bin i holds rows with edges[i] < tokens <= edges[i+1]). The grid runs from
-`skip_tokens` to the last token both arms reached (or `until_tokens`), so an arm that crashed
-midway is compared on what it has.
+For a pair (a, b), on training loss:
 
-Per bin: each arm's mean loss; its per-step noise, the standard deviation of successive
-differences / sqrt(2) (a loss curve's drift between adjacent steps is negligible against its
-batch noise, so this measures the noise without the trend that a plain within-bin std would add);
-the mean's standard error noise / sqrt(rows); the gap a - b and its SE sqrt(se_a^2 + se_b^2)
-(independent noise: conservative, as arms fed the same tokens have positively correlated noise).
+- the matched windows after `skip_tokens` (analysis/paired.py): per window the paired gap a - b
+  over exactly the samples both arms consumed there;
+- the compared range cut into `segments` (4) equal token ranges; per segment the mean gap with its
+  autocorrelation-robust standard error (analysis/robust.py) and t interval;
+- the verdict, an intersection-union test over the segments: **equivalent** when every segment's
+  (1 - 2 alpha) interval lies inside +-delta (the curves match throughout, not only on average: a
+  gap of +2 delta early and -2 delta late is not equivalent); **NOT equivalent** when some
+  segment's (1 - alpha/K) interval lies entirely outside +-delta (Bonferroni over the K segments,
+  so curves that truly match get this verdict at most alpha of the time); **inconclusive**
+  otherwise. The summary columns are the mean gap over the whole range with its robust interval
+  and `reach`, the largest |bound| of the segments' intervals (equivalent iff reach < delta);
+- display bins (`bins` or `bin_tokens`, for tables and plots only: the verdict never depends on
+  them), with edges on window boundaries and per-bin standard errors from the pair's long-run
+  variance;
+- with several data-order replicates (arms that differ only in trainer.data_seed / init_seed),
+  each replicate is paired with itself, and every estimate is the mean over replicates with the
+  larger of the between-replicate SE (t on replicates - 1 df) and the within-replicate one.
 
-Over bins: the mean gap, its SE (std of the per-bin gaps / sqrt(bins): it carries both noise and
-any systematic drift of the gap), t, the share of bins with the sign of the mean (directional
-consistency, how the seed study judged its ~0.0005-nat effects), max |gap|, and an equivalence
-test (TOST: two one-sided t-tests against +-delta on bins - 1 degrees of freedom; equivalent when
-the 1 - 2 alpha confidence interval of the mean gap lies inside +-delta).
+On validation loss, every arm is evaluated on the same fixed sequences: at each common evaluation
+after `skip_tokens`, the per-sequence loss differences give the exact paired standard error (t on
+sequences - 1 df), and the same intersection-union verdict runs over the evaluations.
 
-The yardstick is the spread between operating points: |mean gap| between arms of different pairs
-at the same batch size (A vs J, H vs B in the seed study). A rule maps one batch size onto another
-when a pair's gap is small against it; delta defaults to a fraction of it.
+delta is `Margin.nats`, or `Margin.fraction` of the pair's operating-point spread: the |mean gap|
+between arms of other pairs at the same batch size (A vs J, H vs B in the seed study), else the
+gap to the study's arms in no pair at that batch size (seesaw's C).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from itertools import combinations
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from analysis.paired import (
+    Steps,
+    Windows,
+    assign,
+    bin_edges,
+    in_range,
+    matched_windows,
+    mean_gap,
+    residual_lrv,
+    segment_estimates,
+    successive_noise,
+)
+from analysis.robust import Estimate, robust_mean
 
 
 @dataclass
 class BinSpec:
-    bins: int = 20  # bins over the compared token range (when bin_tokens is 0)
-    bin_tokens: int = 0  # fixed bin width in tokens; 0 = range / bins
-    skip_tokens: int = 0  # leave out rows at or below this many tokens (e.g. the branch transient)
-    until_tokens: int = 0  # leave out rows above this many tokens; 0 = up to the common end
+    bins: int = 20  # display bins over the compared token range (when bin_tokens is 0)
+    bin_tokens: int = 0  # fixed display bin width in tokens; 0 = range / bins
+    skip_tokens: int = 0  # leave out samples before this many tokens (e.g. the branch transient)
+    until_tokens: int = 0  # leave out samples past this many tokens; 0 = up to the common end
+    segments: int = 4  # the verdict's token ranges: every one must match
 
 
 @dataclass
 class Margin:
     nats: float = 0.0  # equivalence margin delta in nats; 0 = `fraction` x the operating-point spread
     fraction: float = 0.25
-    alpha: float = 0.05  # TOST level: equivalent when the (1 - 2 alpha) CI lies inside +-delta
-
-
-@dataclass
-class Series:
-    """One arm's rows of one kind, sorted by tokens."""
-
-    tokens: np.ndarray
-    loss: np.ndarray
-
-    @property
-    def end(self) -> int:
-        return int(self.tokens[-1]) if len(self.tokens) else 0
+    alpha: float = 0.05  # equivalent when every segment's (1 - 2 alpha) interval lies inside +-delta
 
 
 @dataclass
 class Arm:
-    """An arm as the tables need it: identity, its train and validation series, and context."""
+    """One run of an arm as the tables need it: identity, its logged series, and context."""
 
-    name: str
+    name: str  # the job name (e.g. `A[trainer.data_seed=1]`)
+    base: str  # the arm a pair names (`A`)
+    replicate: str  # its data-order replicate (`data_seed=1,init_seed=0`); "" when the sweep has one
     batch: int
     state: str
     tokens: int  # the furthest token count it logged
-    train: Series
-    val: Series
-    loss_std: float  # per-step training-loss noise over the window (`noise_std`)
-    b_simple: float  # median over the window
-    tokens_per_s: float  # median over the window
-    gpu_hours: float  # the last value
+    steps: Steps
+    val_tokens: np.ndarray
+    val_loss: np.ndarray
+    val_sequences: dict[int, np.ndarray] = field(default_factory=dict)  # tokens -> per-sequence losses
+    loss_std: float = math.nan  # per-step training-loss noise over the compared range
+    b_simple: float = math.nan  # median over the compared range
+    tokens_per_s: float = math.nan
+    gpu_hours: float = math.nan
 
-    def series(self, kind: str) -> Series:
-        return self.train if kind == "train" else self.val
+
+def _median(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if len(x) else math.nan
 
 
-def arms_of(runs: pd.DataFrame, spec: BinSpec) -> dict[str, Arm]:
+def arms_of(
+    runs: pd.DataFrame, spec: BinSpec, val_sequences: dict[str, dict[int, np.ndarray]]
+) -> dict[str, Arm]:
     """Split the long table (sorted by arm, kind, tokens) into arms, one pass."""
     out = {}
     for name, df in runs.groupby("arm", sort=True, observed=True):
@@ -93,290 +109,410 @@ def arms_of(runs: pd.DataFrame, spec: BinSpec) -> dict[str, Arm]:
             window &= tokens <= spec.until_tokens
         out[str(name)] = Arm(
             name=str(name),
+            base=str(df["base"].iloc[0]),
+            replicate=str(df["replicate"].iloc[0]),
             batch=int(df["batch_size"].iloc[0]),
             state=str(df["state"].iloc[0]),
             tokens=int(tokens.max()),
-            train=Series(tokens[train], loss[train]),
-            val=Series(tokens[val], loss[val]),
-            loss_std=noise_std(loss[window]),
-            b_simple=float(np.nanmedian(df["b_simple"].to_numpy(np.float64)[window]))
-            if window.any()
-            else np.nan,
-            tokens_per_s=float(np.nanmedian(df["tokens_per_s"].to_numpy(np.float64)[window]))
-            if window.any()
-            else np.nan,
-            gpu_hours=float(np.nanmax(df["gpu_hours"].to_numpy(np.float64))) if len(df) else np.nan,
+            steps=Steps.of(df["step"].to_numpy(np.int64)[train], tokens[train], loss[train]),
+            val_tokens=tokens[val],
+            val_loss=loss[val],
+            val_sequences=val_sequences.get(str(name), {}),
+            loss_std=successive_noise(loss[window]),
+            b_simple=_median(df["b_simple"].to_numpy(np.float64)[window]),
+            tokens_per_s=_median(df["tokens_per_s"].to_numpy(np.float64)[window]),
+            gpu_hours=float(np.nanmax(df["gpu_hours"].to_numpy(np.float64), initial=-np.inf)),
         )
     return out
 
 
-def noise_std(loss: np.ndarray) -> float:
-    """Per-step noise: std of successive differences / sqrt(2); NaN with fewer than 3 rows."""
-    if len(loss) < 3:
-        return float("nan")
-    return float(np.std(np.diff(loss), ddof=1) / math.sqrt(2))
+def combine(estimates: list[Estimate]) -> Estimate:
+    """The mean over data-order replicates of one quantity, each estimated from its own run.
+
+    Its SE is the larger of the between-replicate SE (the spread of the replicate means: every
+    source of difference between data orders, on replicates - 1 df) and the within-replicate SE
+    (each run's own robust SE, combined), so that two lucky replicates cannot make a verdict
+    stronger than one run's own noise allows."""
+    estimates = [e for e in estimates if math.isfinite(e.mean)]
+    if len(estimates) <= 1:
+        return estimates[0] if estimates else Estimate(math.nan, math.nan, 0.0, 0)
+    s = len(estimates)
+    means = np.array([e.mean for e in estimates])
+    within_var = np.array([e.se**2 for e in estimates])
+    within = math.sqrt(float(np.sum(within_var))) / s
+    between = float(np.std(means, ddof=1)) / math.sqrt(s)
+    n = sum(e.n for e in estimates)
+    if between >= within or not math.isfinite(within):
+        return Estimate(float(means.mean()), between, float(s - 1), n)
+    # Welch-Satterthwaite degrees of freedom of the summed within-replicate variances.
+    df = float(
+        np.sum(within_var) ** 2 / np.sum(within_var**2 / np.array([max(e.df, 1.0) for e in estimates]))
+    )
+    return Estimate(float(means.mean()), within, df, n)
 
 
-def grid(ends: list[int], spec: BinSpec, bins: int | None = None) -> np.ndarray:
-    """Bin edges from `skip_tokens` to min(ends) (capped by `until_tokens`)."""
-    end = min(ends)
-    if spec.until_tokens:
-        end = min(end, spec.until_tokens)
-    if end <= spec.skip_tokens:
-        return np.array([float(spec.skip_tokens)])
-    width = spec.bin_tokens or (end - spec.skip_tokens) / (bins or spec.bins)
-    edges = np.arange(spec.skip_tokens, end + width * 0.5, width, dtype=np.float64)
-    edges[-1] = max(edges[-1], end)
-    return edges
+def verdict(estimates: list[Estimate], delta: float, alpha: float) -> str:
+    """The intersection-union verdict over segments (or evaluations) of one pair; see the module doc."""
+    if estimates and all(e.n == 0 for e in estimates):
+        return "no verdict: no per-sequence losses"
+    if not estimates or not all(math.isfinite(e.se) for e in estimates):
+        return "no verdict: too few samples"
+    if not (math.isfinite(delta) and delta > 0):
+        return "no verdict: no margin"
+    k = len(estimates)
+    outside = [e.ci(1 - alpha / k) for e in estimates]
+    if any(lo > delta or hi < -delta for lo, hi in outside):
+        return "not equivalent"
+    if all(-delta < lo and hi < delta for lo, hi in (e.ci(1 - 2 * alpha) for e in estimates)):
+        return "equivalent"
+    return "inconclusive"
+
+
+def reach(estimates: list[Estimate], alpha: float) -> float:
+    """The largest |bound| of the estimates' (1 - 2 alpha) intervals: equivalent iff it is < delta."""
+    bounds = [abs(b) for e in estimates for b in e.ci(1 - 2 * alpha)]
+    return max(bounds) if bounds and all(map(math.isfinite, bounds)) else math.nan
+
+
+def _replicate_pairs(arms: dict[str, Arm], a: str, b: str) -> list[tuple[Arm, Arm]]:
+    """(run of a, run of b) per data-order replicate both have; `a`, `b` name arms or runs."""
+
+    def runs(name: str) -> dict[str, Arm]:
+        if name in arms and arms[name].base != name:  # a run named directly
+            return {arms[name].replicate: arms[name]}
+        return {arm.replicate: arm for arm in arms.values() if arm.base == name}
+
+    ra, rb = runs(a), runs(b)
+    return [(ra[r], rb[r]) for r in sorted(set(ra) & set(rb))]
 
 
 @dataclass
-class Binned:
-    """One series on one grid: per bin (empty bins included) mean, rows, per-step noise, SE."""
+class PairFit:
+    """A pair on training loss, pooled over its replicates."""
 
-    edges: np.ndarray
-    mean: np.ndarray
-    n: np.ndarray
-    noise: np.ndarray
-    se: np.ndarray
-
-    def frame(self) -> pd.DataFrame:
-        keep = self.n > 0
-        return pd.DataFrame(
-            {
-                "bin": np.flatnonzero(keep),
-                "bin_start": self.edges[:-1][keep],
-                "bin_end": self.edges[1:][keep],
-                "mean": self.mean[keep],
-                "n": self.n[keep].astype(np.int64),
-                "noise": self.noise[keep],
-                "se": self.se[keep],
-            }
-        )
+    windows: list[Windows]  # per replicate, in the compared range
+    segment_edges: np.ndarray
+    segments: list[Estimate]
+    summary: Estimate
+    bins: pd.DataFrame  # the display bins
 
 
-def bin_series(s: Series, edges: np.ndarray) -> Binned:
-    nb = max(len(edges) - 1, 0)
-    inside = (s.tokens > edges[0]) & (s.tokens <= edges[-1])
-    t, y = s.tokens[inside], s.loss[inside]
-    idx = np.clip(np.searchsorted(edges, t, side="left") - 1, 0, max(nb - 1, 0))
-    n = np.bincount(idx, minlength=nb)[:nb].astype(np.float64)
-    mean = np.bincount(idx, weights=y, minlength=nb)[:nb] / np.maximum(n, 1)
-    # Successive differences inside each bin: variance of d (ddof=1) per bin, then / 2.
-    same = idx[1:] == idx[:-1]
-    d, di = np.diff(y)[same], idx[1:][same]
-    m = np.bincount(di, minlength=nb)[:nb].astype(np.float64)
-    d_sum = np.bincount(di, weights=d, minlength=nb)[:nb]
-    d_sq = np.bincount(di, weights=d * d, minlength=nb)[:nb]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        var = (d_sq - d_sum**2 / m) / (m - 1)
-        noise = np.where(m >= 2, np.sqrt(np.maximum(var, 0.0) / 2), np.nan)
-        se = noise / np.sqrt(n)
-    return Binned(edges, mean, n, noise, se)
+def fit_pair(runs: list[tuple[Arm, Arm]], spec: BinSpec) -> PairFit:
+    """Matched windows, segment and summary estimates and display bins of a pair's replicates."""
+    windows = [
+        in_range(matched_windows(x.steps, y.steps), spec.skip_tokens, spec.until_tokens) for x, y in runs
+    ]
+    windows = [w for w in windows if len(w)]
+    if not windows:
+        return PairFit([], np.empty(0), [], Estimate(math.nan, math.nan, 0.0, 0), pd.DataFrame())
+    edges, _ = segment_estimates(windows[0], spec.segments)
+    per_replicate = [_segments_on(w, edges) for w in windows]
+    segments = [combine([seg[i] for seg in per_replicate]) for i in range(len(edges) - 1)]
+    summary = combine([robust_mean(w.gap, w.length) for w in windows])
+    return PairFit(windows, edges, segments, summary, _display_bins(windows, edges, spec))
 
 
-BIN_COLUMNS = ["arm", "bin", "bin_start", "bin_end", "mean", "n", "noise", "se"]
+def _segments_on(w: Windows, edges: np.ndarray) -> list[Estimate]:
+    which = assign(w, edges)
+    return [robust_mean(w.gap[which == i], w.length[which == i]) for i in range(len(edges) - 1)]
 
 
-def bin_arms(arms: dict[str, Arm], spec: BinSpec) -> pd.DataFrame:
-    """Every arm's training loss on one grid up to the furthest arm (`bins.csv`, the curves plot)."""
-    series = {name: arm.train for name, arm in arms.items() if len(arm.train.tokens)}
-    if not series:
-        return pd.DataFrame(columns=BIN_COLUMNS)
-    edges = grid([max(s.end for s in series.values())], spec)
-    frames = [bin_series(s, edges).frame().assign(arm=name) for name, s in series.items()]
-    return pd.concat(frames, ignore_index=True)[BIN_COLUMNS]
-
-
-class PairGrid:
-    """Bins a pair of series on their common grid, remembering each series' binning per grid: arms
-    with matched budgets share one grid, so comparing many pairs of them bins each arm once."""
-
-    def __init__(self, spec: BinSpec) -> None:
-        self.spec = spec
-        self._memo: dict[tuple[int, bytes], Binned] = {}
-
-    def _binned(self, s: Series, edges: np.ndarray) -> Binned:
-        key = (id(s), edges.tobytes())
-        if key not in self._memo:
-            self._memo[key] = bin_series(s, edges)
-        return self._memo[key]
-
-    def common(self, a: Series, b: Series, kind: str = "train") -> tuple[Binned, Binned, np.ndarray]:
-        """(a binned, b binned, mask of the bins both have rows in)."""
-        spec, bins = self.spec, self.spec.bins
-        if kind == "val":  # evaluations are sparse: at most one bin per common evaluation point
-            skip = spec.skip_tokens
-            bins = max(
-                1, min(bins, len(np.intersect1d(a.tokens[a.tokens > skip], b.tokens[b.tokens > skip])))
+def _display_bins(windows: list[Windows], segment_edges: np.ndarray, spec: BinSpec) -> pd.DataFrame:
+    """Per display bin: both arms' mean loss and the gap with its SE, pooled over replicates."""
+    edges = bin_edges(windows[0], spec.bins, spec.bin_tokens)
+    per_bin: list[list[tuple[float, float, Estimate]]] = [[] for _ in range(len(edges) - 1)]
+    for w in windows:
+        omega, nu = residual_lrv(w, assign(w, segment_edges))
+        which = assign(w, edges)
+        for i in range(len(edges) - 1):
+            sel = which == i
+            if sel.any():
+                weight = w.length[sel] / w.length[sel].sum()
+                n = int(sel.sum())
+                gap = Estimate(
+                    float(w.gap[sel] @ weight), math.sqrt(omega / n) if nu else math.nan, float(nu), n
+                )
+                per_bin[i].append((float(w.a[sel] @ weight), float(w.b[sel] @ weight), gap))
+    rows = []
+    for i, found in enumerate(per_bin):
+        if found:
+            gap = combine([g for *_, g in found])
+            rows.append(
+                {
+                    "bin": i,
+                    "bin_start": int(edges[i]),
+                    "bin_end": int(edges[i + 1]),
+                    "windows": gap.n,
+                    "mean_a": float(np.mean([a for a, _, _ in found])),
+                    "mean_b": float(np.mean([b for _, b, _ in found])),
+                    "gap": gap.mean,
+                    "gap_se": gap.se,
+                    "gap_df": gap.df,
+                }
             )
-        edges = grid([a.end, b.end], spec, bins)
-        x, y = self._binned(a, edges), self._binned(b, edges)
-        return x, y, (x.n > 0) & (y.n > 0)
-
-    def gaps(self, a: Series, b: Series, kind: str = "train") -> pd.DataFrame:
-        """Per bin both arms have rows in: means, rows, gap a - b and its SE."""
-        x, y, both = self.common(a, b, kind)
-        return pd.DataFrame(
-            {
-                "bin": np.flatnonzero(both),
-                "bin_start": x.edges[:-1][both],
-                "bin_end": x.edges[1:][both],
-                "mean_a": x.mean[both],
-                "mean_b": y.mean[both],
-                "n_a": x.n[both].astype(np.int64),
-                "n_b": y.n[both].astype(np.int64),
-                "gap": (x.mean - y.mean)[both],
-                "gap_se": np.sqrt(x.se**2 + y.se**2)[both],
-            }
-        )
+    return pd.DataFrame(rows)
 
 
-def summarize_gap(gap: np.ndarray, delta: float = float("nan"), alpha: float = 0.05) -> dict[str, Any]:
-    """Statistics over bins of per-bin gaps, and the TOST verdict against +-delta."""
-    n = len(gap)
-    nan = float("nan")
-    mean = float(np.mean(gap)) if n else nan
-    se = float(np.std(gap, ddof=1) / math.sqrt(n)) if n > 1 else nan
-    out: dict[str, Any] = {
-        "bins": n,
-        "mean_gap": mean,
-        "gap_se": se,
-        "t": mean / se if se > 0 else (math.copysign(math.inf, mean) if se == 0 and mean else nan),
-        "same_sign": float(np.mean(np.sign(gap) == np.sign(mean))) if n else nan,
-        "max_abs_gap": float(np.max(np.abs(gap))) if n else nan,
-        "delta": delta,
-        "alpha": alpha,
-        "ci_low": nan,
-        "ci_high": nan,
-        "tost_p": nan,
-        "verdict": "no verdict",
-    }
-    if n < 2 or not np.isfinite(se):
-        out["verdict"] = "no verdict: fewer than 2 bins"
-        return out
-    q = float(stats.t.ppf(1 - alpha, n - 1))
-    out["ci_low"], out["ci_high"] = mean - q * se, mean + q * se
-    if not (np.isfinite(delta) and delta > 0):
-        out["verdict"] = "no verdict: no margin"
-        return out
-    if se == 0:
-        p = 0.0 if abs(mean) < delta else 1.0
-    else:
-        p = max(
-            1 - float(stats.t.cdf((mean + delta) / se, n - 1)), float(stats.t.cdf((mean - delta) / se, n - 1))
-        )
-    out["tost_p"] = p
-    if p < alpha:
-        out["verdict"] = "equivalent"
-    elif out["ci_low"] > delta or out["ci_high"] < -delta:
-        out["verdict"] = "not equivalent"
-    else:
-        out["verdict"] = "inconclusive"
+def validation_estimates(runs: list[tuple[Arm, Arm]], skip_tokens: int) -> tuple[np.ndarray, list[Estimate]]:
+    """Per common evaluation after `skip_tokens`: the paired gap over the validation sequences with
+    its exact SE, pooled over replicates. Without per-sequence losses (runs logged before they were
+    recorded, or the W&B source) the gap has no SE."""
+    common: set[int] | None = None
+    for x, y in runs:
+        both = set(x.val_tokens.tolist()) & set(y.val_tokens.tolist())
+        common = both if common is None else common & both
+    points = np.array(sorted(t for t in (common or set()) if t > skip_tokens), dtype=np.int64)
+    out = []
+    for t in points:
+        per_replicate = []
+        for x, y in runs:
+            sx, sy = x.val_sequences.get(int(t)), y.val_sequences.get(int(t))
+            if sx is not None and sy is not None and len(sx) == len(sy) and len(sx) > 1:
+                d = sx - sy
+                per_replicate.append(
+                    Estimate(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1.0, len(d))
+                )
+            else:
+                gap = float(x.val_loss[x.val_tokens == t][0] - y.val_loss[y.val_tokens == t][0])
+                per_replicate.append(Estimate(gap, math.nan, 0.0, 0))
+        out.append(combine(per_replicate))
+    return points, out
+
+
+def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec) -> dict[str, float]:
+    """Per pair: the mean |mean gap| (training loss, matched windows, compared range) between each of
+    its arms and the arms at the same batch size in the other pairs; for an arm with none, the arms
+    in no pair at its batch size (a study's reference arms, e.g. seesaw's constant-lr C)."""
+    bases = {arm.base: arm.batch for arm in arms.values()}
+    in_pairs = {x for p in pairs for x in p}
+
+    def gap(x: str, y: str) -> float | None:
+        gaps = [
+            mean_gap(a.steps, b.steps, spec.skip_tokens, spec.until_tokens)
+            for a, b in _replicate_pairs(arms, x, y)
+        ]
+        gaps = [g for g in gaps if math.isfinite(g)]
+        return abs(float(np.mean(gaps))) if gaps else None
+
+    out = {}
+    for pair in pairs:
+        found = []
+        for x in pair:
+            if x not in bases:
+                continue
+            others = {y for p in pairs if p != pair for y in p if y not in pair and bases.get(y) == bases[x]}
+            if not others:
+                others = {y for y in bases if y not in in_pairs and bases[y] == bases[x]}
+            found += [g for y in sorted(others) if (g := gap(x, y)) is not None]
+        out["-".join(pair)] = float(np.mean(found)) if found else math.nan
     return out
 
 
-ARM_COLUMNS = ["arm", "batch_size", "state", "tokens", "loss_std", "b_simple", "tokens_per_s", "gpu_hours"]
+def pair_rows(
+    arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec, margin: Margin
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per pair and metric, the display bins and evaluations of every pair)."""
+    spread = op_spreads(arms, pairs, spec)
+    rows, details = [], []
+    for a, b in pairs:
+        runs = _replicate_pairs(arms, a, b)
+        if not runs:
+            continue
+        name = f"{a}-{b}"
+        op_spread = spread.get(name, math.nan)
+        delta = margin.nats or margin.fraction * op_spread
+        common = {
+            "pair": name,
+            "a": a,
+            "b": b,
+            "batch_a": runs[0][0].batch,
+            "batch_b": runs[0][1].batch,
+            "replicates": len(runs),
+            "delta": delta,
+            "op_spread": op_spread,
+        }
+        fit = fit_pair(runs, spec)
+        if fit.windows:
+            rows.append({"metric": "train", **common, **_train_columns(fit, runs, margin, delta)})
+            details.append(fit.bins.assign(unit="bin", metric="train", pair=name, delta=delta))
+            details.append(
+                _estimates_frame(fit.segment_edges[:-1], fit.segment_edges[1:], fit.segments).assign(
+                    unit="segment", metric="train", pair=name, delta=delta
+                )
+            )
+        points, evals = validation_estimates(runs, spec.skip_tokens)
+        if len(points):
+            rows.append({"metric": "val", **common, **_val_columns(points, evals, margin, delta)})
+            details.append(
+                _estimates_frame(points, points, evals).assign(
+                    unit="evaluation", metric="val", pair=name, delta=delta
+                )
+            )
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["gap_over_spread"] = table["mean_gap"].abs() / table["op_spread"]
+    return table, (pd.concat(details, ignore_index=True) if details else pd.DataFrame())
+
+
+def _estimates_frame(starts: np.ndarray, ends: np.ndarray, estimates: list[Estimate]) -> pd.DataFrame:
+    """Token ranges with their gap estimates, in the display bins' columns."""
+    return pd.DataFrame(
+        {
+            "bin": np.arange(len(estimates)),
+            "bin_start": np.asarray(starts, dtype=np.int64),
+            "bin_end": np.asarray(ends, dtype=np.int64),
+            "windows": [e.n for e in estimates],
+            "gap": [e.mean for e in estimates],
+            "gap_se": [e.se for e in estimates],
+            "gap_df": [e.df for e in estimates],
+        }
+    )
+
+
+def _summary_columns(
+    summary: Estimate, parts: list[Estimate], margin: Margin, delta: float
+) -> dict[str, Any]:
+    lo, hi = summary.ci(1 - 2 * margin.alpha)
+    signs = [np.sign(e.mean) for e in parts if math.isfinite(e.mean)]
+    return {
+        "mean_gap": summary.mean,
+        "gap_se": summary.se,
+        "ci_low": lo,
+        "ci_high": hi,
+        "reach": reach(parts, margin.alpha),
+        "same_sign": float(np.mean(np.array(signs) == np.sign(summary.mean))) if signs else math.nan,
+        "alpha": margin.alpha,
+        "verdict": verdict(parts, delta, margin.alpha),
+    }
+
+
+def _train_columns(fit: PairFit, runs: list[tuple[Arm, Arm]], margin: Margin, delta: float) -> dict[str, Any]:
+    w = fit.windows[0]
+    paired = successive_noise(w.gap)
+    unpaired = math.sqrt(successive_noise(w.a) ** 2 + successive_noise(w.b) ** 2)
+    return {
+        "from_tokens": int(w.start[0]),
+        "to_tokens": int(w.end[-1]),
+        "windows": len(w),
+        "segments": len(fit.segments),
+        **_summary_columns(fit.summary, fit.segments, margin, delta),
+        "paired_noise": paired,
+        "unpaired_noise": unpaired,
+        "pairing_gain": unpaired / paired if paired > 0 else math.nan,
+    }
+
+
+def _val_columns(points: np.ndarray, evals: list[Estimate], margin: Margin, delta: float) -> dict[str, Any]:
+    # The summary on validation is the gap at the last common evaluation: the end of the comparison.
+    return {
+        "from_tokens": int(points[0]),
+        "to_tokens": int(points[-1]),
+        "windows": len(points),
+        "segments": len(points),
+        **_summary_columns(evals[-1], evals, margin, delta),
+    }
 
 
 def arm_context(arms: dict[str, Arm]) -> pd.DataFrame:
-    """Per arm over the window: batch, state, tokens reached, per-step loss noise, B_simple, speed, cost."""
+    """Per arm run: batch, replicate, state, tokens reached, per-step loss noise, B_simple, speed, cost."""
     rows = [
-        [a.name, a.batch, a.state, a.tokens, a.loss_std, a.b_simple, a.tokens_per_s, a.gpu_hours]
+        {
+            "arm": a.name,
+            "base": a.base,
+            "replicate": a.replicate,
+            "batch_size": a.batch,
+            "state": a.state,
+            "tokens": a.tokens,
+            "loss_std": a.loss_std,
+            "b_simple": a.b_simple,
+            "tokens_per_s": a.tokens_per_s,
+            "gpu_hours": a.gpu_hours,
+        }
         for a in arms.values()
     ]
     return pd.DataFrame(rows, columns=ARM_COLUMNS)
 
 
-def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], grids: PairGrid) -> dict[str, float]:
-    """Per arm: mean |mean gap| (training loss) to arms of other pairs at the same batch size; for an
-    arm with none, to the arms in no pair at its batch size (a study's reference arms, e.g. the
-    constant-lr arm next to a step-decay / Seesaw pair)."""
-    pair_of = {arm: i for i, pair in enumerate(pairs) for arm in pair if arm in arms}
-    found: dict[str, list[float]] = {}
-
-    def gap(x: str, y: str) -> float | None:
-        bx, by, both = grids.common(arms[x].train, arms[y].train)
-        return abs(float(np.mean((bx.mean - by.mean)[both]))) if both.any() else None
-
-    for x, y in combinations(sorted(pair_of), 2):
-        if arms[x].batch == arms[y].batch and pair_of[x] != pair_of[y] and (g := gap(x, y)) is not None:
-            found.setdefault(x, []).append(g)
-            found.setdefault(y, []).append(g)
-    references = [arm for arm in sorted(arms) if arm not in pair_of]
-    for x in sorted(set(pair_of) - set(found)):
-        for ref in references:
-            if arms[ref].batch == arms[x].batch and (g := gap(x, ref)) is not None:
-                found.setdefault(x, []).append(g)
-    return {arm: float(np.mean(v)) for arm, v in found.items()}
+ARM_COLUMNS = [
+    "arm",
+    "base",
+    "replicate",
+    "batch_size",
+    "state",
+    "tokens",
+    "loss_std",
+    "b_simple",
+    "tokens_per_s",
+]
+ARM_COLUMNS += ["gpu_hours"]
 
 
-def pair_table(
-    arms: dict[str, Arm],
-    pairs: list[list[str]],
-    grids: PairGrid,
-    spread: dict[str, float],
-    margin: Margin,
-    kind: str = "train",
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per pair, the per-bin gaps of every pair) on `kind` loss; `spread` is
-    `op_spreads` (always on training loss), `grids` the binning shared with it."""
-    rows, gaps = [], []
-    for a, b in pairs:
-        if a not in arms or b not in arms or not len(arms[a].series(kind).tokens):
-            continue
-        bins = grids.gaps(arms[a].series(kind), arms[b].series(kind), kind)
-        s = [spread[x] for x in (a, b) if x in spread]
-        op_spread = float(np.mean(s)) if s else float("nan")
-        delta = margin.nats or margin.fraction * op_spread
-        stats_ = summarize_gap(bins["gap"].to_numpy(), delta, margin.alpha)
-        small, large = sorted((arms[a], arms[b]), key=lambda x: x.batch)
-        std_small, std_large = small.loss_std, large.loss_std
-        rows.append(
-            {
-                "metric": kind,
-                "pair": f"{a}-{b}",
-                "a": a,
-                "b": b,
-                "batch_a": arms[a].batch,
-                "batch_b": arms[b].batch,
-                "from_tokens": float(bins["bin_start"].min()) if len(bins) else float("nan"),
-                "to_tokens": float(bins["bin_end"].max()) if len(bins) else float("nan"),
-                **stats_,
-                "op_spread": op_spread,
-                "gap_over_spread": abs(stats_["mean_gap"]) / op_spread if op_spread > 0 else float("nan"),
-                "noise_ratio": std_small / std_large if std_large > 0 else float("nan"),
-                "sqrt_batch_ratio": math.sqrt(large.batch / small.batch),
-            }
+def curve_bins(arms: dict[str, Arm], spec: BinSpec) -> pd.DataFrame:
+    """Every arm's training loss on one grid of exact integer edges up to the furthest arm
+    (`bins.csv`, the curves plot): per bin the mean step loss and its SE (successive-difference
+    noise over rows)."""
+    ends = [int(a.steps.end[-1]) for a in arms.values() if len(a.steps.end)]
+    if not ends:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    lo, hi = spec.skip_tokens, max(ends)
+    if spec.bin_tokens:  # a last piece shorter than half a bin joins the bin before it
+        edges = np.arange(lo, hi, spec.bin_tokens, dtype=np.int64)
+        edges = np.append(
+            edges[:-1] if len(edges) > 1 and hi - edges[-1] < spec.bin_tokens / 2 else edges, hi
         )
-        gaps.append(bins.assign(metric=kind, pair=f"{a}-{b}", delta=delta))
-    table = pd.DataFrame(rows)
-    return table, (pd.concat(gaps, ignore_index=True) if gaps else pd.DataFrame())
+    else:
+        edges = np.unique(np.round(np.linspace(lo, hi, spec.bins + 1)).astype(np.int64))
+    frames = []
+    for arm in arms.values():
+        end, loss = arm.steps.end, arm.steps.loss
+        inside = end > lo
+        which = np.searchsorted(edges, end[inside], side="left") - 1
+        for i in np.unique(which):
+            y = loss[inside][which == i]
+            frames.append(
+                {
+                    "arm": arm.name,
+                    "bin": int(i),
+                    "bin_start": int(edges[i]),
+                    "bin_end": int(edges[i + 1]),
+                    "mean": float(y.mean()),
+                    "n": len(y),
+                    "se": successive_noise(y) / math.sqrt(len(y)) if len(y) > 2 else math.nan,
+                }
+            )
+    return pd.DataFrame(frames, columns=CURVE_COLUMNS)
+
+
+CURVE_COLUMNS = ["arm", "bin", "bin_start", "bin_end", "mean", "n", "se"]
 
 
 def verdict_line(row: dict[str, Any]) -> str:
     """A pair's verdict in words."""
-    a, b, m, se, n = row["a"], row["b"], row["mean_gap"], row["gap_se"], row["bins"]
+    a, b, m = row["a"], row["b"], row["mean_gap"]
     side = "above" if m > 0 else "below" if m < 0 else "level with"
-    facts = (
-        f"mean gap {m:+.3g} ± {se:.2g} nats over {n} bins ({a} {side} {b} in {row['same_sign']:.0%} of them)"
-        if n > 1
-        else f"{n} bin(s) in common"
+    level = f"{1 - 2 * row['alpha']:.0%}"
+    unit = "segments" if row["metric"] == "train" else "evaluations"
+    ci = (
+        f" ({level} CI [{row['ci_low']:+.3g}, {row['ci_high']:+.3g}])" if math.isfinite(row["ci_low"]) else ""
     )
-    delta = row["delta"]
-    ci = f"{1 - 2 * row['alpha']:.0%} CI [{row['ci_low']:+.3g}, {row['ci_high']:+.3g}]"
-    verdict = row["verdict"]
-    if verdict == "equivalent":
-        head = f"equivalent within ±{delta:.3g} nats (TOST p = {row['tost_p']:.2g}, {ci})"
-    elif verdict == "not equivalent":
-        head = f"NOT equivalent: {a} is {side} {b} by more than the margin ±{delta:.3g} nats ({ci})"
-    elif verdict == "inconclusive":
+    facts = (
+        f"mean gap {m:+.3g} nats{ci}; {a} {side} {b} in {row['same_sign']:.0%} of {row['segments']} {unit}"
+    )
+    delta, verdict_ = row["delta"], row["verdict"]
+    if verdict_ == "equivalent":
         head = (
-            f"inconclusive: the {ci} reaches past the margin ±{delta:.3g} nats "
-            f"(TOST p = {row['tost_p']:.2g}; more tokens or seeds would decide)"
+            f"equivalent within ±{delta:.3g} nats: every {unit[:-1]}'s {level} CI lies inside "
+            f"(reach {row['reach']:.3g})"
         )
-    elif verdict == "no verdict: no margin":
+    elif verdict_ == "not equivalent":
+        head = f"NOT equivalent: in some {unit[:-1]} {a} is off {b} by more than ±{delta:.3g} nats"
+    elif verdict_ == "inconclusive":
+        head = (
+            f"inconclusive: a {unit[:-1]}'s {level} CI reaches {row['reach']:.3g} past ±{delta:.3g} nats "
+            "(more tokens or data-order replicates would decide)"
+        )
+    elif verdict_ == "no verdict: no margin":
         head = "no verdict: no margin (no operating-point spread at these batch sizes; set analysis.margin)"
     else:
-        head = verdict
+        head = verdict_
     return f"{row['pair']} ({row['metric']}): {head}; {facts}."

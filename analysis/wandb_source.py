@@ -170,13 +170,12 @@ def _arm_rows(name: str, runs: list[tuple[Any, pd.DataFrame]]) -> ArmRows:
         )
     kept = [(r, rows) for r, rows in runs if signature(r) == newest]
     last = kept[-1][0]
-    batch = (last.config.get("arm") or {}).get("batch_size") or (last.config.get("run") or {}).get(
-        "batch_size"
-    )
+    row = dict(last.config.get("arm") or {})
+    row.setdefault("batch_size", (last.config.get("run") or {}).get("batch_size"))
     rows = pd.concat([rows for _, rows in kept], ignore_index=True)
-    if batch is None:
+    if row["batch_size"] is None:
         raise LookupError(f"W&B run {last.id} (arm {name}) has no arm.batch_size in its config")
-    return ArmRows(name, newest, int(batch), str(last.state), rows.drop(columns="_step", errors="ignore"))
+    return ArmRows.from_job(name, newest, row, str(last.state), rows.drop(columns="_step", errors="ignore"))
 
 
 def collect_wandb(sel: WandbSelection, cache_dir: Path, progress: bool = True) -> list[ArmRows]:

@@ -24,7 +24,6 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from wandb_standin import ENTITY, StandinRun, WandbStandin  # noqa: E402
 
-from analysis.collect import long_table  # noqa: E402
 from analysis.report import Comparison, report  # noqa: E402
 from analysis.wandb_source import WandbSelection, collect_wandb  # noqa: E402
 
@@ -78,17 +77,17 @@ def main() -> None:
         results = {}
         for phase in ("cold", "warm"):
             t0 = time.perf_counter()
-            runs = long_table(collect_wandb(sel, cache, progress=False))
+            found = collect_wandb(sel, cache, progress=False)
             t1 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                report(runs, Comparison(pairs, title="bench"), work / phase, plots=False)
+                tables = report(found, Comparison(pairs, title="bench"), work / phase, plots=False)
             t2 = time.perf_counter()
             results[phase] = (t1 - t0, t2 - t1)
-            rows = f"{len(runs):,} rows"
+            rows = f"{len(tables['runs']):,} rows"
             print(f"{phase}: collect {t1 - t0:.2f} s, tables {t2 - t1:.2f} s, total {t2 - t0:.2f} s ({rows})")
         t3 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            report(runs, Comparison(pairs, title="bench"), work / "plots")
+            report(found, Comparison(pairs, title="bench"), work / "plots")
         print(f"tables + the three plots: {time.perf_counter() - t3:.2f} s")
     warm = sum(results["warm"])
     cold = sum(results["cold"])

@@ -58,6 +58,7 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             experiment=plan.name,
             sweep_dir=str(plan.dir),
             pairs=plan.pairs,
+            arms=plan.experiment_arms,
             ops={k: asdict(v) for k, v in plan.ops.items()},
             resources=asdict(plan.resources),
             git=git_state(),
@@ -116,5 +117,11 @@ def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
             "sweep command again, which records it anew (run dirs and job ids are kept)"
         ) from exc
     return SweepPlan(
-        manifest["experiment"], Path(manifest["sweep_dir"]), jobs, manifest["pairs"], resources, ops
+        manifest["experiment"],
+        Path(manifest["sweep_dir"]),
+        jobs,
+        manifest["pairs"],
+        resources,
+        ops,
+        experiment_arms=manifest.get("arms", []),
     )

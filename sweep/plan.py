@@ -53,6 +53,7 @@ class SweepPlan:
     resources: ResourcesConfig
     ops: dict[str, OperatingPoint] = field(default_factory=dict)
     dry_run: bool = False
+    experiment_arms: list[str] = field(default_factory=list)  # every arm the experiment defines
 
     @property
     def arms(self) -> list[Job]:
@@ -135,7 +136,10 @@ def _run_config(
     return run, steps
 
 
-def _row(job_name: str, op: str, rule: str, run: RunConfig, steps: Steps) -> dict[str, Any]:
+def _row(
+    job_name: str, op: str, rule: str, run: RunConfig, steps: Steps, base: str, replicate: list[str]
+) -> dict[str, Any]:
+    """The arm table's row of a job; `base` is the arm pairs name, `replicate` its seed overrides."""
     batch = steps.plans[run.batch_size]
     setup = [run.optimizer.name] if run.optimizer.name != "adamw" else []
     setup += [run.schedule.kind] if run.schedule.kind != "constant" else []
@@ -157,6 +161,8 @@ def _row(job_name: str, op: str, rule: str, run: RunConfig, steps: Steps) -> dic
         "steps": steps.layout.steps,
         "setup": ",".join(setup) or "-",
         "signature": run.signature,
+        "base": base,
+        "replicate": ",".join(o.lstrip("+~").split(".", 1)[1] for o in replicate),
     }
 
 
@@ -210,26 +216,48 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
     planner.problems.raise_any()
     exp = first.experiment
     jobs = list(planner.jobs.values())
-    return SweepPlan(exp.name, planner.dir, jobs, exp.pairs, first.resources, first.ops, first.sweep.dry_run)
+    return SweepPlan(
+        exp.name,
+        planner.dir,
+        jobs,
+        exp.pairs,
+        first.resources,
+        first.ops,
+        first.sweep.dry_run,
+        list(exp.arms),
+    )
+
+
+# Overrides that make data-order replicates: arms differing only in these are one arm, run again.
+REPLICATE_KEYS = ("trainer.data_seed", "trainer.init_seed")
+
+
+def _replicate_overrides(variant: list[str]) -> list[str]:
+    return [o for o in variant if o.lstrip("+~").split("=", 1)[0] in REPLICATE_KEYS]
 
 
 class _Planner:
-    """The jobs planned so far (prepare, warmup, arms: dependencies first) and the problems found."""
+    """The jobs planned so far (prepare, warmups, arms: dependencies first) and the problems found."""
 
     def __init__(self, sweep_dir: Path) -> None:
         self.dir = sweep_dir
         self.jobs: dict[str, Job] = {}
         self.problems = Problems()
         self._arm_by_signature: dict[str, str] = {}
+        runs = sweep_dir / "runs"
+        # Run dirs already on disk by signature: a run made under another name (an arm first swept
+        # alone, then as replicate 0 of several) is the same run and continues where it is.
+        self._on_disk = {p.name.rsplit("-", 1)[-1]: p for p in runs.iterdir()} if runs.is_dir() else {}
 
     def add(self, cfg: Config, overrides: list[str], variant: list[str]) -> None:
-        """The arm of `cfg` and the stages it needs (tokenizing, the warmup)."""
+        """The arm of `cfg` and the stages it needs (tokenizing, its data order's warmup)."""
         assert cfg.arm is not None
         prepare = self.jobs.setdefault("prepare", _prepare_job(cfg.data))
+        replicate = _replicate_overrides(variant)
         init: Job | None = None
         if cfg.experiment.warmup.enabled:
             try:
-                init = _warmup_job(cfg, self.dir / "runs", prepare.name)
+                init = self._reuse(_warmup_job(cfg, self.dir / "runs", prepare.name, replicate))
             except PlanError as exc:
                 for problem in exc.problems:
                     self.problems.add(problem, "warmup")
@@ -243,6 +271,7 @@ class _Planner:
             for problem in exc.problems:
                 self.problems.add(problem, cfg.arm)
             return
+        arm = self._reuse(arm)
         if arm.name in self.jobs:
             self.problems.add(
                 f"arm name {arm.name!r} appears twice in the sweep: sweep it alone, or name variants"
@@ -253,6 +282,14 @@ class _Planner:
         else:
             self.jobs[arm.name] = arm
             self._arm_by_signature[arm.signature] = arm.name
+
+    def _reuse(self, job: Job) -> Job:
+        """`job`, in the run dir its signature already has on disk, if any."""
+        existing = self._on_disk.get(job.signature)
+        if existing is not None and existing != job.run_dir and job.stage.run is not None:
+            job.run_dir = existing
+            job.stage.run.run_dir = str(existing)
+        return job
 
 
 def _prepare_job(data: DataConfig) -> Job:
@@ -265,22 +302,24 @@ def _prepare_job(data: DataConfig) -> Job:
     )
 
 
-def _warmup_job(cfg: Config, run_root: Path, prepare: str) -> Job:
+def _warmup_job(cfg: Config, run_root: Path, prepare: str, replicate: list[str]) -> Job:
+    """The throwaway warmup of the data order `replicate` selects (one per data order)."""
     spec = cfg.experiment.warmup
     if spec.op not in cfg.ops:
         raise PlanError(f"op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
+    name = "warmup" if not replicate else f"warmup[{','.join(replicate)}]"
     run, steps = _run_config(
-        cfg, "warmup", "warmup", cfg.ops[spec.op], spec.batch_size, spec.token_budget, None, run_root
+        cfg, name, "warmup", cfg.ops[spec.op], spec.batch_size, spec.token_budget, None, run_root
     )
     return Job(
-        "warmup",
+        name,
         "warmup",
         run.signature,
         Path(run.run_dir),
         StageJob("train", run=run, max_requeues=cfg.resources.max_requeues),
         [prepare],
         [],
-        _row("warmup", spec.op, "none", run, steps),
+        _row(name, spec.op, "none", run, steps, "warmup", replicate),
     )
 
 
@@ -296,7 +335,10 @@ def _arm_job(
     run, steps = _run_config(cfg, name, "arm", point, point.reference_batch, budget, init, run_root, spec)
     run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"]
     op = spec.op or f"arm {spec.from_arm}"
-    row = _row(name, op, spec.rule, run, steps)
+    replicate = _replicate_overrides(variant)
+    other = [o for o in variant if o not in replicate]
+    base = cfg.arm if not other else f"{cfg.arm}[{','.join(other)}]"
+    row = _row(name, op, spec.rule, run, steps, base, replicate)
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(
         name,

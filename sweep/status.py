@@ -20,6 +20,7 @@ from train.status import BAD, IN_FLIGHT, RunState
 
 COLUMNS = [
     "job",
+    "replicate",
     "state",
     "job_id",
     "tokens",
@@ -64,6 +65,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "job": name,
+                "replicate": job.get("derived", {}).get("replicate", ""),
                 "state": state.state,
                 "job_id": latest_job_id(job) or "",
                 "tokens": tokens,
@@ -79,9 +81,34 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _verdicts(sweep_dir: Path, skip_tokens: int) -> str:
+    """The declared pairs' verdicts now, from what the arms logged so far (defaults of the analysis)."""
+    from analysis.report import Comparison, live_verdicts, verdict_table
+    from analysis.tables import BinSpec
+
+    pairs = live_verdicts(sweep_dir, Comparison([], BinSpec(skip_tokens=skip_tokens)))
+    if pairs.empty:
+        return "\nverdicts: no pair has rows in both arms yet"
+    return "\nverdicts so far (python -m analysis for the tables, plots and options):\n" + verdict_table(
+        pairs
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = sweep_parser("python -m sweep.status", __doc__)
     parser.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until all jobs end")
+    parser.add_argument(
+        "--verdicts",
+        action="store_true",
+        help="also each declared pair's verdict from the rows logged so far (python -m analysis's method)",
+    )
+    parser.add_argument(
+        "--skip-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --verdicts: leave out the first N tokens",
+    )
     args = parser.parse_args(argv)
     sweep_dir = sweep_dir_of(args)
     while True:
@@ -94,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.watch:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + str(sweep_dir))
         print(table, flush=True)
+        if args.verdicts:
+            print(_verdicts(sweep_dir, args.skip_tokens), flush=True)
         if not args.watch or all(r["state"] not in IN_FLIGHT for r in rows):
             break
         time.sleep(args.watch)

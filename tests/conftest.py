@@ -119,4 +119,7 @@ def sweep_status(sweep_dir: Path) -> tuple[int, dict[str, str]]:
         text=True,
         timeout=60,
     )
-    return out.returncode, {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[2:]}
+    lines = out.stdout.splitlines()
+    header = lines[0]
+    at, end = header.index("state"), header.index("job_id")  # columns are padded to the header's
+    return out.returncode, {line.split()[0]: line[at:end].strip() for line in lines[2:] if line.strip()}

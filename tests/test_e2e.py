@@ -92,10 +92,14 @@ def test_all_arms_branch_from_the_same_warmup_weights(sweep_run):
 def test_results_tables_hold_finite_numbers(sweep_run):
     sweep_dir, out = sweep_run
     pairs = pd.read_csv(sweep_dir / "results" / "pairs.csv")
-    assert list(pairs["pair"]) == ["A-H", "J-B"] * 2 and list(pairs["metric"]) == ["train"] * 2 + ["val"] * 2
+    assert (
+        list(pairs["pair"]) == ["A-H", "A-H", "J-B", "J-B"] and list(pairs["metric"]) == ["train", "val"] * 2
+    )
     train = pairs[pairs["metric"] == "train"]
-    assert train[["mean_gap", "gap_se", "max_abs_gap", "op_spread", "delta"]].map(math.isfinite).all().all()
-    for plot in ("curves.png", "equivalence.png", "noise.png"):
+    assert train[["mean_gap", "gap_se", "reach", "op_spread", "delta"]].map(math.isfinite).all().all()
+    # Every evaluation is paired sequence by sequence: validation gaps have their exact SE.
+    assert pairs[pairs["metric"] == "val"]["gap_se"].map(math.isfinite).all()
+    for plot in ("curves.png", "equivalence.png", "pairing.png"):
         assert (sweep_dir / "results" / plot).stat().st_size > 10_000
     md = (sweep_dir / "results" / "pairs.md").read_text()
     assert "| A-H |" in md and md.split("\n")[0] in out.stdout  # the demo ends by printing it
@@ -143,7 +147,8 @@ def test_analysis_cli_reads_the_sweep(sweep_run):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| A-B |" in out.stdout
     pairs = pd.read_csv(sweep_dir / "results" / "pairs.csv")
-    assert list(pairs["pair"]) == ["A-H", "J-B", "A-B"] * 2 and set(pairs["metric"]) == {"train", "val"}
+    assert list(pairs["pair"]) == ["A-H", "A-H", "J-B", "J-B", "A-B", "A-B"]
+    assert list(pairs["metric"]) == ["train", "val"] * 3
     assert "A-H (train): " in out.stdout  # a verdict in words
 
 
@@ -210,3 +215,32 @@ def test_every_preset_runs_on_the_embedded_default(sweep_run, tmp_path, experime
     if experiment == "invariant_adam":
         assert manifest["jobs"]["V1"]["derived"]["micro_batch_size"] == 1
         assert "invariant_adam" in out.stdout  # the arm table shows the optimizer
+
+
+def test_data_order_replicates_share_a_warmup_per_seed_and_are_pooled(sweep_run, tmp_path):
+    """`trainer.data_seed=0,1`: one warmup per data order, each arm run per order and branched from
+    its order's warmup, the pair analysed per order and pooled. Run after a single-order sweep of
+    the same arms, order 0 is the runs already made (found by signature), not a second copy."""
+    data = f"data.cache_dir={sweep_run[0].parent / 'data'}"
+    first = _sweep(tmp_path, data, "arm=A,H")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = _sweep(tmp_path, data, "arm=A,H", "trainer.data_seed=0,1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "sqrt_rule"
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    jobs = manifest["jobs"]
+    for seed in (0, 1):
+        warmup = jobs[f"warmup[trainer.data_seed={seed}]"]
+        for arm in "AH":
+            job = jobs[f"{arm}[trainer.data_seed={seed}]"]
+            assert job["depends_on"] == [f"warmup[trainer.data_seed={seed}]"]
+            assert job["stage"]["run"]["init_checkpoint"] == warmup["run_dir"]
+            assert (job["derived"]["base"], job["derived"]["replicate"]) == (arm, f"data_seed={seed}")
+    assert jobs["A[trainer.data_seed=0]"]["run_dir"] == jobs["A"]["run_dir"]  # the same run, reused
+    assert jobs["warmup[trainer.data_seed=1]"]["signature"] != jobs["warmup"]["signature"]
+    code, states = sweep_status(sweep_dir)
+    assert code == 0 and set(states.values()) == {"completed"}
+    pairs = pd.read_csv(sweep_dir / "results" / "pairs.csv")
+    assert set(pairs["replicates"]) == {2}
+    arms = pd.read_csv(sweep_dir / "results" / "arms.csv")
+    assert set(arms["replicate"].dropna()) == {"data_seed=0", "data_seed=1"}

@@ -28,6 +28,18 @@ def test_chunked_loss_and_gradients_equal_the_full_ones():
         assert (a - b).norm() <= 1e-5 * a.norm() + 1e-12
 
 
+def test_per_sequence_losses_add_up_to_the_batch_loss():
+    cfg = ModelConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    window = torch.randint(0, 500, (3, 17), generator=torch.Generator().manual_seed(1))
+    lm = build_model(cfg, seed=0)
+    for chunk in (0, 7):
+        per_sequence = TokenLoss(lm, chunk).per_sequence(window)
+        assert per_sequence.shape == (3,)
+        assert per_sequence.sum().item() == pytest.approx(TokenLoss(lm, 0)(window).item(), rel=1e-6)
+        # each sequence alone gives its own entry
+        assert TokenLoss(lm, chunk)(window[1:2]).item() == pytest.approx(per_sequence[1].item(), rel=1e-6)
+
+
 def test_flops_per_token_on_qwen2_5_0_5b():
     values = yaml.safe_load((REPO / "conf" / "model" / "qwen2_5_0_5b.yaml").read_text())
     with torch.device("meta"):

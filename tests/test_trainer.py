@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,10 @@ def test_two_rank_ddp_with_accumulation_matches_one_rank_with_the_whole_batch(pr
     losses = [[r["loss"] for r in rows(Path(c.run_dir))] for c in (one, two)]
     assert len(losses[0]) == 5
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    # Each rank evaluates its share of the validation sequences; rank 0 logs all of them, in order.
+    sequences = [[r["val_sequence_loss"] for r in rows(Path(c.run_dir), "val_loss")] for c in (one, two)]
+    assert len(sequences[0][0]) == 32
+    assert np.array(sequences[1]) == pytest.approx(np.array(sequences[0]), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- exact resume

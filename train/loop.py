@@ -31,7 +31,7 @@ from train.data import TokenStream, load_meta, load_split, validation_windows
 from train.invariant_adam import InvariantAdam
 from train.model import TokenLoss, build_model, flops_per_token
 from train.noise import NoiseScale
-from train.runlog import RunLog
+from train.runlog import VAL_SEQUENCES, RunLog
 from train.state import Counters, TrainState, rng_state
 from train.status import RunState, mark_failed, read_status
 from train.throughput import peak_flops, peak_memory_gb
@@ -447,26 +447,30 @@ class Trainer:
         self.log.update(step=done, tokens=state.tokens, loss=result.loss, tokens_per_s=tokens_per_s)
         self.meter.show(plan.tokens_per_step, result.loss)
 
-    # --- Phase 7: the loss on the fixed validation slice. Every rank evaluates its share and the
-    # sums are all-reduced, so all ranks know the result and a broken measurement stops them all.
+    # --- Phase 7: the loss on the fixed validation slice, per sequence. Every rank evaluates its
+    # share into its slots of one vector, all-reduced, so all ranks know the result and a broken
+    # measurement stops them all. The per-sequence losses are logged too: every arm is evaluated on
+    # the same sequences, so the analysis pairs them sequence by sequence.
     def evaluate(self) -> None:
-        where, cfg = self.where, self.cfg
+        where, cfg, n = self.where, self.cfg, len(self.val)
         self.evaluator.eval()
-        total = torch.zeros((), device=where.device)
-        mine = self.val[
-            where.rank * len(self.val) // where.world : (where.rank + 1) * len(self.val) // where.world
-        ]
+        per_sequence = torch.zeros(n, device=where.device)  # summed token loss of each sequence
+        first, last = where.rank * n // where.world, (where.rank + 1) * n // where.world
         eval_batch = self.steps.plans[cfg.batch_size].micro_batch_size
         with torch.no_grad(), self.network.autocast():
-            for i in range(0, len(mine), eval_batch):
-                total += self.evaluator(mine[i : i + eval_batch]).float()
+            for i in range(first, last, eval_batch):
+                j = min(i + eval_batch, last)
+                per_sequence[i:j] = self.evaluator.per_sequence(self.val[i:j])
         self.evaluator.train()
         if where.ddp:
-            dist.all_reduce(total)
-        val_loss = total.item() / (self.val.size(0) * cfg.trainer.seq_len)
+            dist.all_reduce(per_sequence)
+        val_loss = per_sequence.sum().item() / (n * cfg.trainer.seq_len)
         step = self.state.step
         if self.log is not None:
-            self.log.log({"step": step, "tokens": self.state.tokens, "val_loss": val_loss})
+            sequences = (per_sequence / cfg.trainer.seq_len).tolist()
+            self.log.log(
+                {"step": step, "tokens": self.state.tokens, "val_loss": val_loss, VAL_SEQUENCES: sequences}
+            )
         if not math.isfinite(val_loss) or val_loss <= 0:
             raise BadValidation(f"validation loss {val_loss} at step {step}: the measurement is broken")
         if self.previous_val and val_loss == self.previous_val[-1]:

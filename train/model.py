@@ -90,6 +90,23 @@ class TokenLoss(torch.nn.Module):
             total = total + part
         return total
 
+    @torch.no_grad()
+    def per_sequence(self, window: torch.Tensor) -> torch.Tensor:
+        """The summed next-token loss of each sequence of `window`, in fp32 (evaluation only).
+
+        The LM head runs over `chunk_tokens` tokens at a time when that is set, as in training."""
+        inputs, targets = window[:, :-1], window[:, 1:].reshape(-1)
+        hidden = self.lm.model(input_ids=inputs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.size(-1))
+        chunk = self.chunk_tokens if self.chunk_tokens > 0 else hidden.size(0)
+        losses = [
+            torch.nn.functional.cross_entropy(
+                self.lm.lm_head(hidden[i : i + chunk]).float(), targets[i : i + chunk], reduction="none"
+            )
+            for i in range(0, hidden.size(0), chunk)
+        ]
+        return torch.cat(losses).view(window.size(0), -1).sum(1)
+
     def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return _cross_entropy_sum(self.lm.lm_head(hidden), targets)
 

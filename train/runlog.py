@@ -19,6 +19,9 @@ from train.config import RunConfig, WandbMode
 from train.status import RunState, write_status
 
 METRICS_FILE = "metrics.jsonl"
+# Per-sequence validation losses (mean nats per token of each validation sequence, in order): in
+# metrics.jsonl for the paired analysis, not in W&B (a list per row is not a metric it can plot).
+VAL_SEQUENCES = "val_sequence_loss"
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
@@ -128,7 +131,8 @@ class RunLog:
 
     def log(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(row) + "\n")
-        self._wandb_call("log", lambda run: run.log(row))
+        scalars = {k: v for k, v in row.items() if k != VAL_SEQUENCES}
+        self._wandb_call("log", lambda run: run.log(scalars))
 
     def update(self, force: bool = False, **fields: Any) -> None:
         """Merge `fields` into status.json; rewritten at most every HEARTBEAT_S unless forced."""
