@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.paired import Steps, matched_windows
-from analysis.robust import robust_mean
+from analysis.paired import Steps, matched_windows, successive_noise
 from tests.conftest import tiny_run
 from train.loop import train
 from train.runlog import VAL_SEQUENCES
@@ -21,12 +20,53 @@ def _logged(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus whose sequences differ a lot in difficulty, like real text: half the documents
+    repeat one line (easy), half are random words (hard). Which sequences a batch holds then
+    moves its loss far more than the training does from one step to the next."""
+    import random
+
+    from train.config import DataConfig, SplitConfig, TokenizerConfig
+    from train.data import prepare
+
+    root = tmp_path_factory.mktemp("mixed")
+    rng = random.Random(1)
+    words = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "blood"]
+    for i in range(60):
+        if i % 2:
+            text = "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(150))
+        else:
+            text = "\n".join(["the king and the queen of the night"] * 150)
+        (root / f"doc{i:02d}.txt").write_text(text)
+    cfg = DataConfig(
+        source="text_files",
+        path=str(root),
+        tokenizer=TokenizerConfig(kind="bpe", vocab_size=300),
+        splits=SplitConfig(warmup=0.45, validation=0.05, experiment=0.5),
+        cache_dir=str(tmp_path_factory.mktemp("mixed-cache")),
+    )
+    return prepare(cfg, progress=False)
+
+
 @pytest.mark.slow
-def test_the_paired_gap_of_real_arms_is_far_less_noisy_than_the_unpaired_one(prepared_data, tmp_path):
-    budget = 16 * 32 * 40  # 40 steps of batch 16, 640 of batch 1
+def test_the_paired_gap_of_real_arms_is_far_less_noisy_than_the_unpaired_one(mixed_data, tmp_path):
+    # From a short warmup, as a study branches: a model fresh from init finds every sequence
+    # equally hard, and there is no shared sample noise to cancel yet.
+    warmup = tiny_run(
+        mixed_data, tmp_path / "warmup", stage="warmup", split="warmup", token_budget=16 * 32 * 24
+    )
+    train(warmup)
+    budget = 16 * 32 * 32  # 32 steps of batch 16, 512 of batch 1
     runs = {}
     for batch in (16, 1):
-        cfg = tiny_run(prepared_data, tmp_path / f"b{batch}", batch_size=batch, token_budget=budget)
+        cfg = tiny_run(
+            mixed_data,
+            tmp_path / f"b{batch}",
+            batch_size=batch,
+            token_budget=budget,
+            init_checkpoint=warmup.run_dir,
+        )
         train(cfg)
         rows = [r for r in _logged(tmp_path / f"b{batch}") if "loss" in r]
         runs[batch] = Steps.of(
@@ -35,12 +75,13 @@ def test_the_paired_gap_of_real_arms_is_far_less_noisy_than_the_unpaired_one(pre
             np.array([r["loss"] for r in rows]),
         )
     w = matched_windows(runs[16], runs[1])
-    assert len(w) == 40 and np.all(np.diff(w.end) == 16 * 32)
+    assert len(w) == 32 and np.all(np.diff(w.end) == 16 * 32)
     # The batch-16 arm's step k and the mean of the batch-1 arm's 16 steps over the same samples.
     assert w.b[0] == pytest.approx(np.mean(runs[1].loss[:16]), rel=1e-12)
-    paired = robust_mean(w.gap).se
-    unpaired = math.sqrt(robust_mean(w.a).se ** 2 + robust_mean(w.b).se ** 2)
-    assert paired < unpaired / 2, (paired, unpaired)
+    # Per-window noise (successive differences: blind to the curves' steep early trend), paired and not.
+    paired = successive_noise(w.gap)
+    unpaired = math.sqrt(successive_noise(w.a) ** 2 + successive_noise(w.b) ** 2)
+    assert paired < unpaired / 2, (paired, unpaired)  # measured: 0.077 against 0.307 (x4.0)
 
 
 def test_evaluations_log_every_sequence_loss(prepared_data, tmp_path):
