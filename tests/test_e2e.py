@@ -159,6 +159,16 @@ def test_status_lists_every_job_completed(sweep_run):
     assert states == dict.fromkeys(["prepare", "warmup", *MATRIX], "completed")
 
 
+def test_status_shows_live_verdicts(sweep_run):
+    sweep_dir, _ = sweep_run
+    cmd = [sys.executable, "-m", "sweep.status", "sqrt_rule", "--root", str(sweep_dir.parent), "--verdicts"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (
+        "verdicts so far" in out.stdout and "| A-H | train |" in out.stdout and "| J-B | val |" in out.stdout
+    )
+
+
 def test_a_failing_arm_is_reported_and_changed_arms_get_a_new_run_dir(sweep_run):
     """Runs last: it changes H (a budget its split cannot hold), so only H runs again, and fails."""
     sweep_dir, _ = sweep_run
