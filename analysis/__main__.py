@@ -11,7 +11,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.report import Comparison, analyze, check_pairs, report
-from analysis.tables import BinSpec, Margin
+from analysis.tables import BinSpec, Margin, option_problems
+from sweep import config_dir
 
 
 def _fail(message: str) -> None:
@@ -19,7 +20,7 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="analysis")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="analysis")
 def main(cfg: DictConfig) -> None:
     a, w = cfg.analysis, cfg.wandb
     if cfg.source not in ("run_dirs", "wandb"):
@@ -34,7 +35,11 @@ def main(cfg: DictConfig) -> None:
     if bad:
         _fail(f"a pair names two arms, got {bad}")
     spec = BinSpec(a.bins, a.bin_tokens, a.skip_tokens, a.until_tokens, a.segments)
-    cmp = Comparison(pairs, spec, Margin(a.margin, a.margin_fraction, a.alpha))
+    margin = Margin(a.margin, a.margin_fraction, a.alpha)
+    problems = option_problems(spec, margin)
+    if problems:
+        _fail("; ".join(problems))
+    cmp = Comparison(pairs, spec, margin)
     out = Path(a.out) if a.out else None
     try:
         if cfg.source == "wandb":
@@ -62,5 +67,10 @@ def main(cfg: DictConfig) -> None:
         print(f"published the analysis to W&B: {where}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """`python -m analysis` and the `bss-analysis` console script."""
     main()
+
+
+if __name__ == "__main__":
+    run()

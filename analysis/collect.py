@@ -25,6 +25,7 @@ VAL_SEQUENCES = "val_sequence_loss"  # the trainer's key (train/runlog.py) for p
 COLUMNS = [
     "arm",
     "base",
+    "variant",
     "replicate",
     "signature",
     "batch_size",
@@ -50,7 +51,8 @@ class ArmRows:
     batch_size: int
     state: str
     rows: pd.DataFrame  # columns ⊆ LOGGED; several segments already concatenated in logging order
-    base: str = ""  # the arm pairs name (the job name without its data-order replicate); "" = `arm`
+    base: str = ""  # the arm pairs name (`A` of `A[trainer.data_seed=1]`); "" = `arm`
+    variant: str = ""  # other overrides the sweep varies for this job, e.g. "experiment.ratio=16"
     replicate: str = ""  # e.g. "data_seed=1" where the sweep has several data orders
     val_sequences: dict[int, np.ndarray] = field(default_factory=dict)  # tokens -> per-sequence val loss
 
@@ -72,6 +74,7 @@ class ArmRows:
             state,
             rows.drop(columns=VAL_SEQUENCES, errors="ignore"),
             str(row.get("base") or name),
+            str(row.get("variant") or ""),
             str(row.get("replicate") or ""),
             sequences or {},
         )
@@ -119,6 +122,7 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
     categories = {
         "arm": sorted({a.arm for a in arms}),
         "base": sorted({a.base or a.arm for a in arms}),
+        "variant": sorted({a.variant for a in arms}),
         "replicate": sorted({a.replicate for a in arms}),
         "kind": ["train", "val"],
         "signature": sorted({a.signature for a in arms}),
@@ -133,7 +137,7 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
             where = np.flatnonzero(has_tokens & ~np.isnan(values[source]))
             parts.append((a, values, code, where[_last_per_token(values["tokens"][where])]))
     total = sum(len(keep) for *_, keep in parts)
-    codes = {"arm": np.int32, "base": np.int32, "replicate": np.int32, "kind": np.int8}
+    codes = {"arm": np.int32, "base": np.int32, "variant": np.int32, "replicate": np.int32, "kind": np.int8}
     codes |= {"signature": np.int32, "state": np.int32}
     out = {
         c: np.empty(total, codes.get(c, np.int64 if c in ("tokens", "batch_size") else np.float64))
@@ -144,6 +148,7 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
         end = start + len(keep)
         out["arm"][start:end] = categories["arm"].index(a.arm)
         out["base"][start:end] = categories["base"].index(a.base or a.arm)
+        out["variant"][start:end] = categories["variant"].index(a.variant)
         out["replicate"][start:end] = categories["replicate"].index(a.replicate)
         out["kind"][start:end] = code
         out["signature"][start:end] = categories["signature"].index(a.signature)
@@ -166,12 +171,17 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
 def run_dir_arms(manifest: dict[str, Any]) -> list[ArmRows]:
     """Each arm of a sweep manifest with its `metrics.jsonl` (arms with no rows yet are left out).
 
-    One run may stand under two names (an arm swept alone, later as data-order replicate 0 of the
-    same arm): it counts once, under the name the manifest recorded last."""
+    One run may stand under two names. Within one arm and variant (an arm swept alone, later as
+    data-order replicate 0 of itself) it counts once, under the name the manifest recorded last;
+    across variants (A at experiment.ratio=4 and =16, one run) it stands for each."""
+
+    def key(job: dict[str, Any]) -> tuple[str, str, str]:
+        return (job["signature"], job["derived"].get("base", ""), job["derived"].get("variant", ""))
+
     arms = []
-    latest = {job["signature"]: name for name, job in manifest["jobs"].items() if job["kind"] == "arm"}
+    latest = {key(job): name for name, job in manifest["jobs"].items() if job["kind"] == "arm"}
     for name, job in manifest["jobs"].items():
-        if job["kind"] != "arm" or latest[job["signature"]] != name:
+        if job["kind"] != "arm" or latest[key(job)] != name:
             continue
         rows = read_metrics(job["run_dir"])
         if not rows:

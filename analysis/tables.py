@@ -69,12 +69,36 @@ class Margin:
     alpha: float = 0.05  # equivalent when every segment's (1 - 2 alpha) interval lies inside +-delta
 
 
+def option_problems(spec: BinSpec, margin: Margin) -> list[str]:
+    """Analysis options outside their range, each naming its key (checked before anything is read)."""
+    checks = [
+        ("analysis.bins", spec.bins, spec.bins >= 1, "at least 1"),
+        ("analysis.bin_tokens", spec.bin_tokens, spec.bin_tokens >= 0, "0 (use bins) or more tokens"),
+        ("analysis.skip_tokens", spec.skip_tokens, spec.skip_tokens >= 0, "0 or more tokens"),
+        ("analysis.until_tokens", spec.until_tokens, spec.until_tokens >= 0, "0 (to the end) or more tokens"),
+        ("analysis.segments", spec.segments, spec.segments >= 1, "at least 1"),
+        ("analysis.margin", margin.nats, margin.nats >= 0, "0 (a fraction of the spread) or more nats"),
+        ("analysis.margin_fraction", margin.fraction, margin.fraction > 0, "a positive fraction"),
+        (
+            "analysis.alpha",
+            margin.alpha,
+            0 < margin.alpha < 0.5,
+            "a level in (0, 0.5): 0.05 gives 90% intervals",
+        ),
+    ]
+    problems = [f"{key}={value}: expected {what}" for key, value, ok, what in checks if not ok]
+    if spec.until_tokens and spec.until_tokens <= spec.skip_tokens:
+        problems.append(f"analysis.until_tokens={spec.until_tokens} is not past analysis.skip_tokens")
+    return problems
+
+
 @dataclass
 class Arm:
     """One run of an arm as the tables need it: identity, its logged series, and context."""
 
     name: str  # the job name (e.g. `A[trainer.data_seed=1]`)
     base: str  # the arm a pair names (`A`)
+    variant: str  # the other overrides the sweep varies for it (`experiment.ratio=16`); "" for none
     replicate: str  # its data-order replicate (`data_seed=1,init_seed=0`); "" when the sweep has one
     batch: int
     state: str
@@ -110,6 +134,7 @@ def arms_of(
         out[str(name)] = Arm(
             name=str(name),
             base=str(df["base"].iloc[0]),
+            variant=str(df["variant"].iloc[0]),
             replicate=str(df["replicate"].iloc[0]),
             batch=int(df["batch_size"].iloc[0]),
             state=str(df["state"].iloc[0]),
@@ -174,13 +199,14 @@ def reach(estimates: list[Estimate], alpha: float) -> float:
     return max(bounds) if bounds and all(map(math.isfinite, bounds)) else math.nan
 
 
-def _replicate_pairs(arms: dict[str, Arm], a: str, b: str) -> list[tuple[Arm, Arm]]:
-    """(run of a, run of b) per data-order replicate both have; `a`, `b` name arms or runs."""
+def _replicate_pairs(arms: dict[str, Arm], a: str, b: str, variant: str = "") -> list[tuple[Arm, Arm]]:
+    """(run of a, run of b) per data-order replicate both have, in the sweep `variant` (the other
+    overrides the sweep varies, e.g. experiment.ratio=16); `a`, `b` name arms or runs."""
 
     def runs(name: str) -> dict[str, Arm]:
         if name in arms and arms[name].base != name:  # a run named directly
             return {arms[name].replicate: arms[name]}
-        return {arm.replicate: arm for arm in arms.values() if arm.base == name}
+        return {arm.replicate: arm for arm in arms.values() if arm.base == name and arm.variant == variant}
 
     ra, rb = runs(a), runs(b)
     return [(ra[r], rb[r]) for r in sorted(set(ra) & set(rb))]
@@ -283,29 +309,34 @@ def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec) -> d
     """Per pair: the mean |mean gap| (training loss, matched windows, compared range) between each of
     its arms and the arms at the same batch size in the other pairs; for an arm with none, the arms
     in no pair at its batch size (a study's reference arms, e.g. seesaw's constant-lr C)."""
-    bases = {arm.base: arm.batch for arm in arms.values()}
     in_pairs = {x for p in pairs for x in p}
-
-    def gap(x: str, y: str) -> float | None:
-        gaps = [
-            mean_gap(a.steps, b.steps, spec.skip_tokens, spec.until_tokens)
-            for a, b in _replicate_pairs(arms, x, y)
-        ]
-        gaps = [g for g in gaps if math.isfinite(g)]
-        return abs(float(np.mean(gaps))) if gaps else None
-
     out = {}
-    for pair in pairs:
-        found = []
-        for x in pair:
-            if x not in bases:
-                continue
-            others = {y for p in pairs if p != pair for y in p if y not in pair and bases.get(y) == bases[x]}
-            if not others:
-                others = {y for y in bases if y not in in_pairs and bases[y] == bases[x]}
-            found += [g for y in sorted(others) if (g := gap(x, y)) is not None]
-        out["-".join(pair)] = float(np.mean(found)) if found else math.nan
+    for variant in sorted({arm.variant for arm in arms.values()}):
+        bases = {arm.base: arm.batch for arm in arms.values() if arm.variant == variant}
+
+        def gap(x: str, y: str, variant: str = variant) -> float | None:
+            gaps = [
+                mean_gap(a.steps, b.steps, spec.skip_tokens, spec.until_tokens)
+                for a, b in _replicate_pairs(arms, x, y, variant)
+            ]
+            gaps = [g for g in gaps if math.isfinite(g)]
+            return abs(float(np.mean(gaps))) if gaps else None
+
+        for pair in pairs:
+            found = []
+            for x in (x for x in pair if x in bases):
+                others = {
+                    y for p in pairs if p != pair for y in p if y not in pair and bases.get(y) == bases[x]
+                }
+                if not others:
+                    others = {y for y in bases if y not in in_pairs and bases[y] == bases[x]}
+                found += [g for y in sorted(others) if (g := gap(x, y)) is not None]
+            out[_pair_name(pair, variant)] = float(np.mean(found)) if found else math.nan
     return out
+
+
+def _pair_name(pair: list[str], variant: str) -> str:
+    return "-".join(pair) + (f"[{variant}]" if variant else "")
 
 
 def pair_rows(
@@ -314,11 +345,12 @@ def pair_rows(
     """(one row per pair and metric, the display bins and evaluations of every pair)."""
     spread = op_spreads(arms, pairs, spec)
     rows, details = [], []
-    for a, b in pairs:
-        runs = _replicate_pairs(arms, a, b)
+    variants = sorted({arm.variant for arm in arms.values()})
+    for (a, b), variant in ((p, v) for p in pairs for v in variants):
+        runs = _replicate_pairs(arms, a, b, variant)
         if not runs:
             continue
-        name = f"{a}-{b}"
+        name = _pair_name([a, b], variant)
         op_spread = spread.get(name, math.nan)
         delta = margin.nats or margin.fraction * op_spread
         common = {

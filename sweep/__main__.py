@@ -8,13 +8,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweep.compose import to_config
+from sweep import config_dir
+from sweep.compose import ConfigError, to_config
 from sweep.schema import register
 
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Single-arm mode: run the arm (and the stages it needs that are not done) in the foreground."""
     from sweep.plan import PlanError, arm_table, build_plan
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit("error: choose an arm (arm=NAME), or run the whole sweep with -m")
     try:
         plan = build_plan([to_config(cfg)], [list(HydraConfig.get().overrides.task)])
-    except PlanError as exc:
+    except (PlanError, ConfigError) as exc:
         sys.exit(f"error: {exc}")
     print(arm_table(plan), flush=True)
     if plan.dry_run:
@@ -40,7 +41,12 @@ def main(cfg: DictConfig) -> None:
         print(f"{job.name}: running in the foreground ({job.run_dir})", flush=True)
         if job.stage.run is not None:
             job.stage.run.progress = True
-        job.stage()
+        try:
+            job.stage()
+        except Exception as exc:  # the run recorded how it ended: say it in one line, not a traceback
+            state = job_state(job.kind, job.run_dir, ended=True)
+            how = "rerun the same command to resume from its last checkpoint"
+            sys.exit(f"{job.name}: {state.state}: {state.reason or exc} ({how})")
         print(f"{job.name}: {job_state(job.kind, job.run_dir, ended=True).state}")
 
 
@@ -52,6 +58,11 @@ def _multirun_flag_first(argv: list[str]) -> list[str]:
     return flags + [a for a in argv if a not in ("-m", "--multirun")]
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """`python -m sweep` and the `bss-sweep` console script."""
     sys.argv[1:] = _multirun_flag_first(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    run()

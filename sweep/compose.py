@@ -3,8 +3,15 @@ as a whole, then run or submitted. `hydra_plugins/sweep_launcher` only calls `la
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+import dataclasses
+import difflib
+import shutil
+import tempfile
+import typing
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext
@@ -14,14 +21,62 @@ from sweep.schema import Config
 from train.status import NOT_DONE
 
 
+class ConfigError(ValueError):
+    """A composed config the schema cannot take (an unknown key, an interpolation that fails)."""
+
+
 def to_config(cfg: DictConfig) -> Config:
-    """The typed Config of a composed Hydra config (the `hydra` node dropped)."""
+    """The typed Config of a composed Hydra config (the `hydra` node dropped).
+
+    Raises ConfigError naming the key: Hydra's `+key=value` adds keys the schema does not have,
+    and the typed object would drop them silently."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.pop("hydra", None)
-    obj = OmegaConf.to_object(cfg)
+    unknown = unknown_keys(cfg, Config)
+    if unknown:
+        raise ConfigError("unknown config key(s): " + "; ".join(unknown))
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except Exception as exc:  # OmegaConf's errors carry the key and the resolver's message
+        raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
     assert isinstance(obj, Config)
     return obj
+
+
+def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of `node` that the dataclass `schema` has no field for (with a suggestion)."""
+    if not (isinstance(node, DictConfig) and dataclasses.is_dataclass(schema)):
+        return []
+    hints = typing.get_type_hints(schema)
+    out = []
+    for key in map(str, node):
+        path = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            out.append(path + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            continue
+        hint, value = hints[key], node._get_node(key)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if dataclasses.is_dataclass(hint):
+            out += unknown_keys(value, hint, f"{path}.")
+        elif isinstance(value, DictConfig) and typing.get_origin(hint) is dict and args:
+            for name in map(str, value):  # a dict of dataclasses (ops, rules, arms)
+                out += unknown_keys(value._get_node(name), args[-1], f"{path}.{name}.")
+    return out
+
+
+@contextlib.contextmanager
+def scratch_sweep_dir(config: DictConfig) -> Iterator[None]:
+    """Point Hydra's sweep dir (where it saves multirun.yaml before any job is composed) at a
+    temporary directory, removed afterwards: the manifest is the sweep's record."""
+    scratch = tempfile.mkdtemp(prefix="bss-hydra-")
+    with open_dict(config):
+        config.hydra.sweep.dir = scratch
+    try:
+        yield
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def compose_jobs(
@@ -74,7 +129,7 @@ def launch(
     composed = compose_jobs(hydra_context, config, job_overrides)
     try:
         plan = build_plan([to_config(c) for c in composed], [list(o) for o in job_overrides])
-    except PlanError as exc:
+    except (PlanError, ConfigError) as exc:
         raise SystemExit(f"error: {exc}") from None
     states = execute(plan, LauncherOptions(**options))  # type: ignore[arg-type]
     returns = []

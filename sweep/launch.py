@@ -7,15 +7,18 @@ their newest checkpoint. A diverged arm would diverge again; it is rerun only wh
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep.manifest import record_plan
+from sweep.manifest import add_job_id, record_plan
 from sweep.plan import Job, SweepPlan, arm_table
 from sweep.state import (
     STUCK,
@@ -26,7 +29,7 @@ from sweep.state import (
     squeue_states,
     sweep_states,
 )
-from train.status import IN_FLIGHT, NOT_DONE, RESUBMIT, RunState
+from train.status import IN_FLIGHT, NOT_DONE, RESUBMIT, RunClaim, RunInUse, RunState, claimed_by
 
 
 @dataclass
@@ -53,10 +56,20 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
         return {}
     if opts.executor not in ("local", "slurm"):
         raise ValueError(f"unknown executor {opts.executor!r} (local | slurm)")
-    manifest = record_plan(plan)
     queue = squeue_states() if opts.executor == "slurm" else None
     if opts.executor == "slurm" and queue is None:
         raise SystemExit("error: hydra/launcher=slurm but no SLURM controller answers `squeue` here")
+    # One sweep command at a time per sweep dir: a local sweep holds it while its jobs run, a SLURM
+    # one while it decides and submits (a second waits, then sees the job ids and leaves them be).
+    with sweep_claim(plan.dir, wait_s=0 if opts.executor == "local" else 300):
+        return _execute(plan, opts, queue)
+
+
+def _execute(plan: SweepPlan, opts: LauncherOptions, queue: dict[str, str] | None) -> dict[str, RunState]:
+    try:
+        manifest = record_plan(plan)
+    except (OSError, ValueError) as exc:  # a full disk, a damaged manifest: say it, do not crash
+        raise SystemExit(f"error: cannot record the sweep in {plan.dir}: {exc}") from None
     known = sweep_states(manifest, queue)
     todo = _todo(plan, known, opts.only)
     planned = {j.name for j in plan.jobs}
@@ -76,8 +89,38 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
     if opts.analyze and plan.pairs:
         from analysis.report import analyze
 
-        analyze(plan.dir)
+        try:
+            analyze(plan.dir)
+        except (LookupError, ValueError, OSError) as exc:  # the runs are done; the tables can wait
+            print(
+                f"analysis: {exc} (run `python -m analysis` when there is something to compare)",
+                file=sys.stderr,
+            )
     return states
+
+
+@contextlib.contextmanager
+def sweep_claim(sweep_dir: Path, wait_s: float) -> Iterator[None]:
+    """Hold the sweep dir's claim (train.status.RunClaim on the sweep dir) for the block, waiting
+    up to `wait_s` for another sweep command to let go of it."""
+    claim = RunClaim(sweep_dir)
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            claim.acquire(command=" ".join(sys.argv))
+            break
+        except RunInUse as exc:
+            if time.time() >= deadline:
+                raise SystemExit(
+                    f"error: another sweep command is working on this sweep: {exc}. A local sweep runs "
+                    f"its jobs in the foreground: wait for it, or follow it with `python -m sweep.status "
+                    f"{sweep_dir}`"
+                ) from None
+            time.sleep(1.0)
+    try:
+        yield
+    finally:
+        claim.release()
 
 
 def _todo(plan: SweepPlan, known: dict[str, JobState], only: list[str]) -> list[Job]:
@@ -118,9 +161,8 @@ def _run_local(
             local.start_ready()
             time.sleep(opts.poll_s)
     except KeyboardInterrupt:
-        for _, handle, _ in local.running.values():
-            handle.cancel(check=False)
-        raise
+        local.stop()
+        raise SystemExit(1) from None
     failed = {n: s for n, s in local.states.items() if s in NOT_DONE}
     if failed:
         print("not completed: " + ", ".join(f"{n} ({s})" for n, s in failed.items()), file=sys.stderr)
@@ -142,6 +184,7 @@ class _LocalRun:
             signal_delay_s=res.signal_lead_s,
         )
         self.max_parallel = max_parallel
+        self.dir = plan.dir
         self.states = {**known, **{j.name: RunState.PENDING for j in todo}}
         self.pending = list(todo)
         self.running: dict[str, tuple[Job, Any, Any]] = {}
@@ -175,8 +218,20 @@ class _LocalRun:
                 self.states[job.name] = RunState.SKIPPED
                 print(f"{job.name}: skipped ({failed}: {self.states.get(failed)})", flush=True)
                 self.pending.remove(job)
+            elif not blocked and (owner := claimed_by(job.run_dir)) is not None:
+                # Another process trains this run (an earlier launcher's orphan, a manual start).
+                self.states[job.name] = RunState.RUNNING
+                print(f"{job.name}: already running elsewhere ({owner}): not started again", flush=True)
+                self.pending.remove(job)
             elif not blocked:
-                handle = self.executor.submit(job.stage)
+                # The job ignores SIGINT (inherited): Ctrl-C reaches this launcher only, which then
+                # stops its jobs cleanly (SIGTERM: checkpoint at the next step) instead of killing them.
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    handle = self.executor.submit(job.stage)
+                finally:
+                    signal.signal(signal.SIGINT, previous)
+                add_job_id(self.dir, job.name, str(handle.job_id))
                 bar = self._bar(job)
                 if bar is None or bar.disable:
                     print(
@@ -185,6 +240,25 @@ class _LocalRun:
                     )
                 self.running[job.name] = (job, handle, bar)
                 self.pending.remove(job)
+
+    def stop(self, grace_s: float = 300.0) -> None:
+        """Ctrl-C: ask every running job to stop (SIGTERM: each checkpoints at its next step and
+        exits), wait for them, and say what happened and how to go on."""
+        print(
+            "\ninterrupted: stopping the running jobs at their next step (checkpointed)...", file=sys.stderr
+        )
+        for _, handle, _ in self.running.values():
+            if handle._process is not None:  # submitit's controller forwards SIGTERM to its tasks
+                handle._process.send_signal(signal.SIGTERM)
+        deadline = time.time() + grace_s
+        while self.running and time.time() < deadline:
+            self.collect_finished()
+            time.sleep(0.2)
+        for name in self.running:
+            print(
+                f"{name}: did not stop within {grace_s:.0f} s; it goes on in the background", file=sys.stderr
+            )
+        print("resume with the same command: finished jobs are skipped, stopped ones resume", file=sys.stderr)
 
     def _bar(self, job: Job) -> Any:
         """A progress bar over the job's tokens; disable=None: a bar on a terminal, plain start/end
@@ -212,12 +286,23 @@ def _finished_state(job: Job, handle: Any) -> RunState:
     if state.state == RunState.COMPLETED:
         return state.state
     error = state.reason
-    exc = handle.exception()
-    if exc is not None and not (state.status or {}).get("error"):  # the run wrote no error: submitit's
-        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        error = f"{type(exc).__name__}: {last}"
+    if not (state.status or {}).get("error"):  # the run wrote no error: the job log's last line
+        error = _last_error(Path(handle.paths.stderr)) or error
     print(f"{job.name}: {state.state}: {error}\n  log: {Path(handle.paths.stderr)}", file=sys.stderr)
     return state.state
+
+
+def _last_error(log: Path) -> str:
+    """The last line of a job's log that names an exception (`SomeError: what`), or ""."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        head = line.split(":", 1)[0].strip()
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return line.strip()
+    return ""
 
 
 def slurm_parameters(plan: SweepPlan, job: Job) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Written atomically under a file lock, so two invocations cannot tear or interleave it. An arm
 whose signature changed keeps its old entries under `previous` (its old run dir stays on disk).
 Reading it needs nothing heavy: `analysis/` reads manifests through `read_manifest` too.
+
+Paths inside the sweep dir are stored relative to it and resolved against the dir the manifest is
+read from, so a sweep dir copied or moved (`cp -r`, another file system) acts on its own runs,
+never on the original's. Manifests written before paths were relative hold absolute ones: those
+under the dir they were recorded in are rebased onto the dir they are read from.
 """
 
 from __future__ import annotations
@@ -24,12 +29,55 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 
 
+# Where a job entry holds paths (the prepare job's are the data cache's, outside the sweep dir).
+PATH_FIELDS = (
+    ("run_dir",),
+    ("stage", "run", "run_dir"),
+    ("stage", "run", "init_checkpoint"),
+    ("stage", "run", "data_dir"),
+    ("stage", "data", "cache_dir"),
+)
+
+
+def _map_paths(manifest: dict[str, Any], change: Any) -> dict[str, Any]:
+    """`manifest` with `change(path)` applied to every non-empty path of every job entry."""
+    for entry in manifest.get("jobs", {}).values():
+        for record in [entry, *entry.get("previous", [])]:
+            for fields in PATH_FIELDS:
+                node = record
+                for key in fields[:-1]:
+                    node = node.get(key) or {}
+                if node.get(fields[-1]):
+                    node[fields[-1]] = str(change(Path(node[fields[-1]])))
+    return manifest
+
+
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
-    path = Path(sweep_dir) / MANIFEST
+    """The manifest of `sweep_dir`, its paths absolute and in this dir (see the module doc)."""
+    here = Path(sweep_dir).absolute()
+    path = here / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{sweep_dir} holds no {MANIFEST}: not a sweep dir (run the sweep first)")
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    return manifest
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        recorded = Path(manifest.get("sweep_dir") or here)
+        manifest["jobs"]  # noqa: B018 - a manifest without jobs is not one
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{path} is damaged ({exc}); it is written atomically, so something else changed it: "
+            "restore it from a backup, or move it away and run the sweep command again (it records a "
+            "new one; finished runs are found by their signatures)"
+        ) from None
+
+    def resolve(p: Path) -> Path:
+        if not p.is_absolute():
+            return here / p
+        if recorded != here and p.is_relative_to(recorded):  # an old manifest of a moved sweep dir
+            return here / p.relative_to(recorded)
+        return p
+
+    manifest["sweep_dir"] = str(here)
+    return _map_paths(manifest, resolve)
 
 
 def sweep_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -53,7 +101,7 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
     plan.dir.mkdir(parents=True, exist_ok=True)
     path = plan.dir / MANIFEST
     with FileLock(str(path) + ".lock"):
-        manifest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"jobs": {}}
+        manifest: dict[str, Any] = read_manifest(plan.dir) if path.exists() else {"jobs": {}}
         manifest.update(
             experiment=plan.name,
             sweep_dir=str(plan.dir),
@@ -82,8 +130,32 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             if job_ids and job.name in job_ids:
                 entry["job_ids"].append(job_ids[job.name])
             manifest["jobs"][job.name] = entry
-        write_json_atomic(path, manifest)
+        for alias in plan.aliases:  # runs under another name too: shown, analysed, never submitted
+            manifest["jobs"][alias.name] = {
+                "kind": "arm",
+                "same_as": alias.row["same_as"],
+                "signature": alias.signature,
+                "run_dir": str(alias.run_dir),
+                "depends_on": [],
+                "overrides": alias.overrides,
+                "derived": alias.row,
+                "job_ids": [],
+            }
+        here = plan.dir.absolute()
+        portable = _map_paths(
+            json.loads(json.dumps(manifest)), lambda p: p.relative_to(here) if p.is_relative_to(here) else p
+        )
+        write_json_atomic(path, portable)
     return manifest
+
+
+def add_job_id(sweep_dir: Path, name: str, job_id: str) -> None:
+    """Record that job `name` runs as `job_id` (a local job's too: `sweep.status --tail` finds its log)."""
+    path = Path(sweep_dir) / MANIFEST
+    with FileLock(str(path) + ".lock"):
+        raw = json.loads(path.read_text())
+        raw["jobs"][name].setdefault("job_ids", []).append(job_id)
+        write_json_atomic(path, raw)
 
 
 def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
@@ -108,6 +180,7 @@ def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
                 entry["derived"],
             )
             for name, entry in manifest["jobs"].items()
+            if not entry.get("same_as")  # another name of a run that is planned under its own
         ]
         resources = from_dict(ResourcesConfig, manifest["resources"])
         ops = {k: from_dict(OperatingPoint, v) for k, v in manifest["ops"].items()}

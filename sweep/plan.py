@@ -9,15 +9,19 @@ ranks and micro-batches, budgets that are not a whole number of steps, unknown o
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from tabulate import tabulate
 
 from slurm.job import StageJob
 from sweep.identity import DEFAULT_SPLIT, run_signature
 from sweep.schema import ArmSpec, Config, ResourcesConfig
 from train.config import DataConfig, InvalidRun, OptimizerConfig, RunConfig, Steps
-from train.data import data_dir_for, data_signature
+from train.data import data_dir_for, data_problems, data_signature, prepared_problems
 from train.rules import OperatingPoint, RuleError, apply_rule
 from train.schedule import ScheduleConfig
 
@@ -54,6 +58,7 @@ class SweepPlan:
     ops: dict[str, OperatingPoint] = field(default_factory=dict)
     dry_run: bool = False
     experiment_arms: list[str] = field(default_factory=list)  # every arm the experiment defines
+    aliases: list[Job] = field(default_factory=list)  # same runs as planned arms, under their own names
 
     @property
     def arms(self) -> list[Job]:
@@ -129,6 +134,10 @@ def _run_config(
         steps = run.validate(cfg.resources.world_size)
     except InvalidRun as exc:
         raise PlanError(*exc.problems) from exc
+    samples = steps.layout.tokens_after(steps.layout.steps - 1) // run.trainer.seq_len
+    problems = prepared_problems(run.data_dir, run.model.vocab_size, run.split, run.trainer.seq_len, samples)
+    if problems:  # the data is prepared already: what the trainer would refuse, refused now
+        raise PlanError(*problems)
     # The micro-batch the first batch really uses (0 or more than the per-rank batch: all of it).
     run.trainer.micro_batch_size = steps.plans[batch_size].micro_batch_size
     run.signature = run_signature(run, data_signature(cfg.data), init.signature if init else None)
@@ -137,9 +146,11 @@ def _run_config(
 
 
 def _row(
-    job_name: str, op: str, rule: str, run: RunConfig, steps: Steps, base: str, replicate: list[str]
+    job_name: str, op: str, rule: str, run: RunConfig, steps: Steps, base: str, variant: list[str]
 ) -> dict[str, Any]:
-    """The arm table's row of a job; `base` is the arm pairs name, `replicate` its seed overrides."""
+    """The arm table's row of a job. `base` is the name pairs use; `variant` the overrides the
+    sweep varies for it, split into its data-order replicate (seeds) and the rest."""
+    replicate = _replicate_overrides(variant)
     batch = steps.plans[run.batch_size]
     setup = [run.optimizer.name] if run.optimizer.name != "adamw" else []
     setup += [run.schedule.kind] if run.schedule.kind != "constant" else []
@@ -162,6 +173,7 @@ def _row(
         "setup": ",".join(setup) or "-",
         "signature": run.signature,
         "base": base,
+        "variant": ",".join(o for o in variant if o not in replicate),
         "replicate": ",".join(o.lstrip("+~").split(".", 1)[1] for o in replicate),
     }
 
@@ -182,9 +194,11 @@ class Problems:
         if not self._by_message:
             return
         lines = []
-        for message, arms in self._by_message.items():
-            who = f"{'arm' if len(arms) == 1 else 'arms'} {', '.join(arms)}: " if arms else ""
-            lines.append(f"  - {who}{message}")
+        for message, subjects in self._by_message.items():
+            warmups = [s for s in subjects if s.startswith("warmup")]
+            arms = [s for s in subjects if s not in warmups]
+            names = warmups + ([f"{'arm' if len(arms) == 1 else 'arms'} {', '.join(arms)}"] if arms else [])
+            lines.append(f"  - {' and '.join(names)}: {message}" if names else f"  - {message}")
         raise PlanError("the sweep cannot run:\n" + "\n".join(lines))
 
 
@@ -196,6 +210,9 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
     if not configs:
         raise PlanError("nothing to run: the sweep has no jobs")
     first = configs[0]
+    where = sweep_dir_problems(first.sweep.root, first.sweep.dir)
+    if where:
+        raise PlanError("the sweep cannot run:\n" + "\n".join(f"  - {p}" for p in where))
     planner = _Planner(Path(first.sweep.dir).absolute())
     # Overrides shared by every job (+experiment=..., model=...) are the sweep's; the others name variants.
     common = set.intersection(*(set(o) for o in overrides))
@@ -225,6 +242,7 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         first.ops,
         first.sweep.dry_run,
         list(exp.arms),
+        list(planner.aliases.values()),
     )
 
 
@@ -244,6 +262,7 @@ class _Planner:
         self.jobs: dict[str, Job] = {}
         self.problems = Problems()
         self._arm_by_signature: dict[str, str] = {}
+        self.aliases: dict[str, Job] = {}  # a job that is the same run as a planned one: not run twice
         runs = sweep_dir / "runs"
         # Run dirs already on disk by signature: a run made under another name (an arm first swept
         # alone, then as replicate 0 of several) is the same run and continues where it is.
@@ -252,6 +271,16 @@ class _Planner:
     def add(self, cfg: Config, overrides: list[str], variant: list[str]) -> None:
         """The arm of `cfg` and the stages it needs (tokenizing, its data order's warmup)."""
         assert cfg.arm is not None
+        data = data_problems(cfg.data)
+        if cfg.data.tokenizer.kind == "bpe" and cfg.data.tokenizer.vocab_size > cfg.model.vocab_size:
+            data.append(
+                f"data.tokenizer.vocab_size={cfg.data.tokenizer.vocab_size} exceeds model.vocab_size="
+                f"{cfg.model.vocab_size}"
+            )
+        for problem in data:
+            self.problems.add(problem)
+        if data:
+            return
         prepare = self.jobs.setdefault("prepare", _prepare_job(cfg.data))
         replicate = _replicate_overrides(variant)
         init: Job | None = None
@@ -261,8 +290,8 @@ class _Planner:
             except PlanError as exc:
                 for problem in exc.problems:
                     self.problems.add(problem, "warmup")
-                return
-            if self.jobs.setdefault(init.name, init).signature != init.signature:
+                init = None  # the arm is still checked, so that every problem is listed at once
+            if init is not None and self.jobs.setdefault(init.name, init).signature != init.signature:
                 self.problems.add("jobs of this sweep need different warmups: sweep one warmup at a time")
                 return
         try:
@@ -276,9 +305,9 @@ class _Planner:
             self.problems.add(
                 f"arm name {arm.name!r} appears twice in the sweep: sweep it alone, or name variants"
             )
-        elif arm.signature in self._arm_by_signature:
+        elif arm.signature in self._arm_by_signature:  # e.g. A at experiment.ratio=4 and =16
             twin = self._arm_by_signature[arm.signature]
-            self.problems.add(f"arms {twin} and {arm.name} are the same run (signature {arm.signature})")
+            self.aliases[arm.name] = replace(arm, depends_on=[], row={**arm.row, "same_as": twin})
         else:
             self.jobs[arm.name] = arm
             self._arm_by_signature[arm.signature] = arm.name
@@ -290,6 +319,24 @@ class _Planner:
             job.run_dir = existing
             job.stage.run.run_dir = str(existing)
         return job
+
+
+def sweep_dir_problems(root: str, sweep_dir: str) -> list[str]:
+    """Where a sweep may not write: an empty root or dir (the working directory, or /), a file, a
+    place nobody may write to."""
+    if not str(root).strip() or not str(sweep_dir).strip():
+        return [
+            f"sweep.root={root!r}, sweep.dir={sweep_dir!r}: give a directory (default: sweeps/<experiment>)"
+        ]
+    path = Path(sweep_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return [f"sweep.dir={sweep_dir!r}: {existing} is a file, not a directory"]
+    try:  # permissions alone do not say it (root, read-only mounts, /proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".bss-probe-", dir=existing))
+    except OSError as exc:
+        return [f"sweep.dir={sweep_dir!r}: cannot create anything in {existing} ({exc.strerror})"]
+    return []
 
 
 def _prepare_job(data: DataConfig) -> Job:
@@ -308,6 +355,8 @@ def _warmup_job(cfg: Config, run_root: Path, prepare: str, replicate: list[str])
     if spec.op not in cfg.ops:
         raise PlanError(f"op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
     name = "warmup" if not replicate else f"warmup[{','.join(replicate)}]"
+    if spec.micro_batch_size is not None:
+        cfg = replace(cfg, trainer=replace(cfg.trainer, micro_batch_size=spec.micro_batch_size))
     run, steps = _run_config(
         cfg, name, "warmup", cfg.ops[spec.op], spec.batch_size, spec.token_budget, None, run_root
     )
@@ -335,10 +384,7 @@ def _arm_job(
     run, steps = _run_config(cfg, name, "arm", point, point.reference_batch, budget, init, run_root, spec)
     run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"]
     op = spec.op or f"arm {spec.from_arm}"
-    replicate = _replicate_overrides(variant)
-    other = [o for o in variant if o not in replicate]
-    base = cfg.arm if not other else f"{cfg.arm}[{','.join(other)}]"
-    row = _row(name, op, spec.rule, run, steps, base, replicate)
+    row = _row(name, op, spec.rule, run, steps, cfg.arm, variant)
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(
         name,
@@ -353,7 +399,8 @@ def _arm_job(
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Plain aligned text table; floats in 4 significant digits (enough to tell 2.5e-05 from 2.6e-05)."""
+    """An aligned text table (tabulate's `simple`); floats in 6 significant digits where they are of
+    ordinary size, 4 otherwise (enough to tell 2.5e-05 from 2.6e-05)."""
 
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -361,11 +408,23 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return "" if v is None else str(v)
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+    return tabulate(cells, headers=columns, tablefmt="simple", disable_numparse=True, stralign="left")
+
+
+def tokens_text(n: int | float | None) -> str:
+    """A token count for people: 1.05M, 262k, 1.07B."""
+    if n is None:
+        return ""
+    n = int(n)
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def budget_text(n: int) -> str:
+    """A token budget: 2^20 (1.05M) for a power of two, else as tokens_text."""
+    return f"2^{n.bit_length() - 1} ({tokens_text(n)})" if n >= 1024 and n & (n - 1) == 0 else tokens_text(n)
 
 
 ARM_COLUMNS = ["arm", "op", "rule", "batch_size", "batch_tokens", "grad_accum", "lr", "beta1", "beta2", "eps"]
@@ -373,4 +432,10 @@ ARM_COLUMNS += ["token_budget", "steps", "setup", "signature"]
 
 
 def arm_table(plan: SweepPlan) -> str:
-    return format_table([j.row for j in plan.jobs if j.row], ARM_COLUMNS)
+    """The arm table printed before anything runs (token budgets for people; plan.json has the numbers)."""
+    rows = [{**j.row, "token_budget": budget_text(j.row["token_budget"])} for j in plan.jobs if j.row]
+    notes = [
+        f"{a.name}: the same run as {a.row['same_as']} (signature {a.signature}): run once, shown under both"
+        for a in plan.aliases
+    ]
+    return "\n".join([format_table(rows, ARM_COLUMNS), *notes])

@@ -48,5 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `bss-resubmit` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -41,6 +41,9 @@ class WarmupSpec:
     batch_size: int = MISSING
     token_budget: int = MISSING
     lr_warmup_tokens: int = 0
+    # Per-rank micro-batch of the warmup; None: trainer.micro_batch_size. The warmup is plain AdamW,
+    # so a preset whose arms need one-sequence micro-batches (invariant Adam) need not slow it down.
+    micro_batch_size: int | None = None
 
 
 @dataclass
@@ -108,10 +111,22 @@ class Config:
     arm: str | None = None  # the arm this job runs; the experiment's sweep sets it
 
 
+def whole_division(a: Any, b: Any) -> int:
+    """`${intdiv:a,b}`: a / b, refused unless a whole number. The presets derive batch sizes with it
+    (small batch = large batch / experiment.ratio): a rounded one would silently change the ratio."""
+    a, b = int(a), int(b)
+    if b <= 0 or a % b:
+        raise ValueError(
+            f"{a} / {b} is not a whole number of sequences: experiment.ratio (and the presets' batch "
+            "ladders) must be positive and divide experiment.large_batch"
+        )
+    return a // b
+
+
 def register() -> None:
     """Register the schema and the resolvers the YAML uses; safe to call more than once."""
     if not OmegaConf.has_resolver("intdiv"):
-        OmegaConf.register_new_resolver("intdiv", lambda a, b: int(a) // int(b))
+        OmegaConf.register_new_resolver("intdiv", whole_division)
         OmegaConf.register_new_resolver("intmul", lambda a, b: int(a) * int(b))
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.status import FINAL, RunState, read_status
+from train.status import FINAL, RunState, claimed_by, read_status
 
 LOST_AFTER_S = 300.0  # a run whose heartbeat is older than this, and whose job left the queue, is lost
 
@@ -82,10 +82,15 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def read_own_status(kind: str, run_dir: Path) -> dict[str, Any] | None:
-    """What a job's own files say: the prepared data's meta.json, or the run's status.json."""
+    """What a job's own files say: the prepared data's meta.json, or the run's status.json and
+    whether a live process holds the run's claim (`claimed_by`)."""
     if kind == "prepare":
         return {"state": RunState.COMPLETED} if (run_dir / "meta.json").exists() else None
-    return read_status(run_dir)
+    status = read_status(run_dir)
+    owner = claimed_by(run_dir)
+    if owner is not None:
+        status = {**(status or {}), "claimed_by": owner}
+    return status
 
 
 def _alive_here(status: dict[str, Any]) -> bool:
@@ -115,6 +120,9 @@ def resolve(
     error = (status or {}).get("error") or ""
     if own in FINAL:
         return JobState(RunState(own), error, status)
+    owner = (status or {}).get("claimed_by")
+    if owner:  # a live trainer holds the run, whichever job started it
+        return JobState(RunState.RUNNING, f"trained by {owner}", status)
     if queue is not None and job_id and job_id in queue:
         slurm = queue[job_id]
         if slurm == NEVER:
@@ -124,14 +132,15 @@ def resolve(
         if slurm in _RUNNING:
             return JobState(RunState.RUNNING, "", status)
     acct = accounting.get(job_id or "", "")
+    if own == RunState.STOPPED:  # stopped on a signal and checkpointed; not (or no longer) queued
+        scheduler = f"; scheduler: {acct}" if acct else ""
+        return JobState(RunState.STOPPED, f"resumable: {error or 'stopped'}{scheduler}", status)
     if acct == "TIMEOUT":
         return JobState(RunState.TIMEOUT, "scheduler: TIMEOUT", status)
     if acct.startswith("CANCELLED"):
         return JobState(RunState.FAILED, "cancelled", status)
     if acct in ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
         return JobState(RunState.FAILED, f"scheduler: {acct}", status)
-    if own == RunState.STOPPED:  # stopped on a signal, checkpointed, and not (or no longer) queued
-        return JobState(RunState.FAILED, error or "stopped", status)
     if ended:  # a local job whose process returned without the run saying how it ended
         return JobState(RunState.FAILED, error or "its process ended before the run recorded an end", status)
     if own in (RunState.RUNNING, RunState.REQUEUED):
@@ -178,4 +187,9 @@ def sweep_states(manifest: dict[str, Any], queue: dict[str, str] | None) -> dict
         and (own[name] or {}).get("state") not in FINAL
     ]
     accounting = sacct_states(undecided)
-    return {name: resolve(own[name], last_id[name], queue, accounting) for name in jobs}
+    states = {name: resolve(own[name], last_id[name], queue, accounting) for name in jobs}
+    for name, job in jobs.items():  # another name of a planned run: that run's state
+        twin = job.get("same_as")
+        if twin in states:
+            states[name] = JobState(states[twin].state, f"same run as {twin}", states[twin].status)
+    return states

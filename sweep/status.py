@@ -1,9 +1,11 @@
-"""`python -m sweep.status <sweep dir | experiment name> [--watch S]`: one table of every job of a sweep.
+"""`python -m sweep.status <sweep dir | experiment name> [--watch S] [--wide] [--tail JOB] [--verdicts]`:
+one table of every job of a sweep.
 
-States (pending, running, completed, failed, diverged, timeout, lost) come from each run's own
-`status.json` together with one batched `squeue` call (and `sacct` for jobs that left the queue,
-where accounting exists): a job SLURM calls COMPLETED whose Python raised is `failed`. Exit code
-1 if any job failed, diverged, timed out or was lost.
+States (pending, running, completed, stopped, failed, diverged, timeout, lost) come from each run's
+own `status.json` and claim, together with one batched `squeue` call (and `sacct` for jobs that
+left the queue, where accounting exists): a job SLURM calls COMPLETED whose Python raised is
+`failed`; a run stopped by a signal after a checkpoint is `stopped` (resumable). Exit code 1 if any
+job failed, diverged, timed out or was lost.
 """
 
 from __future__ import annotations
@@ -14,24 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from sweep.manifest import read_manifest, sweep_dir_of, sweep_parser
-from sweep.plan import format_table
+from sweep.plan import format_table, tokens_text
 from sweep.state import latest_job_id, squeue_states, sweep_states
 from train.status import BAD, IN_FLIGHT, RunState
 
-COLUMNS = [
-    "job",
-    "replicate",
-    "state",
-    "job_id",
-    "tokens",
-    "budget",
-    "loss",
-    "tokens_per_s",
-    "eta",
-    "requeues",
-    "wandb",
-    "note",
-]
+COLUMNS = ["job", "state", "id", "done", "loss", "tok/s", "eta", "note"]
+WIDE = ["replicate", "requeues", "wandb"]
+WIDTH = 100  # the default table fits a terminal this wide: the note is cut to what is left
 
 
 def _duration(seconds: float | None) -> str:
@@ -42,11 +33,22 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _wandb_path(run_dir: Path, status: dict[str, Any]) -> str:
+def _eta(status: dict[str, Any], budget: int | None) -> float | None:
+    """Seconds left at the run's average rate since this attempt started (not a 10-second window,
+    which swings with evaluations and checkpoints)."""
+    tokens, start = status.get("tokens"), status.get("start_tokens", 0)
+    elapsed = float(status.get("heartbeat", 0)) - float(status.get("started", 0))
+    if not budget or tokens is None or elapsed <= 0 or tokens <= start:
+        return None
+    return (budget - tokens) / ((tokens - start) / elapsed)
+
+
+def _wandb(run_dir: Path, status: dict[str, Any]) -> str:
+    """The W&B run: entity/project/id online, the offline run's directory name offline."""
+    if status.get("wandb_path"):
+        return str(status["wandb_path"])
     offline = sorted(run_dir.glob("wandb/offline-run-*"))
-    if offline:
-        return str(offline[-1])
-    return f"{status.get('wandb_path', '')}"
+    return offline[-1].name if offline else ""
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -56,29 +58,66 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     for name, job in manifest["jobs"].items():
         state = states[name]
         status = state.status or {}
-        tokens, budget, speed = status.get("tokens"), status.get("token_budget"), status.get("tokens_per_s")
-        eta = (
-            (budget - tokens) / speed
-            if state.state == RunState.RUNNING and speed and budget and tokens is not None
-            else None
-        )
+        budget = status.get("token_budget", job.get("derived", {}).get("token_budget"))
+        tokens = status.get("tokens")
+        job_id = latest_job_id(job) or ""
+        local_pid = status.get("pid") if not (status.get("launch") or {}).get("job_id") else None
+        running = state.state == RunState.RUNNING
         rows.append(
             {
                 "job": name,
-                "replicate": job.get("derived", {}).get("replicate", ""),
                 "state": state.state,
-                "job_id": latest_job_id(job) or "",
-                "tokens": tokens,
-                "budget": budget if budget is not None else job.get("derived", {}).get("token_budget"),
-                "loss": status.get("loss"),
-                "tokens_per_s": round(speed) if speed else None,
-                "eta": _duration(eta),
-                "requeues": (status.get("launch") or {}).get("restarts"),
-                "wandb": _wandb_path(Path(job["run_dir"]), status) if job["kind"] != "prepare" else "",
+                "id": f"pid {local_pid}" if running and local_pid else job_id,
+                "done": f"{tokens_text(tokens)}/{tokens_text(budget)}"
+                if tokens is not None and budget
+                else "",
+                "loss": f"{status['loss']:.4f}" if status.get("loss") is not None else "",
+                "tok/s": f"{status['tokens_per_s']:.0f}" if status.get("tokens_per_s") else "",
+                "eta": _duration(_eta(status, budget)) if running else "",
                 "note": state.reason,
+                "replicate": job.get("derived", {}).get("replicate", ""),
+                "requeues": (status.get("launch") or {}).get("restarts", ""),
+                "wandb": _wandb(Path(job["run_dir"]), status) if job["kind"] != "prepare" else "",
+                "_eta_s": _eta(status, budget) if running else None,
             }
         )
     return rows
+
+
+def render(rows: list[dict[str, Any]], wide: bool) -> str:
+    """The table: `WIDTH` columns with the note cut to fit, or every column in full (`wide`)."""
+    columns = COLUMNS + WIDE if wide else COLUMNS
+    if not wide:
+        fixed = format_table([{**r, "note": ""} for r in rows], columns).splitlines()[0]
+        room = max(WIDTH - len(fixed.rstrip()) - 1, 12)
+        rows = [
+            {**r, "note": r["note"] if len(r["note"]) <= room else r["note"][: room - 1] + "…"} for r in rows
+        ]
+    return format_table(rows, columns)
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line: how many jobs are in each state, and when the running ones end at their pace."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r["state"])] = counts.get(str(r["state"]), 0) + 1
+    parts = [f"{n} {state}" for state, n in counts.items()]
+    etas = [r["_eta_s"] for r in rows if r["_eta_s"] is not None]
+    ends = f"; the running jobs end in about {_duration(max(etas))}" if etas else ""
+    return f"{len(rows)} jobs: {', '.join(parts)}{ends}"
+
+
+def tail(sweep_dir: Path, job: str, lines: int) -> str:
+    """The end of a job's log (stderr, where progress and errors go), from the newest attempt."""
+    manifest = read_manifest(sweep_dir)
+    if job not in manifest["jobs"]:
+        raise LookupError(f"no job {job!r} in {sweep_dir} (jobs: {', '.join(manifest['jobs'])})")
+    job_id = latest_job_id(manifest["jobs"][job])
+    logs = sorted((sweep_dir / "jobs").glob(f"{job_id}_*log.err")) if job_id else []
+    if not logs:
+        raise LookupError(f"job {job} has no log yet (its job id: {job_id or 'none, never started'})")
+    text = logs[0].read_text(errors="replace").splitlines()
+    return f"==> {logs[0]} <==\n" + "\n".join(text[-lines:])
 
 
 def _verdicts(sweep_dir: Path, skip_tokens: int) -> str:
@@ -97,6 +136,9 @@ def _verdicts(sweep_dir: Path, skip_tokens: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = sweep_parser("python -m sweep.status", __doc__)
     parser.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until all jobs end")
+    parser.add_argument("--wide", action="store_true", help="every column in full (replicate, requeues, W&B)")
+    parser.add_argument("--tail", metavar="JOB", help="print the end of JOB's log instead of the table")
+    parser.add_argument("--lines", type=int, default=30, help="with --tail: how many lines (default 30)")
     parser.add_argument(
         "--verdicts",
         action="store_true",
@@ -113,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir = sweep_dir_of(args)
     while True:
         try:
+            if args.tail:
+                print(tail(sweep_dir, args.tail, args.lines))
+                return 0
             rows = sweep_rows(sweep_dir)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, LookupError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        table = format_table(rows, COLUMNS)
         if args.watch:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + str(sweep_dir))
-        print(table, flush=True)
+        print(render(rows, args.wide), flush=True)
+        print(summary(rows), flush=True)
         if args.verdicts:
             print(_verdicts(sweep_dir, args.skip_tokens), flush=True)
         if not args.watch or all(r["state"] not in IN_FLIGHT for r in rows):
@@ -129,5 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r["state"] in BAD for r in rows) else 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `bss-status` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -41,6 +41,7 @@ def arm(name: str, batch: int, loss: np.ndarray) -> Arm:
     return Arm(
         name=name,
         base=name,
+        variant="",
         replicate="",
         batch=batch,
         state="completed",

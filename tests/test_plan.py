@@ -141,7 +141,7 @@ def test_seesaw_arms_are_laid_out_before_submission(tmp_path):
         ),
         (["+experiment=seesaw", "experiment.schedule.halve_at=[0.3]"], "does not end on the token budget"),
         (["+experiment=seesaw", "experiment.arms.SS.schedule=zigzag"], "schedule 'zigzag'"),
-        (["+experiment=invariant_adam", "experiment.arms.V16.optimizer=lion"], "optimizer 'lion'"),
+        (["+experiment=invariant_adam", "experiment.arms.V16.optimizer=lion"], "optimizer.name='lion'"),
     ],
 )
 def test_bad_arm_options_are_refused_before_anything_runs(overrides, message, tmp_path):
@@ -193,7 +193,7 @@ def test_signature_ignores_intervals_but_not_hyperparameters(tmp_path):
         (["experiment.token_budget=1000"], "not a positive multiple"),
         (["experiment.arms.J.from_arm=J"], "cycle"),
         (["experiment.arms.H.rule=nope"], "rule 'nope' is not one of"),
-        (["trainer.val_samples=0"], "at least one sequence"),
+        (["trainer.val_samples=0"], "at least one validation sequence"),
         (["trainer.seq_len=4096"], "exceeds model.max_position_embeddings"),
     ],
 )

@@ -140,12 +140,12 @@ def test_scancel_then_rerun_resumes_only_that_arm_exactly(slurm_cluster, tmp_pat
     first_id = _manifest(sweep_dir)["jobs"]["A"]["job_ids"][-1]
     subprocess.run(["scancel", first_id], check=True)
     states = _wait(sweep_dir, ["A", "J"])
-    assert states["A"] == "failed" and states["J"] == "completed"
+    assert states["A"] == "stopped" and states["J"] == "completed"  # scancel: SIGTERM, checkpointed
 
     again = _sweep(tmp_path, "arm=A,J", *long_arm)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (
-        "A: failed" in again.stdout and "submitted A:" in again.stdout and "submitted J" not in again.stdout
+        "A: stopped" in again.stdout and "submitted A:" in again.stdout and "submitted J" not in again.stdout
     )
     assert _wait(sweep_dir, ["A"])["A"] == "completed"
     assert _manifest(sweep_dir)["jobs"]["A"]["job_ids"][-2:] == [

@@ -35,7 +35,7 @@ def running(heartbeat_age: float, **extra) -> dict:
         (running(5), "7", {}, {"7": "OUT_OF_MEMORY"}, "failed"),
         (running(3600), "7", {}, {}, "lost"),  # gone from the queue, no accounting, stale heartbeat
         (None, "7", {}, {}, "lost"),  # left the queue without ever starting
-        ({"state": "stopped", "error": "stopped by SIGTERM"}, "7", {}, {}, "failed"),
+        ({"state": "stopped", "error": "stopped by SIGTERM"}, "7", {}, {}, "stopped"),
         ({"state": "requeued", "heartbeat": NOW - 5}, "7", {}, {}, "pending"),
         ({"state": "requeued", "heartbeat": NOW - 5}, "7", {"7": "PENDING"}, {}, "pending"),
         (None, None, {}, {}, "pending"),  # never submitted

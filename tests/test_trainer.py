@@ -286,8 +286,9 @@ def test_nan_loss_stops_the_arm_as_diverged_keeping_its_last_good_checkpoint(pre
 def test_unchanging_validation_loss_fails_loudly(prepared_data, tmp_path):
     from train.loop import BadValidation, train
 
+    # An lr of 1e-30 moves no fp32 weight (a zero lr is refused before the run starts).
     cfg = tiny_run(
-        prepared_data, tmp_path / "run", val_every_tokens=8 * 32 * 2, optimizer=OptimizerConfig(lr=0.0)
+        prepared_data, tmp_path / "run", val_every_tokens=8 * 32 * 2, optimizer=OptimizerConfig(lr=1e-30)
     )
     with pytest.raises(BadValidation, match="unchanged"):
         train(cfg)

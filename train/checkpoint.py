@@ -36,11 +36,16 @@ def _sha256(path: Path) -> str:
 
 def _write_atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk: free what the partial file took, so that the failure can still be recorded.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -55,6 +60,17 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         old.with_name(old.name + MARKER).unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the half-written temporary files a killed writer left (a checkpoint's can be GBs).
+
+    Call only with the run dir's claim held: then no live process is writing any of them."""
+    run_dir = Path(run_dir)
+    stale = [*checkpoint_dir(run_dir).glob(".*.tmp-*"), *run_dir.glob(".*.tmp-*")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _checkpoints(folder: Path) -> list[Path]:

@@ -7,6 +7,7 @@ group file fails at compose time, not after a job has waited in the queue.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, TypeVar
@@ -82,6 +83,7 @@ OPTIMIZERS = ("adamw", "invariant_adam")
 PRECISIONS = ("fp32", "bf16", "fp16")
 WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
 WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -189,26 +191,24 @@ class RunConfig:
         """Every check that needs no data, made once for the planner (before anything is queued)
         and the trainer (before the first step): the run laid out in steps, or InvalidRun naming
         every problem at once."""
-        problems = []
+        problems = [
+            f"{path}={value!r}: expected {expected}"
+            for path, ok, expected in RANGES
+            if not ok(value := _get(self, path))
+        ]
         t = self.trainer
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.optimizer.name not in OPTIMIZERS:
-            problems.append(f"optimizer {self.optimizer.name!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.optimizer.name == "invariant_adam" and self.precision == "fp16":
             problems.append(
                 "invariant_adam does not support fp16: its squared gradients bypass the loss scaler "
                 "(use bf16 or fp32)"
             )
-        if self.wandb.mode not in WANDB_MODES:
-            problems.append(f"wandb.mode={self.wandb.mode!r}: expected one of {', '.join(WANDB_MODES)}")
-        if t.val_samples < 1:
-            problems.append(f"trainer.val_samples={t.val_samples}: validation needs at least one sequence")
         if t.seq_len > self.model.max_position_embeddings:
             problems.append(
                 f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
             )
+        if problems:  # the batch arithmetic below assumes sane values
+            raise InvalidRun(problems)
         try:
             plan_batches(self.batch_size, t.micro_batch_size, world_size, t.seq_len, self.token_budget)
             # Every batch the schedule reaches (a Seesaw ramp doubles it) must split exactly too.
@@ -222,6 +222,55 @@ class RunConfig:
         if problems:
             raise InvalidRun(problems)
         return Steps(lay, plans)
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v) and v > 0
+
+
+def _at_least(low: float) -> Any:
+    return lambda v: isinstance(v, int | float) and math.isfinite(v) and v >= low
+
+
+def _one_of(options: tuple[str, ...]) -> Any:
+    return lambda v: v in options
+
+
+# Every value of a run config that has a valid range, with what is expected: refused before anything
+# is queued (the planner) and before the first step (the trainer). An out-of-range value that the
+# optimizer or torch would silently accept (a negative lr, a negative clip norm) trains wrongly.
+RANGES: list[tuple[str, Any, str]] = [
+    ("stage", _one_of(("warmup", "arm")), "warmup or arm"),
+    ("precision", _one_of(PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
+    ("optimizer.name", _one_of(OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}"),
+    ("optimizer.lr", _positive, "a positive lr (after the arm's rule and lr_scale)"),
+    ("optimizer.beta1", lambda v: 0 <= v < 1, "a beta in [0, 1)"),
+    ("optimizer.beta2", lambda v: 0 <= v < 1, "a beta in [0, 1)"),
+    ("optimizer.eps", _positive, "a positive eps"),
+    ("optimizer.weight_decay", _at_least(0), "0 or more"),
+    ("batch_size", _positive, "a positive number of sequences"),
+    ("token_budget", _positive, "a positive number of tokens"),
+    ("lr_warmup_tokens", _at_least(0), "0 or more tokens"),
+    ("trainer.seq_len", _positive, "a positive number of tokens"),
+    ("trainer.micro_batch_size", _at_least(0), "0 (the whole per-rank batch) or more"),
+    ("trainer.grad_clip", _positive, "a positive norm (1e9: no clipping)"),
+    ("trainer.val_samples", _positive, "at least one validation sequence"),
+    ("trainer.val_every_tokens", _at_least(0), "0 (start and end only) or more tokens"),
+    ("trainer.checkpoint_every_tokens", _at_least(0), "0 (the end only) or more tokens"),
+    ("trainer.keep_checkpoints", _positive, "at least 1"),
+    ("trainer.log_every_steps", _positive, "at least 1 (every step: the paired analysis needs 1)"),
+    ("trainer.attn_implementation", _one_of(ATTENTION), f"one of {', '.join(ATTENTION)}"),
+    ("trainer.loss_chunk_tokens", _at_least(0), "0 (no chunking) or more tokens"),
+    ("trainer.noise_scale_decay", lambda v: 0 <= v < 1, "an EMA decay in [0, 1)"),
+    ("trainer.peak_flops", _at_least(0), "0 (from the GPU's name) or more"),
+    ("wandb.mode", _one_of(WANDB_MODES), f"one of {', '.join(WANDB_MODES)}"),
+]
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

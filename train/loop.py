@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,15 +26,15 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from train.batching import BatchPlan
-from train.checkpoint import load_latest_checkpoint, save_checkpoint
-from train.config import RunConfig, Steps
-from train.data import TokenStream, load_meta, load_split, validation_windows
+from train.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from train.config import InvalidRun, RunConfig, Steps
+from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
 from train.invariant_adam import InvariantAdam
 from train.model import TokenLoss, build_model, flops_per_token
 from train.noise import NoiseScale
 from train.runlog import VAL_SEQUENCES, RunLog
 from train.state import Counters, TrainState, rng_state
-from train.status import RunState, mark_failed, read_status
+from train.status import RunClaim, RunInUse, RunState, mark_failed, read_status
 from train.throughput import peak_flops, peak_memory_gb
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,13 +58,14 @@ class Stopped(RuntimeError):
 
 
 class StopFlag:
-    """SIGUSR2 (SLURM's warning before a time limit or preemption) and SIGTERM only set a flag.
+    """SIGUSR2 (SLURM's warning before a time limit or preemption), SIGTERM and SIGINT (Ctrl-C of
+    a run in the foreground) only set a flag.
 
     Nothing is written from inside the handler: the loop reads the flag at the next step boundary,
     where model, optimizer and data position are consistent, and checkpoints there.
     """
 
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum = 0
@@ -225,7 +227,10 @@ def train_step(
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if where.ddp:
-        flags = torch.tensor([signum == signal.SIGUSR2, signum == signal.SIGTERM], device=where.device)
+        # [requeue after stopping (SLURM's warning), stop for good (SIGTERM, SIGINT)]
+        flags = torch.tensor(
+            [signum == signal.SIGUSR2, signum not in (0, signal.SIGUSR2)], device=where.device
+        )
         per_rank = network.local_norm.sq / scale**2
         packed = torch.cat([loss_sum.float()[None], flags.float(), per_rank[None]])
         dist.all_reduce(packed)
@@ -247,6 +252,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     budget the split cannot hold) is recorded as failed just like one in the loop.
     """
     where = _init_distributed()
+    claim = _claim(cfg, where)  # a second start of this run stops here, touching nothing of it
     try:
         with StopFlag() as stop:
             return Trainer(cfg, where, stop).run()
@@ -261,6 +267,28 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 token_budget=cfg.token_budget,
             )
         raise
+    finally:
+        claim.release()
+
+
+def _claim(cfg: RunConfig, where: Placement) -> RunClaim:
+    """Rank 0 claims the run dir; every rank learns whether it got it (one broadcast). With the
+    claim held, temporary files in the run dir are a dead writer's: they are removed."""
+    claim = RunClaim(cfg.run_dir)
+    refused = ""
+    if where.rank == 0:
+        try:
+            claim.acquire(job_id=str(cfg.launch.get("job_id") or cfg.launch.get("local_job_id") or ""))
+            remove_stale_temporaries(cfg.run_dir)
+        except RunInUse as exc:
+            refused = str(exc)
+    if where.ddp:
+        flag = torch.tensor([float(bool(refused))], device=where.device)
+        dist.broadcast(flag, 0)
+        refused = refused or ("run dir claimed by another process (see rank 0)" if flag.item() else "")
+    if refused:
+        raise RunInUse(refused)
+    return claim
 
 
 class Trainer:
@@ -278,6 +306,10 @@ class Trainer:
         # none) are superseded by what this attempt logs.
         resume_step = self.state.step if resumed else -1
         self.log = RunLog(cfg, self.steps.layout.steps, resume_step) if where.rank == 0 else None
+        if self.log is not None:  # where this attempt starts: `sweep.status` averages its rate from here
+            self.log.update(
+                force=True, step=self.state.step, tokens=self.state.tokens, start_tokens=self.state.tokens
+            )
         self.evaluator = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens)
         val = load_split(cfg.data_dir, "validation")
         windows = validation_windows(val, cfg.trainer.seq_len, cfg.trainer.val_samples)
@@ -289,18 +321,14 @@ class Trainer:
     def check_inputs(self) -> tuple[Steps, TokenStream]:
         cfg = self.cfg
         steps = cfg.validate(self.where.world)  # the same checks the planner made
-        meta = load_meta(cfg.data_dir)
-        if meta["vocab_size"] > cfg.model.vocab_size:
-            raise ValueError(
-                f"tokenizer has {meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}"
-            )
+        load_meta(cfg.data_dir)  # a clear error where the data was never prepared
+        samples = steps.layout.tokens_after(steps.layout.steps - 1) // cfg.trainer.seq_len
+        problems = prepared_problems(
+            cfg.data_dir, cfg.model.vocab_size, cfg.split, cfg.trainer.seq_len, samples
+        )
+        if problems:
+            raise InvalidRun(problems)
         stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.trainer.seq_len, cfg.trainer.data_seed)
-        needed = steps.layout.tokens_after(steps.layout.steps - 1) // cfg.trainer.seq_len
-        if needed > stream.n_windows:
-            raise ValueError(
-                f"token budget {cfg.token_budget} needs {needed} sequences but split "
-                f"{cfg.split!r} holds {stream.n_windows}: lower the budget or prepare more data"
-            )
         return steps, stream
 
     # --- Phase 2: model and optimizer, seeded and cold.
@@ -578,6 +606,13 @@ def _branch_point(run_dir: str) -> dict[str, Any]:
     """The final checkpoint of a finished run (the warmup): the weights every arm starts from."""
     status = read_status(run_dir) or {}
     state = load_latest_checkpoint(run_dir)
-    if state is None or not state.get("final") or status.get("state") != RunState.COMPLETED:
+    if status.get("state") != RunState.COMPLETED:
         raise FileNotFoundError(f"no completed run to branch from in {run_dir} (state {status.get('state')})")
+    if state is None or not state.get("final"):
+        sweep_dir, name = Path(run_dir).parent.parent, status.get("name", "warmup")
+        raise FileNotFoundError(
+            f"the run to branch from in {run_dir} completed, but its final checkpoint is missing or "
+            f"corrupt (see the warning above): rerun it with `python -m sweep.resubmit {sweep_dir} "
+            f"--arms {name}` (add --local without SLURM); it resumes from its newest good checkpoint"
+        )
     return state

@@ -8,9 +8,12 @@ COMPLETED). No torch here: the login node and the analysis read this module too.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ class RunState(StrEnum):
     A run writes RUNNING, REQUEUED, STOPPED, COMPLETED, FAILED or DIVERGED into its status file;
     the sweep's resolver adds PENDING (queued or not yet submitted), TIMEOUT and LOST (its job left
     the queue without the run saying how it ended); the local launcher adds SKIPPED (a job it
-    depends on did not complete).
+    depends on did not complete). STOPPED (a stop signal: SIGTERM, preemption, Ctrl-C; the run
+    checkpointed) is resumable: a rerun of the sweep command continues it.
     """
 
     PENDING = "pending"
@@ -43,9 +47,10 @@ FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.DIVERGED})  # t
 RECORDED_END = FINAL | {RunState.STOPPED}  # the run itself wrote how this attempt ended
 IN_FLIGHT = frozenset({RunState.PENDING, RunState.RUNNING})  # queued or running: leave it alone
 # Resubmitted by a plain rerun of the sweep; a diverged run would diverge again (rerun it by name).
-RESUBMIT = frozenset({RunState.FAILED, RunState.TIMEOUT, RunState.LOST})
-BAD = RESUBMIT | {RunState.DIVERGED}  # `sweep.status` exits 1 when any job is in one of these
-NOT_DONE = BAD | {RunState.SKIPPED}  # the sweep command exits 1 when any job ended in one of these
+RESUBMIT = frozenset({RunState.FAILED, RunState.TIMEOUT, RunState.LOST, RunState.STOPPED})
+# `sweep.status` exits 1 when any job is in one of these (a stopped run checkpointed: not bad).
+BAD = frozenset({RunState.FAILED, RunState.TIMEOUT, RunState.LOST, RunState.DIVERGED})
+NOT_DONE = BAD | {RunState.SKIPPED, RunState.STOPPED}  # the sweep command exits 1 on any of these
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -84,3 +89,76 @@ def mark_failed(run_dir: str | Path, error: str, **fields: Any) -> None:
     if status is not None and status.get("state") in RECORDED_END:
         return
     set_state(run_dir, RunState.FAILED, error, **fields)
+
+
+class RunInUse(RuntimeError):
+    """Another live process holds this run dir (a second start of the same arm) or sweep dir."""
+
+
+class RunClaim:
+    """An exclusive claim on a run dir by the one process that trains it: an flock on
+    `<run_dir>/.owner`, which holds that process's pid, host and job id for the message.
+
+    The kernel releases the lock when the process dies, however it dies, so a claim is never
+    stale. Where the file system has no flock (some network mounts), claims are skipped with a
+    warning and only the sweep's own bookkeeping prevents double starts."""
+
+    FILE = ".owner"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self, **who: Any) -> None:
+        """Claim the run dir or raise RunInUse naming its owner."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUse(f"{self.path.parent} is in use by {owner_text(self.path)}") from None
+        except OSError as exc:  # no flock on this file system
+            os.close(fd)
+            warnings.warn(
+                f"cannot lock {self.path} ({exc.strerror}): a second start would not be stopped", stacklevel=2
+            )
+            return
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **who}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def claimed_by(run_dir: str | Path) -> str | None:
+    """Who trains `run_dir` right now (pid, host, job), or None when nobody holds its claim."""
+    path = Path(run_dir) / RunClaim.FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return owner_text(path)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def owner_text(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    job = f", job {info['job_id']}" if info.get("job_id") else ""
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{job}"
