@@ -60,6 +60,11 @@ def _multirun_flag_first(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """`python -m sweep` and the `bss-sweep` console script."""
+    from sweep.compose import yaml_problems
+
+    problems = yaml_problems(sys.argv[1:], config_dir())
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
     sys.argv[1:] = _multirun_flag_first(sys.argv[1:])
     main()
 

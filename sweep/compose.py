@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import typing
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -77,6 +78,38 @@ def scratch_sweep_dir(config: DictConfig) -> Iterator[None]:
         yield
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def yaml_problems(argv: list[str], config_dir: str) -> list[str]:
+    """YAML errors in the config files a command will compose (the project's conf/ and any
+    `hydra.searchpath` dir on the command line), found before Hydra would print a traceback for
+    them. A key twice in one mapping (an arm defined twice) is one: YAML would keep the last."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    mark = key_node.start_mark
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    dirs = [config_dir]
+    for arg in argv:
+        if arg.lstrip("+").startswith("hydra.searchpath="):
+            dirs += [p.removeprefix("file://") for p in arg.split("=", 1)[1].strip("[]").split(",") if p]
+    problems = []
+    for path in sorted(p for d in dirs for p in Path(d).rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(), Loader=Strict)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            line = f" line {where.line + 1}" if where else ""
+            problems.append(f"{path}{line}: {getattr(exc, 'problem', None) or exc}")
+    return problems
 
 
 def compose_jobs(

@@ -62,10 +62,13 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
     # One sweep command at a time per sweep dir: a local sweep holds it while its jobs run, a SLURM
     # one while it decides and submits (a second waits, then sees the job ids and leaves them be).
     with sweep_claim(plan.dir, wait_s=0 if opts.executor == "local" else 300):
-        return _execute(plan, opts, queue)
+        return _execute(plan, opts)
 
 
-def _execute(plan: SweepPlan, opts: LauncherOptions, queue: dict[str, str] | None) -> dict[str, RunState]:
+def _execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
+    # The queue as it is now that this command holds the sweep: another command may just have
+    # submitted jobs that the manifest now names.
+    queue = squeue_states() if opts.executor == "slurm" else None
     try:
         manifest = record_plan(plan)
     except (OSError, ValueError) as exc:  # a full disk, a damaged manifest: say it, do not crash

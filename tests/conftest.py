@@ -121,5 +121,10 @@ def sweep_status(sweep_dir: Path) -> tuple[int, dict[str, str]]:
     )
     lines = out.stdout.splitlines()
     header = lines[0]
-    at, end = header.index("state"), header.index("job_id")  # columns are padded to the header's
-    return out.returncode, {line.split()[0]: line[at:end].strip() for line in lines[2:] if line.strip()}
+    at = header.index("state")
+    end = header.index(" ", at + len("state") + 1) + 1  # columns are padded to the header's
+    end = len(header) - len(header[end:].lstrip())
+    rows = [
+        line for line in lines[2:] if line.strip() and " jobs: " not in line
+    ]  # the table, not the summary
+    return out.returncode, {line.split()[0]: line[at:end].strip() for line in rows}

@@ -22,6 +22,7 @@ from analysis.report import Comparison, analyze
 from analysis.robust import Estimate
 from analysis.tables import BinSpec, Margin, verdict
 from analysis.wandb_source import WandbSelection, collect_wandb
+from sweep.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 128
@@ -287,7 +288,7 @@ def _select(standin: WandbStandin, **changes) -> WandbSelection:
 
 def logged_arms(sweep_dir: Path) -> dict[str, tuple[int, list[dict], str]]:
     """The arms of a sweep dir as the stand-in serves them: batch, logged rows, state finished."""
-    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    manifest = read_manifest(sweep_dir)
     return {
         name: (job["derived"]["batch_size"], read_metrics(job["run_dir"]), "finished")
         for name, job in manifest["jobs"].items()
@@ -419,3 +420,36 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path):
     )
     assert res.returncode == 2 and "holds no manifest.json" in res.stderr
     assert not any(tmp_path.iterdir())  # nothing written, not even a log file in the working directory
+
+
+def test_a_ratio_sweep_is_compared_per_ratio_and_a_shared_run_counts_for_both(tmp_path: Path):
+    """`experiment.ratio=4,16`: A is one run (kept under both names); A-H is compared at each ratio."""
+    zero = np.zeros(20)
+    root = write_sweep(
+        tmp_path / "s",
+        {"A4": (16, curve(16, zero), "completed"), "H4": (4, curve(4, zero + 0.01), "completed")},
+        [["A", "H"]],
+    )
+    h16 = root / "runs" / "H16"
+    h16.mkdir()
+    (h16 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve(1, zero - 0.02)))
+    (h16 / "status.json").write_text(json.dumps({"state": "completed"}))
+    manifest = json.loads((root / "manifest.json").read_text())
+    jobs = manifest["jobs"]
+    for name, base, ratio in (("A4", "A", 4), ("H4", "H", 4)):
+        jobs[name]["derived"] |= {"base": base, "variant": f"experiment.ratio={ratio}"}
+    jobs["H16"] = {
+        "kind": "arm",
+        "run_dir": str(h16),
+        "signature": "sigH16",
+        "derived": {"batch_size": 1, "base": "H", "variant": "experiment.ratio=16"},
+    }
+    jobs["A16"] = {
+        **jobs["A4"],
+        "same_as": "A4",
+        "derived": {**jobs["A4"]["derived"], "variant": "experiment.ratio=16"},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    pairs = analyze(root, Comparison([], margin=Margin(nats=0.05)))["pairs"].set_index(["metric", "pair"])
+    assert pairs.loc[("train", "A-H[experiment.ratio=4]"), "mean_gap"] == pytest.approx(-0.01, abs=1e-9)
+    assert pairs.loc[("train", "A-H[experiment.ratio=16]"), "mean_gap"] == pytest.approx(0.02, abs=1e-9)

@@ -252,3 +252,46 @@ def test_fast_composition_of_sweep_jobs_equals_full_composition(tmp_path):
             full = _plan(job, ["H"], tmp_path).arms[0]
             assert planned[full.signature]["eps"] == full.row["eps"]
             assert planned[full.signature]["batch_size"] == 16 // ratio
+
+
+def test_a_ratio_sweep_runs_an_arm_both_ratios_share_once(tmp_path):
+    """experiment.ratio=4,16: A is the same run at both ratios; it is planned once and kept under
+    both names, where the old planner refused it as "the same run"."""
+    base = ["+experiment=sqrt_rule", f"sweep.root={tmp_path}"]
+    jobs = [[*base, f"experiment.ratio={r}", f"arm={a}"] for r in (4, 16) for a in "AH"]
+    plan = build_plan([compose(j) for j in jobs], jobs)
+    names = [j.name for j in plan.arms]
+    assert names == ["A[experiment.ratio=4]", "H[experiment.ratio=4]", "H[experiment.ratio=16]"]
+    (alias,) = plan.aliases
+    assert alias.name == "A[experiment.ratio=16]" and alias.row["same_as"] == "A[experiment.ratio=4]"
+    assert alias.signature == plan.arms[0].signature and alias.row["variant"] == "experiment.ratio=16"
+
+
+def test_the_invariant_adam_warmup_takes_its_batch_whole(tmp_path):
+    plan = _plan(["+experiment=invariant_adam"], ["V16"], tmp_path)
+    warmup, arm = (j.stage.run for j in plan.jobs if j.stage.run is not None)
+    assert (warmup.trainer.micro_batch_size, arm.trainer.micro_batch_size) == (64, 1)
+
+
+def test_token_budgets_read_as_powers_of_two(tmp_path):
+    from sweep.plan import arm_table
+
+    table = arm_table(_plan(["+experiment=sqrt_rule"], ["A"], tmp_path))
+    assert "2^20 (1.05M)" in table and "2^18 (262k)" in table and "1048576" not in table
+
+
+def test_budgets_the_prepared_data_cannot_hold_are_refused_at_plan_time(prepared_data, tmp_path):
+    """Once the data is prepared, what the trainer would refuse (a split too small for the budget)
+    is refused before anything is queued."""
+    meta = json.loads((prepared_data / "meta.json").read_text())["config"]
+    data = [
+        f"data.source={meta['source']}",
+        f"data.path={meta['path']}",
+        f"data.tokenizer.vocab_size={meta['tokenizer']['vocab_size']}",
+        *(f"data.splits.{k}={v}" for k, v in meta["splits"].items()),
+        f"data.cache_dir={prepared_data.parent}",
+        "model.vocab_size=320",
+        "experiment.warmup.token_budget=1048576",
+    ]
+    with pytest.raises(PlanError, match=r"warmup: the run reads 8192 sequences .* split 'warmup' holds \d+"):
+        _plan(["+experiment=sqrt_rule", *data], ["A"], tmp_path)

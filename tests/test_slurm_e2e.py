@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sweep.manifest import read_manifest
 from tests.conftest import REPO, compose, sweep_status
 from tests.test_e2e import TINY
 from train.data import prepare
@@ -34,7 +35,7 @@ def _sweep(
 
 
 def _manifest(sweep_dir: Path) -> dict:
-    return json.loads((sweep_dir / "manifest.json").read_text())
+    return read_manifest(sweep_dir)  # run dirs resolved (the file holds them relative to the sweep)
 
 
 def _release_held(job_ids: list[str]) -> None:
@@ -108,7 +109,7 @@ def test_an_arm_whose_python_raises_is_failed(slurm_cluster, tmp_path):
     code, _ = sweep_status(sweep_dir)
     assert code == 1
     status = json.loads(Path(_manifest(sweep_dir)["jobs"]["H"]["run_dir"], "status.json").read_text())
-    assert "token budget 16777216" in status["error"]
+    assert "the run reads 131072 sequences" in status["error"]  # checked when the data exists
 
     # The explicit resubmit reads the manifest (no config needed) and submits only what failed.
     first_id = _manifest(sweep_dir)["jobs"]["H"]["job_ids"][-1]
@@ -222,3 +223,23 @@ def test_a_job_cancelled_before_it_started(slurm_cluster, tmp_path, accounting):
     finally:
         if accounting:
             _cluster("up")  # back to a cluster without accounting, as most tests expect
+
+
+def test_two_sweep_commands_at_once_submit_each_job_once(slurm_cluster, tmp_path):
+    """The second command waits for the first to submit (the sweep dir's claim), then finds every
+    job queued or done and leaves it alone."""
+    cmd = [sys.executable, "-m", "sweep", "+experiment=sqrt_rule", "-m", f"sweep.root={tmp_path}", *TINY]
+    cmd += ["hydra/launcher=slurm", "resources.cpus_per_task=1", "hydra.launcher.analyze=false", "arm=A"]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in "12"
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    sweep_dir = tmp_path / "sqrt_rule"
+    jobs = _manifest(sweep_dir)["jobs"]
+    assert {name: len(job["job_ids"]) for name, job in jobs.items()} == {"prepare": 1, "warmup": 1, "A": 1}
+    assert sum(out.count("submitted ") for out, _ in outs) == 3
+    assert _wait(sweep_dir, ["prepare", "warmup", "A"]) == dict.fromkeys(
+        ["prepare", "warmup", "A"], "completed"
+    )

@@ -349,3 +349,20 @@ def test_wandb_service_killed_mid_run_is_a_warning_not_a_failure(prepared_data, 
     assert status(tmp_path / "run")["state"] == "completed"
     assert [r["step"] for r in rows(tmp_path / "run")] == list(range(1, 61))
     assert "W&B" in err
+
+
+def test_a_corrupt_final_warmup_checkpoint_says_how_to_recover(prepared_data, tmp_path):
+    from train.loop import train
+
+    warm = tiny_run(
+        prepared_data, tmp_path / "sweep" / "runs" / "warmup-x", name="warmup", stage="warmup", split="warmup"
+    )
+    train(warm)
+    final = sorted((Path(warm.run_dir) / "checkpoints").glob("step-*.pt"))[-1]
+    final.write_bytes(final.read_bytes()[:-100] + b"\0" * 100)  # disk trouble: the checksum no longer matches
+    arm = tiny_run(prepared_data, tmp_path / "sweep" / "runs" / "A-y", init_checkpoint=warm.run_dir)
+    with pytest.raises(FileNotFoundError, match="completed, but its final checkpoint is missing or corrupt"):
+        train(arm)
+    assert (
+        f"python -m sweep.resubmit {tmp_path / 'sweep'} --arms warmup" in status(Path(arm.run_dir))["error"]
+    )
