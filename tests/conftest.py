@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,17 +27,27 @@ def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_data(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The corpus tokenized (300-token BPE) into warmup / experiment / validation splits."""
+    return prepare_texts(text_corpus, (0.25, 0.1, 0.65), tmp_path_factory.mktemp("cache"))
+
+
+def prepare_texts(corpus: Path, shares: tuple[float, float, float], cache: Path) -> Path:
+    """A directory of *.txt files tokenized (300-token BPE) into warmup / validation / experiment."""
     from train.config import DataConfig, SplitConfig, TokenizerConfig
     from train.data import prepare
 
+    warmup, validation, experiment = shares
     cfg = DataConfig(
         source="text_files",
-        path=str(text_corpus),
+        path=str(corpus),
         tokenizer=TokenizerConfig(kind="bpe", vocab_size=300),
-        splits=SplitConfig(warmup=0.25, validation=0.1, experiment=0.65),
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
+        splits=SplitConfig(warmup=warmup, validation=validation, experiment=experiment),
+        cache_dir=str(cache),
     )
     return prepare(cfg, progress=False)
+
+
+# `python -m sweep` planning only: the arm table and plan.json, nothing run.
+DRY_RUN = [sys.executable, "-m", "sweep", "+experiment=sqrt_rule", "-m", "sweep.dry_run=true"]
 
 
 def tiny_run(data_dir: Path, run_dir: Path, **changes):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import DRY_RUN, REPO
 
 BIN = Path(sys.executable).parent
 
@@ -58,15 +58,7 @@ def test_a_non_editable_install_carries_its_configs(tmp_path):
     )
     assert where.stdout.split() == [str(target / "sweep" / "__init__.py"), str(target / "sweep" / "conf")]
     dry = _run(
-        [
-            sys.executable,
-            "-m",
-            "sweep",
-            "+experiment=sqrt_rule",
-            "-m",
-            "sweep.dry_run=true",
-            f"sweep.root={tmp_path}",
-        ],
+        [*DRY_RUN, f"sweep.root={tmp_path}"],
         tmp_path,
         env=env,
     )

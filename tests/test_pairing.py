@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from analysis.paired import Steps, matched_windows, successive_noise
-from tests.conftest import tiny_run
+from tests.conftest import prepare_texts, tiny_run
 from train.loop import train
 from train.runlog import VAL_SEQUENCES
 
@@ -27,9 +27,6 @@ def mixed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     moves its loss far more than the training does from one step to the next."""
     import random
 
-    from train.config import DataConfig, SplitConfig, TokenizerConfig
-    from train.data import prepare
-
     root = tmp_path_factory.mktemp("mixed")
     rng = random.Random(1)
     words = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "death", "blood"]
@@ -39,14 +36,7 @@ def mixed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             text = "\n".join(["the king and the queen of the night"] * 150)
         (root / f"doc{i:02d}.txt").write_text(text)
-    cfg = DataConfig(
-        source="text_files",
-        path=str(root),
-        tokenizer=TokenizerConfig(kind="bpe", vocab_size=300),
-        splits=SplitConfig(warmup=0.45, validation=0.05, experiment=0.5),
-        cache_dir=str(tmp_path_factory.mktemp("mixed-cache")),
-    )
-    return prepare(cfg, progress=False)
+    return prepare_texts(root, (0.45, 0.05, 0.5), tmp_path_factory.mktemp("mixed-cache"))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sweep.plan import PlanError, build_plan
-from tests.conftest import REPO, compose
+from tests.conftest import DRY_RUN, REPO, compose
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -233,15 +233,7 @@ def test_fast_composition_of_sweep_jobs_equals_full_composition(tmp_path):
     """The launcher sets plain value overrides on the first job's config instead of recomposing:
     every arm must come out exactly as a full Hydra composition makes it."""
     sweep = ["arm=H", "experiment.ratio=2,4,8,16", "rules.sqrt.keep_eps=true,false", "model=tiny"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "sweep",
-        "+experiment=sqrt_rule",
-        "-m",
-        "sweep.dry_run=true",
-        f"sweep.root={tmp_path}",
-    ]
+    cmd = [*DRY_RUN, f"sweep.root={tmp_path}"]
     out = subprocess.run([*cmd, *sweep], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     planned = {r["signature"]: r for r in json.loads((tmp_path / "sqrt_rule" / "plan.json").read_text())}
