@@ -71,6 +71,37 @@ def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def run_config(
+    model: str,
+    seq_len: int,
+    batch: int,
+    micro_batch: int,
+    precision: str,
+    loss_chunk: int,
+    compile: bool,
+    optimizer: str,
+) -> RunConfig:
+    """The benchmarked run: `conf/model/<model>.yaml` on the embedded corpus, W&B disabled."""
+    values = yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())
+    data_dir = prepare(DataConfig(cache_dir=str(REPO / "sweeps" / "data")))
+    return RunConfig(
+        name="bench",
+        stage="arm",
+        signature="bench",
+        run_dir="",
+        data_dir=str(data_dir),
+        model=ModelConfig(**values),
+        optimizer=OptimizerConfig(name=optimizer, lr=1e-4),
+        batch_size=batch,
+        token_budget=0,
+        trainer=TrainerConfig(
+            seq_len=seq_len, micro_batch_size=micro_batch, compile=compile, loss_chunk_tokens=loss_chunk
+        ),
+        precision=precision,
+        wandb=WandbConfig(mode="disabled"),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -85,28 +116,17 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "invariant_adam"])
     args = ap.parse_args()
 
-    values = yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text())
-    data_dir = prepare(DataConfig(cache_dir=str(REPO / "sweeps" / "data")))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = RunConfig(
-        name="bench",
-        stage="arm",
-        signature="bench",
-        run_dir="",
-        data_dir=str(data_dir),
-        model=ModelConfig(**values),
-        optimizer=OptimizerConfig(name=args.optimizer, lr=1e-4),
-        batch_size=args.batch,
-        token_budget=0,
-        trainer=TrainerConfig(
-            seq_len=args.seq_len,
-            micro_batch_size=args.micro_batch,
-            compile=args.compile,
-            loss_chunk_tokens=args.loss_chunk,
-        ),
-        precision=args.precision,
-        wandb=WandbConfig(mode="disabled"),
+    cfg = run_config(
+        args.model,
+        args.seq_len,
+        args.batch,
+        args.micro_batch,
+        args.precision,
+        args.loss_chunk,
+        args.compile,
+        args.optimizer,
     )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = args.steps * args.batch * args.seq_len
     rounds = []
     for _ in range(args.repeats):

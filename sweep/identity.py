@@ -82,6 +82,7 @@ EXCLUDED: dict[str, str] = {
     "trainer.compile": "a kernel choice: the same model, other float rounding",
     "trainer.loss_chunk_tokens": "a memory choice: the same loss, other float rounding",
     "trainer.noise_scale_decay": "smooths a logged measurement (B_simple), not the update",
+    "trainer.noise_probe_every": "how often B_simple is measured; the update is unchanged",
     "trainer.peak_flops": "the denominator of the logged MFU",
     "progress": "a progress bar",
     "sweep_name": "the W&B group, where the run is shown",

@@ -209,6 +209,38 @@ def test_stop_signal_checkpoints_at_a_step_boundary_and_resumes_exactly(referenc
     assert _trace(tmp_path / "run") == expected
 
 
+@pytest.mark.slow
+def test_resume_is_exact_with_noise_probes(prepared_data, tmp_path):
+    """One batch size per step (no accumulation): B_simple comes from probes every 3 steps. A run
+    stopped between probes and resumed logs the uninterrupted run's rows, probes included."""
+    cfg = tiny_run(
+        prepared_data,
+        tmp_path / "ref",
+        token_budget=8 * 32 * 16,
+        noise_probe_every=3,
+        checkpoint_every_tokens=8 * 32 * 4,
+    )
+    code, err = finish(start(cfg))
+    assert code == 0, err[-3000:]
+    probed = [r for r in rows(tmp_path / "ref") if "grad_sq" in r]
+    assert [r["step"] for r in probed] == [3, 6, 9, 12, 15]  # not the last step: nothing after it to probe
+
+    def trace(run_dir: Path) -> list[tuple]:
+        return _trace(run_dir) + [
+            (r["step"], r["grad_sq"], r["noise_trace"]) for r in rows(run_dir, "grad_sq")
+        ]
+
+    again = replace(cfg, run_dir=str(tmp_path / "run"))
+    proc = start(again)
+    wait_for_rows(tmp_path / "run", 7, proc)
+    proc.send_signal(signal.SIGUSR2)
+    code, err = finish(proc)
+    assert code != 0 and "Stopped" in err
+    code, err = finish(start(again))
+    assert code == 0, err[-3000:]
+    assert trace(tmp_path / "run") == trace(tmp_path / "ref")
+
+
 def test_checkpoint_holds_everything_resume_needs(reference):
     cfg, _ = reference
     state = load_latest_checkpoint(cfg.run_dir)

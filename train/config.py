@@ -128,6 +128,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model + loss
     loss_chunk_tokens: int = 0  # >0: LM head + loss over this many tokens at a time (152k vocabularies)
     noise_scale_decay: float = 0.95  # EMA decay of the B_simple estimates
+    # steps with one batch size (one process, no accumulation) measure B_simple with a probe, one
+    # extra forward/backward every this many steps (its cost: 1/this of the run); 0 = never
+    noise_probe_every: int = 40
     peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU's name (none on CPU)
 
 
@@ -268,6 +271,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.attn_implementation", _one_of(ATTENTION), f"one of {', '.join(ATTENTION)}"),
     ("trainer.loss_chunk_tokens", _at_least(0), "0 (no chunking) or more tokens"),
     ("trainer.noise_scale_decay", lambda v: 0 <= v < 1, "an EMA decay in [0, 1)"),
+    ("trainer.noise_probe_every", lambda v: v >= 0, ">= 0 steps (0: no probe)"),
     ("trainer.peak_flops", _at_least(0), "0 (from the GPU's name) or more"),
     ("wandb.mode", _one_of(WANDB_MODES), f"one of {', '.join(WANDB_MODES)}"),
 ]

@@ -31,7 +31,7 @@ from train.config import InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
 from train.invariant_adam import InvariantAdam
 from train.model import TokenLoss, build_model, flops_per_token
-from train.noise import NoiseScale
+from train.noise import NoiseSample, NoiseScale
 from train.runlog import VAL_SEQUENCES, RunLog
 from train.state import Counters, TrainState, rng_state
 from train.status import RunClaim, RunInUse, RunState, mark_failed, read_status
@@ -180,6 +180,46 @@ def accumulate_gradients(
     return loss_sum, micro_sq
 
 
+def probe_gradient(
+    network: Network, probe: torch.Tensor, plan: BatchPlan, scale: float
+) -> NoiseSample | None:
+    """The noise-scale pair of a step with one batch size (one process, one micro-batch): the
+    gradient of `probe` (B other samples) at the step's weights against the step's own gradient,
+    two independent batches of B (see train/noise.py). The step's gradient is set aside by
+    reference and put back, so the update is exactly what it would have been."""
+    step_grads = [p.grad for p in network.params]
+    for p in network.params:
+        p.grad = None
+    with network.autocast():
+        part = network.net(probe)
+    (part * (scale / plan.tokens_per_step)).backward()
+    pairs = [
+        (a, b.grad)
+        for a, b in zip(step_grads, network.params, strict=True)
+        if a is not None and b.grad is not None
+    ]
+    for p, g in zip(network.params, step_grads, strict=True):
+        p.grad = g
+    # One stack and one transfer: |G_1|^2, |G_2|^2 (unscaled) and G_1 . G_2.
+    sums = torch.stack(
+        [
+            torch.stack(
+                [
+                    a.float().square().sum(),
+                    b.float().square().sum() / scale**2,
+                    a.float().flatten() @ b.float().flatten() / scale,
+                ]
+            )
+            for a, b in pairs
+        ]
+    ).sum(0)
+    one_sq, two_sq, cross = sums.tolist()
+    if not all(map(math.isfinite, (one_sq, two_sq, cross))):
+        return None
+    b = plan.batch_size
+    return NoiseSample((one_sq + two_sq) / 2, b, (one_sq + two_sq + 2 * cross) / 4, 2 * b)
+
+
 @dataclass
 class Network:
     """The model as a step drives it: wrapped for DDP (and torch.compile), under autocast, with
@@ -202,18 +242,24 @@ class Network:
 class StepResult:
     loss: float  # mean token loss of the global batch
     grad_norm: float  # global norm before clipping (inf / nan on an fp16 overflow step)
-    small_sq: float | None  # squared norm of the small-batch gradient, for B_simple
+    noise: NoiseSample | None  # the step's two gradient norms for B_simple (None: none this step)
     signum: int  # a stop signal any rank received (0: none)
     loss_scale: float  # the fp16 gradient scaler's scale during the step (1 without it)
 
 
 def train_step(
-    network: Network, state: TrainState, batch: torch.Tensor, plan: BatchPlan, signum: int
+    network: Network,
+    state: TrainState,
+    batch: torch.Tensor,
+    plan: BatchPlan,
+    signum: int,
+    probe: torch.Tensor | None = None,
 ) -> StepResult:
     """One optimizer step on this rank's share of the global batch: gradients (accumulated over
     micro-batches), clipping, the optimizer step, and the one collective per step, which carries
     the loss, whether any rank was asked to stop (so every rank stops at the same step, whichever
-    got the signal) and the per-rank gradient norms."""
+    got the signal) and the per-rank gradient norms. `probe`: a second batch of samples whose
+    gradient at these weights pairs with the step's for the noise scale (`probe_gradient`)."""
     where, scaler, optimizer = network.where, state.scaler, state.optimizer
     invariant = optimizer if isinstance(optimizer, InvariantAdam) else None
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -222,6 +268,7 @@ def train_step(
         network.net, batch, plan, where.ddp, network.autocast, scaler, scale, invariant, network.local_norm
     )
     scaler.unscale_(optimizer)  # a no-op unless fp16
+    probed = None if probe is None else probe_gradient(network, probe, plan, scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(network.params, network.grad_clip)  # before clipping
     scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
     scaler.update()
@@ -236,10 +283,17 @@ def train_step(
         dist.all_reduce(packed)
         loss_sum, small_sq = packed[0], packed[3] / where.world
         signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
+    norm = grad_norm.item()
+    noise = probed
+    if not math.isfinite(norm):  # an fp16 overflow step was skipped: no gradient to measure
+        noise = None
+    elif small_sq is not None:  # per-rank (DDP) or first-micro-batch gradient against the global one
+        b_small = plan.batch_size // where.world if where.ddp else plan.micro_batch_size
+        noise = NoiseSample(small_sq.item(), b_small, norm**2, plan.batch_size)
     return StepResult(
         loss=loss_sum.item() / plan.tokens_per_step,
-        grad_norm=grad_norm.item(),
-        small_sq=None if small_sq is None else small_sq.item(),
+        grad_norm=norm,
+        noise=noise,
         signum=signum,
         loss_scale=scale,
     )
@@ -433,17 +487,27 @@ class Trainer:
         offset = int(self.steps.layout.offset[step])
         rows = self.stream.rank_slice(offset, plan.batch_size, where.rank, where.world)
         batch = torch.from_numpy(rows).to(where.device)
-        result = train_step(self.network, state, batch, plan, self.stop.signum)
+        result = train_step(self.network, state, batch, plan, self.stop.signum, self.probe(step))
         state.step = step + 1
         if not math.isfinite(result.loss):
             raise Diverged(f"loss {result.loss} at step {state.step}")
         if math.isfinite(result.grad_norm):  # an fp16 overflow step was skipped: no gradient to judge
             state.counters.clipped_steps += result.grad_norm > self.cfg.trainer.grad_clip
-            if result.small_sq is not None:
-                # Per-rank (DDP) or first-micro-batch (one process) gradient against the global one.
-                b_small = plan.batch_size // where.world if where.ddp else plan.micro_batch_size
-                state.noise.update(result.small_sq, b_small, result.grad_norm**2, plan.batch_size)
+        if result.noise is None:
+            state.noise.skip()
+        else:
+            state.noise.update(result.noise)
         return result
+
+    def probe(self, step: int) -> torch.Tensor | None:
+        """Every `noise_probe_every` steps of a step with one batch size (one process, no
+        accumulation), the next step's first B samples: the noise scale's second batch."""
+        every, lay, where = self.cfg.trainer.noise_probe_every, self.steps.layout, self.where
+        plan = self.steps.plan(step)
+        if every <= 0 or where.ddp or plan.grad_accum > 1 or (step + 1) % every or step + 1 >= lay.steps:
+            return None
+        rows = self.stream.samples(int(lay.offset[step + 1]), plan.batch_size)
+        return torch.from_numpy(rows).to(where.device)
 
     # --- Phase 6: the step's row (metrics.jsonl, W&B) and the heartbeat (status.json); rank 0.
     def record(self, result: StepResult) -> None:
@@ -463,7 +527,9 @@ class Trainer:
                 "batch_size": plan.batch_size,
                 "grad_norm": result.grad_norm,
                 "clip_fraction": state.counters.clipped_steps / done,
-                "b_simple": state.noise.b_simple,
+                "b_simple": state.noise.b_simple,  # sequences, smoothed
+                "grad_sq": state.noise.last_signal,  # this step's |G|^2 and tr(Sigma), unsmoothed
+                "noise_trace": state.noise.last_noise,
                 "tokens_per_s": tokens_per_s,
                 "mfu": self.meter.mfu(tokens_per_s),
                 "peak_mem_gb": peak_memory_gb(self.where.device),
