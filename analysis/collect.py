@@ -36,10 +36,15 @@ COLUMNS = [
     "loss",
     "lr",
     "b_simple",
+    "grad_sq",
+    "noise_trace",
     "tokens_per_s",
     "gpu_hours",
 ]
-LOGGED = ["step", "tokens", "loss", "val_loss", "lr", "b_simple", "tokens_per_s", "gpu_hours"]
+# b_simple: the trainer's smoothed B_simple (sequences); grad_sq, noise_trace: one step's own
+# unbiased |G|^2 and tr(Sigma), on the steps that measured them (the analysis sums them per window)
+LOGGED = ["step", "tokens", "loss", "val_loss", "lr", "b_simple", "grad_sq", "noise_trace", "tokens_per_s"]
+LOGGED += ["gpu_hours"]
 
 
 @dataclass
@@ -155,7 +160,7 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
         out["state"][start:end] = categories["state"].index(a.state)
         out["batch_size"][start:end] = a.batch_size
         out["loss"][start:end] = values["val_loss" if code else "loss"][keep]
-        for c in ("step", "tokens", "lr", "b_simple", "tokens_per_s", "gpu_hours"):
+        for c in ("step", "tokens", "lr", "b_simple", "grad_sq", "noise_trace", "tokens_per_s", "gpu_hours"):
             out[c][start:end] = values[c][keep]
         start = end
     # copy=False keeps one block per column: consolidating 10M-row columns would copy them all again.

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-FIGURES = ("curves.png", "equivalence.png", "pairing.png")
+FIGURES = ("curves.png", "equivalence.png", "pairing.png", "regime.png", "cbs.png", "cbs_fit.png")
 
 
 def _pyplot() -> Any:
@@ -177,6 +177,122 @@ def pairing(pairs: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+VERDICT_MARKERS = {"equivalent": ("o", "tab:green"), "NOT equivalent": ("X", "tab:red")}
+
+
+def regime(pairs: pd.DataFrame, edges: tuple[float, float], path: Path, title: str) -> None:
+    """Per pair: |paired gap| / op spread (with its CI) against B / B_noise of the pair's larger-batch
+    arm, the marker its verdict: where the rule breaks, against where the batch meets the noise scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
+    larger_a = pairs["batch_a"] >= pairs["batch_b"]
+    x = np.where(larger_a, pairs["b_over_noise_a"], pairs["b_over_noise_b"]).astype(np.float64)
+    spread = pairs["op_spread"].to_numpy(np.float64)
+    y = pairs["mean_gap"].abs().to_numpy(np.float64) / spread
+    low = np.maximum(0.0, np.minimum(pairs["ci_low"].abs(), pairs["ci_high"].abs()) / spread)
+    low[np.sign(pairs["ci_low"]) != np.sign(pairs["ci_high"])] = 0.0  # the CI holds 0
+    high = np.maximum(pairs["ci_low"].abs(), pairs["ci_high"].abs()).to_numpy(np.float64) / spread
+    shown = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    ax.axvspan(
+        edges[0],
+        edges[1],
+        color="tab:orange",
+        alpha=0.1,
+        label=f"B / B_noise in [{edges[0]:g}, {edges[1]:g})",
+    )
+    ax.axvline(1.0, color="tab:orange", lw=1)
+    for i in np.flatnonzero(shown):
+        verdict = str(pairs["verdict"].iloc[i])
+        marker, colour = VERDICT_MARKERS.get(verdict, ("s", "tab:gray"))
+        ax.errorbar(
+            x[i], y[i], yerr=[[y[i] - low[i]], [high[i] - y[i]]], fmt=marker, color=colour, ms=7, capsize=3
+        )
+        ax.annotate(
+            str(pairs["pair"].iloc[i]), (x[i], y[i]), textcoords="offset points", xytext=(6, 4), fontsize=7
+        )
+    for verdict, (marker, colour) in [*VERDICT_MARKERS.items(), ("inconclusive", ("s", "tab:gray"))]:
+        ax.plot([], [], marker, color=colour, label=verdict)
+    if "delta" in pairs and np.isfinite(spread).any():
+        margin = float(np.nanmedian(pairs["delta"].to_numpy(np.float64) / spread))
+        if np.isfinite(margin):
+            ax.axhline(margin, color="tab:green", ls="--", lw=1, label=f"margin δ / spread = {margin:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("B / B_noise of the larger-batch arm (B_noise over the compared window)")
+    ax.set_ylabel("|paired gap| / operating-point spread")
+    if not shown.any():
+        ax.text(0.5, 0.5, "no pair has a measured B_noise", transform=ax.transAxes, ha="center")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def critical_batch(branch: pd.DataFrame, fit: pd.DataFrame, path: Path, title: str) -> None:
+    """The critical batch per branch point with its interval, B_noise and the McCandlish B_crit there."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
+    x = branch["branch_tokens"].to_numpy(np.float64)
+    if not np.isfinite(x).all():
+        x = np.arange(len(branch), dtype=np.float64)
+        ax.set_xticks(x, branch["branch"])
+    else:
+        ax.set_xlabel("branch point (warmup tokens)")
+    mid = branch["critical_batch"].to_numpy(np.float64)
+    lo, hi = branch["critical_low"].to_numpy(np.float64), branch["critical_high"].to_numpy(np.float64)
+    ax.errorbar(x, mid, yerr=[mid - lo, hi - mid], fmt="o", capsize=4, label="critical batch (branched, CI)")
+    ax.plot(x, branch["b_noise"], "s--", color="tab:orange", label="B_noise (smallest arm, window)")
+    for i, row in enumerate(branch.itertuples()):
+        mine = fit[fit["branch"] == row.branch]
+        if len(mine):
+            ax.plot([x[i]] * len(mine), mine["b_crit"], "^", color="tab:green", alpha=0.6)
+    ax.plot([], [], "^", color="tab:green", label="B_crit (McCandlish fit, per target)")
+    ax.set_yscale("log")
+    ax.set_ylabel("batch (sequences)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def mccandlish(fit: pd.DataFrame, path: Path, title: str) -> None:
+    """Per target loss: the measured (S, E) points and the fitted hyperbola (S/S_min - 1)(E/E_min - 1) = 1."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
+    for i, row in enumerate(fit.itertuples()):
+        colour = f"C{i % 10}"
+        points = [tuple(map(float, p.split(":"))) for p in str(row.points).split()]
+        b = np.array([p[0] for p in points])
+        s = np.array([p[1] for p in points])
+        ax.plot(s, b * s, "o", color=colour)
+        grid = np.geomspace(b.min() / 4, b.max() * 4, 100)
+        steps = row.s_min * (1 + row.b_crit / grid)
+        ax.plot(
+            steps,
+            grid * steps,
+            "-",
+            color=colour,
+            lw=1,
+            label=f"{row.branch} loss {row.target_loss:.3f}: B_crit {row.b_crit:.3g} "
+            f"[{row.b_crit_low:.3g}, {row.b_crit_high:.3g}]",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer steps S to the target loss")
+    ax.set_ylabel("samples E = B S (sequences)")
+    if not len(fit):
+        ax.text(0.5, 0.5, "no target reached by three arms", transform=ax.transAxes, ha="center")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from analysis import cbs
 from analysis import plots as plot
 from analysis.collect import ArmRows, long_table, run_dir_arms
 from analysis.tables import (
-    ARM_COLUMNS,
+    REGIME_EDGES,
     BinSpec,
     Margin,
     arm_context,
@@ -34,6 +35,10 @@ SUMMARY_COLUMNS = ["pair", "metric", "verdict", "mean_gap", "ci_low", "ci_high",
 DETAIL_COLUMNS = ["pair", "metric", "batch_a", "batch_b", "replicates", "windows", "segments", "from_tokens"]
 DETAIL_COLUMNS += ["to_tokens", "gap_se", "same_sign", "op_spread", "gap_over_spread"]
 PAIRING_COLUMNS = ["pair", "paired_noise", "unpaired_noise", "pairing_gain"]
+REGIME_COLUMNS = ["pair", "verdict", "batch_a", "b_over_noise_a", "regime_a", "batch_b", "b_over_noise_b"]
+REGIME_COLUMNS += ["regime_b"]
+ARM_MD_COLUMNS = ["arm", "batch_size", "state", "tokens", "loss_std", "b_noise", "b_noise_tokens"]
+ARM_MD_COLUMNS += ["b_over_noise", "regime"]
 TEX_COLUMNS = {
     "pair": "Pair",
     "batch_a": "$B_a$",
@@ -56,7 +61,11 @@ otherwise inconclusive. Validation loss: paired over the same validation sequenc
 evaluation (exact SE), mean_gap = the gap at the last one, the verdict over evaluations. delta =
 analysis.margin, or margin_fraction x op_spread (|gap| between operating points at the same batch
 size). pairing_gain = unpaired / paired per-window noise: what pairing buys in SE (its square in
-tokens). Display bins (gaps.csv, equivalence.png) never enter the verdict."""
+tokens). Display bins (gaps.csv, equivalence.png) never enter the verdict.
+Regime: B_noise = sum tr(Sigma) / sum |G|^2 over each arm's measured steps after skip_tokens (the
+gradient noise scale B_simple of McCandlish et al. 2018, in sequences; b_noise_tokens = x seq_len).
+B / B_noise < 0.25: noise-dominated (where the square-root rule is expected to hold); < 1: near
+B_noise; otherwise beyond it. arms.csv also has b_simple, the median of the trainer's smoothed one."""
 
 
 @dataclass
@@ -67,6 +76,11 @@ class Comparison:
     spec: BinSpec = field(default_factory=BinSpec)
     margin: Margin = field(default_factory=Margin)
     title: str = "comparison"
+    ladder: list[str] = field(default_factory=list)  # a batch-size ladder (the cbs preset), smallest first
+    epsilon: float = 0.01  # the branched critical batch's loss tolerance (nats)
+    targets: list[float] = field(
+        default_factory=list
+    )  # the McCandlish fit's target losses (empty: automatic)
 
 
 def fmt(v: Any) -> str:
@@ -170,18 +184,61 @@ def report(
     context.to_csv(out / "arms.csv", index=False)
     (out / "pairs.tex").write_text(to_latex(pairs, cmp.title))
     text = markdown(pairs, context, cmp, missing or [])
+    if cmp.ladder:
+        tables |= critical_batch(tables, cmp, out, plots)
+        text += cbs_markdown(tables["cbs"], tables["cbs_fit"])
     (out / "pairs.md").write_text(text)
     if plots:
         draw(out, cmp, tables, labels or {})
     writer.result()  # re-raises a failed write
     background.shutdown()
     print(text)
-    for name in ("pairs.md", "pairs.csv", "pairs.tex", "gaps.csv", "bins.csv", "arms.csv", "runs.parquet"):
+    written = ["pairs.md", "pairs.csv", "pairs.tex", "gaps.csv", "bins.csv", "arms.csv", "runs.parquet"]
+    for name in written + (["cbs.csv", "cbs_fit.csv"] if cmp.ladder else []):
         print(f"wrote {out / name}")
     for name in plot.FIGURES:
         if (out / name).exists():
             print(f"wrote {out / name}")
     return {**tables, "out": out}
+
+
+def critical_batch(tables: dict[str, Any], cmp: Comparison, out: Path, plots: bool) -> dict[str, Any]:
+    """cbs.csv / cbs.png (branched) and cbs_fit.csv / cbs_fit.png (McCandlish) of the ladder."""
+    found = tables["pairs"]
+    level = 1 - 2 * float(found["alpha"].iloc[0]) if len(found) and "alpha" in found else 0.9
+    branch = cbs.branched(found, tables["gaps"], tables["arms"], cmp.ladder, cmp.epsilon)
+    fit = cbs.mccandlish(tables["bins"], tables["arms"], cmp.ladder, cmp.targets, level)
+    branch.to_csv(out / "cbs.csv", index=False)
+    fit.to_csv(out / "cbs_fit.csv", index=False)
+    if plots:
+        plot.critical_batch(branch, fit, out / "cbs.png", f"{cmp.title}: critical batch size")
+        plot.mccandlish(fit, out / "cbs_fit.png", f"{cmp.title}: steps and samples to target loss")
+    return {"cbs": branch, "cbs_fit": fit}
+
+
+def cbs_markdown(branch: pd.DataFrame, fit: pd.DataFrame) -> str:
+    """The critical-batch sections of pairs.md (batches in sequences)."""
+    return "\n".join(
+        [
+            "",
+            "## critical batch size, branched (batches and B_noise in sequences)",
+            "",
+            to_markdown(
+                branch, ["branch", "epsilon", "critical_batch", "critical_low", "critical_high", "b_noise"]
+            ),
+            "",
+            "critical_batch: the largest batch whose loss at the window's end stays within epsilon of the",
+            "smallest batch's (its last segment's paired gap); [critical_low, critical_high]: from the gaps'",
+            "CIs (surely within up to low; surely beyond above high). b_noise: the smallest arm's B_noise.",
+            "",
+            "## critical batch size, McCandlish fit (S = S_min (1 + B_crit / B) per target loss)",
+            "",
+            to_markdown(
+                fit, ["branch", "target_loss", "b_crit", "b_crit_low", "b_crit_high", "s_min", "e_min"]
+            ),
+            "",
+        ]
+    )
 
 
 def verdict_table(pairs: pd.DataFrame) -> str:
@@ -227,8 +284,12 @@ def markdown(pairs: pd.DataFrame, context: pd.DataFrame, cmp: Comparison, missin
             "",
             to_markdown(train, PAIRING_COLUMNS),
             "",
+            "## regime (training loss; B / B_noise over the compared window, B_noise in sequences)",
+            "",
+            to_markdown(train, REGIME_COLUMNS),
+            "",
         ]
-    text += ["## arms", "", to_markdown(context, ARM_COLUMNS), "", NOTES, ""]
+    text += ["## arms", "", to_markdown(context, ARM_MD_COLUMNS), "", NOTES, ""]
     if missing:
         text += [f"No metrics yet for arm(s) {', '.join(missing)}: their pairs are left out.", ""]
     stopped = context[~context["state"].isin(["completed", "finished"])]
@@ -258,6 +319,8 @@ def draw(out: Path, cmp: Comparison, tables: dict[str, Any], labels: dict[str, s
     train = pairs[pairs["metric"] == "train"]
     if len(train):
         plot.pairing(train, out / "pairing.png", f"{cmp.title}: what pairing buys")
+        title = f"{cmp.title}: the pairs' gaps against the noise scale"
+        plot.regime(train.reset_index(drop=True), REGIME_EDGES, out / "regime.png", title)
 
 
 def sweep_arms(sweep_dir: Path) -> tuple[dict[str, Any], list[ArmRows], list[str], dict[str, str]]:
@@ -288,7 +351,18 @@ def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | No
             known |= {name, job["derived"].get("base", name)}
     check_pairs(pairs, found, known)
     title = cmp.title if cmp.title != "comparison" else str(manifest.get("experiment", sweep_dir.name))
-    full = Comparison(pairs, cmp.spec, cmp.margin, title)
+    ladder = manifest.get("cbs") or {}  # a batch ladder the experiment declared (the cbs preset)
+    full = Comparison(
+        pairs,
+        cmp.spec,
+        cmp.margin,
+        title,
+        cmp.ladder or list(ladder.get("ladder", [])),
+        cmp.epsilon if cmp.ladder else float(ladder.get("epsilon", cmp.epsilon)),
+        cmp.targets or [float(t) for t in ladder.get("targets", [])],
+    )
+    if full.ladder and not full.margin.nats:  # the ladder's pairs are judged against epsilon
+        full.margin = replace(full.margin, nats=full.epsilon)
     return report(found, full, out or sweep_dir / "results", missing=missing, labels=labels)
 
 

@@ -108,7 +108,9 @@ class Arm:
     val_loss: np.ndarray
     val_sequences: dict[int, np.ndarray] = field(default_factory=dict)  # tokens -> per-sequence losses
     loss_std: float = math.nan  # per-step training-loss noise over the compared range
-    b_simple: float = math.nan  # median over the compared range
+    b_simple: float = math.nan  # median of the trainer's smoothed B_simple over the compared range
+    b_noise: float = math.nan  # sum tr(Sigma) / sum |G|^2 over the compared range's measured steps
+    seq_len: int = 0  # tokens per sequence: B_noise in tokens is b_noise * seq_len
     tokens_per_s: float = math.nan
     gpu_hours: float = math.nan
 
@@ -116,6 +118,41 @@ class Arm:
 def _median(x: np.ndarray) -> float:
     x = x[np.isfinite(x)]
     return float(np.median(x)) if len(x) else math.nan
+
+
+def noise_scale(noise_trace: np.ndarray, grad_sq: np.ndarray) -> float:
+    """B_noise (sequences) over a window: the ratio of the summed per-step estimates, each unbiased,
+    as McCandlish et al. (2018, App. A) advise, not a mean or median of per-step ratios (a ratio
+    of two noisy numbers whose denominator can be negative). NaN where nothing was measured or
+    the summed |G|^2 is not positive (the window is too short to resolve the signal)."""
+    both = np.isfinite(noise_trace) & np.isfinite(grad_sq)
+    signal = float(grad_sq[both].sum())
+    return float(noise_trace[both].sum()) / signal if both.any() and signal > 0 else math.nan
+
+
+def _seq_len(steps: np.ndarray, tokens: np.ndarray, batch: int) -> int:
+    """Tokens per sequence, from the first logged step (which runs at the arm's first batch size)."""
+    return int(tokens[0] // (steps[0] * batch)) if len(steps) and steps[0] > 0 and batch > 0 else 0
+
+
+def regime(batch: float, b_noise: float) -> str:
+    """Where a batch stands against the noise scale (McCandlish et al. 2018): well below it the
+    gradient noise dominates each step, the regime the SDE view of Adam (and so the square-root
+    rule, Malladi et al. 2022) assumes; at and beyond it, steps are limited by curvature and
+    larger batches buy less."""
+    if not (math.isfinite(b_noise) and b_noise > 0):
+        return "unmeasured"
+    ratio = batch / b_noise
+    return (
+        "noise-dominated"
+        if ratio < REGIME_EDGES[0]
+        else "near B_noise"
+        if ratio < REGIME_EDGES[1]
+        else "beyond B_noise"
+    )
+
+
+REGIME_EDGES = (0.25, 1.0)  # B / B_noise: below 1/4 noise-dominated; at 1 noise equals signal
 
 
 def arms_of(
@@ -145,6 +182,12 @@ def arms_of(
             val_sequences=val_sequences.get(str(name), {}),
             loss_std=successive_noise(loss[window]),
             b_simple=_median(df["b_simple"].to_numpy(np.float64)[window]),
+            b_noise=noise_scale(
+                df["noise_trace"].to_numpy(np.float64)[window], df["grad_sq"].to_numpy(np.float64)[window]
+            ),
+            seq_len=_seq_len(
+                df["step"].to_numpy(np.int64)[train], tokens[train], int(df["batch_size"].iloc[0])
+            ),
             tokens_per_s=_median(df["tokens_per_s"].to_numpy(np.float64)[window]),
             gpu_hours=float(np.nanmax(df["gpu_hours"].to_numpy(np.float64), initial=-np.inf)),
         )
@@ -362,6 +405,7 @@ def pair_rows(
             "replicates": len(runs),
             "delta": delta,
             "op_spread": op_spread,
+            **_regime_columns(runs),
         }
         fit = fit_pair(runs, spec)
         if fit.windows:
@@ -384,6 +428,16 @@ def pair_rows(
     if len(table):
         table["gap_over_spread"] = table["mean_gap"].abs() / table["op_spread"]
     return table, (pd.concat(details, ignore_index=True) if details else pd.DataFrame())
+
+
+def _regime_columns(runs: list[tuple[Arm, Arm]]) -> dict[str, Any]:
+    """B / B_noise of each arm of a pair (mean over replicates) and its regime."""
+    out: dict[str, Any] = {}
+    for side, arms in (("a", [a for a, _ in runs]), ("b", [b for _, b in runs])):
+        b_noise = float(np.mean([arm.b_noise for arm in arms]))
+        out[f"b_over_noise_{side}"] = arms[0].batch / b_noise
+        out[f"regime_{side}"] = regime(arms[0].batch, b_noise)
+    return out
 
 
 def _estimates_frame(starts: np.ndarray, ends: np.ndarray, estimates: list[Estimate]) -> pd.DataFrame:
@@ -451,11 +505,17 @@ def arm_context(arms: dict[str, Arm]) -> pd.DataFrame:
         {
             "arm": a.name,
             "base": a.base,
+            "variant": a.variant,
             "replicate": a.replicate,
             "batch_size": a.batch,
+            "seq_len": a.seq_len,
             "state": a.state,
             "tokens": a.tokens,
             "loss_std": a.loss_std,
+            "b_noise": a.b_noise,
+            "b_noise_tokens": a.b_noise * a.seq_len if a.seq_len else math.nan,
+            "b_over_noise": a.batch / a.b_noise,
+            "regime": regime(a.batch, a.b_noise),
             "b_simple": a.b_simple,
             "tokens_per_s": a.tokens_per_s,
             "gpu_hours": a.gpu_hours,
@@ -468,11 +528,17 @@ def arm_context(arms: dict[str, Arm]) -> pd.DataFrame:
 ARM_COLUMNS = [
     "arm",
     "base",
+    "variant",
     "replicate",
     "batch_size",
+    "seq_len",
     "state",
     "tokens",
     "loss_std",
+    "b_noise",
+    "b_noise_tokens",
+    "b_over_noise",
+    "regime",
     "b_simple",
     "tokens_per_s",
 ]

@@ -453,3 +453,37 @@ def test_a_ratio_sweep_is_compared_per_ratio_and_a_shared_run_counts_for_both(tm
     pairs = analyze(root, Comparison([], margin=Margin(nats=0.05)))["pairs"].set_index(["metric", "pair"])
     assert pairs.loc[("train", "A-H[experiment.ratio=4]"), "mean_gap"] == pytest.approx(-0.01, abs=1e-9)
     assert pairs.loc[("train", "A-H[experiment.ratio=16]"), "mean_gap"] == pytest.approx(0.02, abs=1e-9)
+
+
+def test_regime_map_from_the_logged_noise_scale(tmp_path: Path, capsys):
+    """Arms log one step's unbiased |G|^2 and tr(Sigma) every 8th step, scattered around a known
+    B_noise of 8 sequences (|G|^2 noisy and sometimes negative, as one step's estimate is): arms.csv
+    reports B_noise as the ratio of their sums, 8 (1024 tokens), so A at batch 16 is beyond it
+    (B / B_noise = 2) and H at batch 1 noise-dominated (1/8); the pair carries both regimes and
+    regime.png is drawn."""
+    rng = np.random.default_rng(3)
+    zero = np.zeros(20)
+
+    def measured(batch: int) -> list[dict]:
+        rows = curve(batch, zero, noise=0.01, seed=batch)
+        for row in rows[7::8]:
+            signal = 4.0 + rng.normal(0.0, 6.0)
+            row |= {"grad_sq": signal, "noise_trace": 32.0 + 8.0 * (signal - 4.0)}  # exact ratio on average
+        return rows
+
+    sweep = write_sweep(
+        tmp_path / "sweep",
+        {"A": (16, measured(16), "completed"), "H": (1, measured(1), "completed")},
+        [["A", "H"]],
+    )
+    tables = analyze(sweep, Comparison([], BinSpec(bins=20), Margin(nats=0.05)))
+    arms = pd.read_csv(sweep / "results" / "arms.csv").set_index("arm")
+    assert arms.loc["A", "b_noise"] == pytest.approx(8.0, rel=1e-9)
+    assert arms.loc["H", "b_noise_tokens"] == pytest.approx(8.0 * SEQ, rel=1e-9)
+    assert arms.loc["A", "b_over_noise"] == pytest.approx(2.0) and arms.loc["A", "regime"] == "beyond B_noise"
+    assert arms.loc["H", "regime"] == "noise-dominated"
+    row = tables["pairs"].set_index("metric").loc["train"]
+    assert (row["regime_a"], row["regime_b"]) == ("beyond B_noise", "noise-dominated")
+    assert row["b_over_noise_b"] == pytest.approx(1 / 8)
+    assert (sweep / "results" / "regime.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## regime" in capsys.readouterr().out
