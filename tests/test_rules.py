@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from train.rules import OperatingPoint, RuleConfig, RuleError, apply_rule
+from train.rules import (
+    OperatingPoint,
+    RuleConfig,
+    RuleError,
+    apply_rule,
+    half_life,
+    surge_factor,
+    weight_decay_timescale,
+)
 
 SEED_A = OperatingPoint(reference_batch=512, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
 
@@ -119,6 +127,48 @@ def test_every_rule_documents_its_formula():
         "keep_lr_beta2",
         "keep_lr_both",
         "linear_beta",
+        "surge",
     }
     for name, rule in RULES.items():
         assert rule.doc and (name == "none" or "lr" in rule.doc), name
+
+
+def test_surge_by_hand():
+    """Li et al. 2024: eta_opt(B) = eta_max / (1/2 (sqrt(Bn/B) + sqrt(B/Bn))). By hand, with Bn = 64:
+    at B = Bn, eta_opt = eta_max; at B = Bn/4 or 4 Bn, eta_max / (1/2 (2 + 1/2)) = 0.8 eta_max."""
+    assert surge_factor(64, 16, 64.0) == pytest.approx(1 / 0.8, rel=1e-12)
+    assert surge_factor(256, 64, 64.0) == pytest.approx(0.8, rel=1e-12)
+    assert surge_factor(256, 16, 64.0) == pytest.approx(1.0, rel=1e-12)  # symmetric about Bn
+    # Far below the noise scale it is the square-root rule: 1/16 of the batch, ~1/4 of the lr.
+    assert surge_factor(1, 16, 1e6) == pytest.approx(0.25, rel=1e-3)
+    op = OperatingPoint(reference_batch=16, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8)
+    moved = apply_rule(op, RuleConfig("surge", b_noise=64.0), 64)
+    assert moved.lr == pytest.approx(1.25e-3, rel=1e-12) and (moved.beta1, moved.beta2) == (0.9, 0.95)
+    with pytest.raises(RuleError, match="b_noise > 0"):
+        apply_rule(op, RuleConfig("surge"), 64)
+
+
+def test_weight_decay_timescale_rule_keeps_tau_in_tokens():
+    """Wang & Aitchison 2024: tau = 1/(lr wd) steps. The weight_decay preset's numbers by hand: A at
+    batch 16 x 128 tokens, lr 5e-3, wd 0.5: tau = 2048 / 2.5e-3 = 819,200 tokens. The sqrt rule to
+    batch 1 gives lr 1.25e-3; wd kept, tau = 128 / 6.25e-4 = 204,800 tokens (4x shorter); the
+    timescale form gives wd' = 0.5 x (1/16) x 4 = 0.125 and tau 819,200 tokens again."""
+    op = OperatingPoint(reference_batch=16, lr=5e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.5)
+    assert weight_decay_timescale(op.lr, op.weight_decay, 16 * 128) == pytest.approx(819_200)
+    kept = apply_rule(op, RuleConfig("sqrt"), 1)
+    assert kept.weight_decay == 0.5
+    assert weight_decay_timescale(kept.lr, kept.weight_decay, 128) == pytest.approx(204_800)
+    timescale = apply_rule(op, RuleConfig("sqrt", weight_decay_form="timescale"), 1)
+    assert timescale.weight_decay == pytest.approx(0.125, rel=1e-12)
+    assert weight_decay_timescale(timescale.lr, timescale.weight_decay, 128) == pytest.approx(819_200)
+    assert weight_decay_timescale(1e-3, 0.0, 128) == math.inf
+    with pytest.raises(RuleError, match="weight_decay_form"):
+        apply_rule(op, RuleConfig("sqrt", weight_decay_form="tokens"), 1)
+
+
+def test_half_life_in_tokens():
+    """beta^n = 1/2: beta2 0.95 halves after 13.51 steps; beta^16 (the sqrt rule's exact form at
+    r = 16) keeps it at the same tokens with 16x smaller steps."""
+    assert half_life(0.5, 100) == pytest.approx(100.0)
+    assert half_life(0.95, 2048) == pytest.approx(math.log(0.5) / math.log(0.95) * 2048)
+    assert half_life(0.95 ** (1 / 16), 128) == pytest.approx(half_life(0.95, 2048), rel=1e-9)

@@ -13,6 +13,24 @@ moves it to another batch size. With kappa = batch / reference_batch:
 | `keep_lr_beta2` | kept | kept | scaled | kept | Marek et al. 2025 (seed arm B) |
 | `keep_lr_both` | kept | scaled | scaled | kept | seed arm M |
 | `linear_beta` | lr * kappa | scaled | scaled | kept | seed arm C |
+| `surge` | lr * s(B) / s(B_ref) | kept | kept | kept | Li et al. 2024 (Adam's surge), below |
+
+`surge` (Li et al. 2024, "Surge Phenomenon in Optimal Learning Rate and Batch Size Scaling",
+arXiv 2405.14578, Theorem 3): Adam's optimal lr rises with the batch, peaks at the noise scale
+and falls beyond it,
+
+    eta_opt(B) = eta_max / (1/2 (sqrt(B_noise / B) + sqrt(B / B_noise)))
+
+so the rule moves lr by s(B) / s(B_ref) with s(B) = 1 / (sqrt(B_noise / B) + sqrt(B / B_noise)).
+Well below B_noise it is the square-root rule (s ~ sqrt(B / B_noise)); at B_noise it is flat.
+`b_noise` (sequences) is a rule setting: the value a study measured at its branch point (the
+warmup's logged B_simple, `python -m analysis` arms.csv) or one from elsewhere.
+
+Weight decay, for every rule (`weight_decay_form`): AdamW's decoupled decay shrinks the weights by
+(1 - lr wd) per step, a timescale of tau = 1 / (lr wd) steps (Wang & Aitchison 2024, "How to set
+AdamW's weight decay as you scale model and dataset size", arXiv 2405.13698). `kept` keeps wd, so
+tau in tokens changes with lr and the batch; `timescale` keeps tau in *tokens*,
+B' / (lr' wd') = B / (lr wd), i.e. wd' = wd kappa lr / lr'.
 
 "Scaled" moves 1 - beta with kappa, in one of two forms (`RuleConfig.beta_form`):
 - `exact` (default): beta -> beta**kappa, which keeps the moment's half-life in *tokens*: after
@@ -51,6 +69,8 @@ class RuleConfig:
     beta1_max: float = 0.0
     beta2_min: float = 0.0
     beta2_max: float = 0.0
+    b_noise: float = 0.0  # `surge`: the gradient noise scale, in sequences (> 0)
+    weight_decay_form: str = "kept"  # kept | timescale (wd' = wd kappa lr / lr': tau fixed in tokens)
 
 
 class RuleError(ValueError):
@@ -86,8 +106,40 @@ RULES: dict[str, Rule] = {
     "keep_lr_beta2": Rule(0.0, False, True, 0.0, "lr kept, beta2 scaled: Marek et al. 2025 (seed arm B)"),
     "keep_lr_both": Rule(0.0, True, True, 0.0, "lr kept, both betas scaled (seed arm M)"),
     "linear_beta": Rule(1.0, True, True, 0.0, "lr*k, both betas scaled (seed arm C)"),
+    "surge": Rule(
+        0.0,
+        False,
+        False,
+        0.0,
+        "lr*s(B)/s(B_ref), s(B) = 1/(sqrt(B_noise/B) + sqrt(B/B_noise)): Li et al. 2024",
+    ),
 }
 BETA_FORMS = ("exact", "first_order")
+WEIGHT_DECAY_FORMS = ("kept", "timescale")
+
+
+def surge_factor(batch: float, reference: float, b_noise: float) -> float:
+    """lr(batch) / lr(reference) under Li et al.'s Adam surge: s(batch) / s(reference),
+    s(B) = 1 / (sqrt(B_noise / B) + sqrt(B / B_noise))."""
+    if b_noise <= 0:
+        raise RuleError(f"rule 'surge' needs b_noise > 0 (sequences), got {b_noise!r}")
+
+    def s(b: float) -> float:
+        return 1.0 / (math.sqrt(b_noise / b) + math.sqrt(b / b_noise))
+
+    return s(batch) / s(reference)
+
+
+def weight_decay_timescale(lr: float, weight_decay: float, batch_tokens: int) -> float:
+    """AdamW's decay timescale in tokens, tau = batch_tokens / (lr wd) (Wang & Aitchison 2024);
+    inf without weight decay."""
+    return batch_tokens / (lr * weight_decay) if lr * weight_decay > 0 else math.inf
+
+
+def half_life(beta: float, batch_tokens: int) -> float:
+    """Tokens after which an EMA with factor `beta` per step weighs a gradient half:
+    ln(1/2) / ln(beta) steps of `batch_tokens`."""
+    return math.log(0.5) / math.log(beta) * batch_tokens
 
 
 def scale_beta(beta: float, kappa: float, form: str = "exact") -> float:
@@ -119,6 +171,14 @@ def apply_rule(op: OperatingPoint, rule: RuleConfig, batch_size: int) -> Operati
     spec = RULES[rule.name]
     kappa = batch_size / op.reference_batch
     moved = replace(op, reference_batch=batch_size, lr=op.lr * kappa**spec.lr_power)
+    if rule.name == "surge":
+        moved.lr = op.lr * surge_factor(batch_size, op.reference_batch, rule.b_noise)
+    if rule.weight_decay_form == "timescale":
+        moved.weight_decay = op.weight_decay * kappa * op.lr / moved.lr
+    elif rule.weight_decay_form != "kept":
+        raise RuleError(
+            f"unknown weight_decay_form {rule.weight_decay_form!r}; known: {', '.join(WEIGHT_DECAY_FORMS)}"
+        )
     if spec.eps_power and not rule.keep_eps:
         moved.eps = op.eps * kappa**spec.eps_power
     if spec.beta1:
