@@ -39,7 +39,15 @@ def main(cfg: DictConfig) -> None:
     problems = option_problems(spec, margin)
     if problems:
         _fail("; ".join(problems))
-    cmp = Comparison(pairs, spec, margin)
+    ladder = cfg.experiment.get("cbs", {}) or {}
+    cmp = Comparison(
+        pairs,
+        spec,
+        margin,
+        ladder=list(ladder.get("ladder", [])),
+        epsilon=float(ladder.get("epsilon", 0.01)),
+        targets=[float(t) for t in ladder.get("targets", [])],
+    )
     out = Path(a.out) if a.out else None
     try:
         if cfg.source == "wandb":

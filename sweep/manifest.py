@@ -107,6 +107,7 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             sweep_dir=str(plan.dir),
             pairs=plan.pairs,
             arms=plan.experiment_arms,
+            cbs=plan.cbs,
             ops={k: asdict(v) for k, v in plan.ops.items()},
             resources=asdict(plan.resources),
             git=git_state(),
@@ -197,4 +198,5 @@ def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
         resources,
         ops,
         experiment_arms=manifest.get("arms", []),
+        cbs=manifest.get("cbs", {}),
     )

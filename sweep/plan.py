@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from sweep.identity import DEFAULT_SPLIT, run_signature
 from sweep.schema import ArmSpec, Config, ResourcesConfig
 from train.config import DataConfig, InvalidRun, OptimizerConfig, RunConfig, Steps
 from train.data import data_dir_for, data_problems, data_signature, prepared_problems
-from train.rules import OperatingPoint, RuleError, apply_rule
+from train.rules import OperatingPoint, RuleError, apply_rule, half_life, weight_decay_timescale
 from train.schedule import ScheduleConfig
 
 
@@ -59,6 +59,7 @@ class SweepPlan:
     dry_run: bool = False
     experiment_arms: list[str] = field(default_factory=list)  # every arm the experiment defines
     aliases: list[Job] = field(default_factory=list)  # same runs as planned arms, under their own names
+    cbs: dict[str, Any] = field(default_factory=dict)  # the experiment's batch ladder (analysis/cbs.py)
 
     @property
     def arms(self) -> list[Job]:
@@ -123,7 +124,9 @@ def _run_config(
         # Carrying the optimizer state needs a branch point to carry it from.
         trainer=replace(cfg.trainer, carry_optimizer=cfg.trainer.carry_optimizer and init is not None),
         split=DEFAULT_SPLIT[kind],
-        lr_warmup_tokens=cfg.experiment.warmup.lr_warmup_tokens if kind == "warmup" else 0,
+        lr_warmup_tokens=(
+            cfg.experiment.warmup.lr_warmup_tokens if kind == "warmup" else cfg.experiment.rewarmup_tokens
+        ),
         schedule=schedule,
         precision=spec.precision or cfg.precision.dtype,
         init_checkpoint=str(init.run_dir) if init else "",
@@ -168,6 +171,11 @@ def _row(
         "beta1": run.optimizer.beta1,
         "beta2": run.optimizer.beta2,
         "eps": run.optimizer.eps,
+        "wd": run.optimizer.weight_decay,
+        "tau": tokens_text(
+            weight_decay_timescale(run.optimizer.lr, run.optimizer.weight_decay, batch.tokens_per_step)
+        ),
+        "b2_half": tokens_text(half_life(run.optimizer.beta2, batch.tokens_per_step)),
         "token_budget": run.token_budget,
         "steps": steps.layout.steps,
         "setup": ",".join(setup) or "-",
@@ -243,6 +251,7 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         first.sweep.dry_run,
         list(exp.arms),
         list(planner.aliases.values()),
+        asdict(exp.cbs) if exp.cbs.ladder else {},
     )
 
 
@@ -252,6 +261,13 @@ REPLICATE_KEYS = ("trainer.data_seed", "trainer.init_seed")
 
 def _replicate_overrides(variant: list[str]) -> list[str]:
     return [o for o in variant if o.lstrip("+~").split("=", 1)[0] in REPLICATE_KEYS]
+
+
+def _warmup_overrides(variant: list[str]) -> list[str]:
+    """The variant's overrides that make its warmup: its data order, and the warmup's own settings
+    (`experiment.warmup.token_budget=...` sweeps the branch point: one warmup per length)."""
+    own = [o for o in variant if o.lstrip("+~").startswith("experiment.warmup.")]
+    return _replicate_overrides(variant) + own
 
 
 class _Planner:
@@ -282,11 +298,12 @@ class _Planner:
         if data:
             return
         prepare = self.jobs.setdefault("prepare", _prepare_job(cfg.data))
-        replicate = _replicate_overrides(variant)
         init: Job | None = None
         if cfg.experiment.warmup.enabled:
             try:
-                init = self._reuse(_warmup_job(cfg, self.dir / "runs", prepare.name, replicate))
+                init = self._reuse(
+                    _warmup_job(cfg, self.dir / "runs", prepare.name, _warmup_overrides(variant))
+                )
             except PlanError as exc:
                 for problem in exc.problems:
                     self.problems.add(problem, "warmup")
@@ -350,7 +367,7 @@ def _prepare_job(data: DataConfig) -> Job:
 
 
 def _warmup_job(cfg: Config, run_root: Path, prepare: str, replicate: list[str]) -> Job:
-    """The throwaway warmup of the data order `replicate` selects (one per data order)."""
+    """The throwaway warmup of the data order (and warmup settings) `replicate` selects: one each."""
     spec = cfg.experiment.warmup
     if spec.op not in cfg.ops:
         raise PlanError(f"op {spec.op!r} is not one of the experiment's ops ({', '.join(cfg.ops)})")
@@ -412,9 +429,11 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def tokens_text(n: int | float | None) -> str:
-    """A token count for people: 1.05M, 262k, 1.07B."""
+    """A token count for people: 1.05M, 262k, 1.07B (inf for none)."""
     if n is None:
         return ""
+    if n == math.inf:
+        return "inf"
     n = int(n)
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= size:
@@ -428,7 +447,8 @@ def budget_text(n: int) -> str:
 
 
 ARM_COLUMNS = ["arm", "op", "rule", "batch_size", "batch_tokens", "grad_accum", "lr", "beta1", "beta2", "eps"]
-ARM_COLUMNS += ["token_budget", "steps", "setup", "signature"]
+ARM_COLUMNS += ["wd", "tau", "b2_half", "token_budget", "steps", "setup", "signature"]
+# tau: AdamW's weight-decay timescale 1 / (lr wd) in tokens; b2_half: beta2's half-life in tokens
 
 
 def arm_table(plan: SweepPlan) -> str:

@@ -47,6 +47,17 @@ class WarmupSpec:
 
 
 @dataclass
+class CbsSpec:
+    """A batch-size ladder for the critical batch size (analysis/cbs.py): its arms, smallest batch
+    first, each paired with the first; the loss tolerance of the branched method; the target
+    losses of the McCandlish fit (empty: three spread over the range every arm reached)."""
+
+    ladder: list[str] = field(default_factory=list)
+    epsilon: float = 0.01  # nats: a batch is within the critical batch while its loss stays this close
+    targets: list[float] = field(default_factory=list)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     description: str = ""
@@ -58,6 +69,8 @@ class ExperimentConfig:
     pairs: list[list[str]] = field(default_factory=list)
     warmup: WarmupSpec = field(default_factory=WarmupSpec)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # arms' lr (and Seesaw batch) schedule
+    cbs: CbsSpec = field(default_factory=CbsSpec)  # the `cbs` preset's ladder; empty elsewhere
+    rewarmup_tokens: int = 0  # arms ramp their lr linearly over this many tokens (0: none)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -209,6 +210,7 @@ def test_a_budget_the_data_cannot_hold_is_refused_and_a_changed_arm_gets_a_new_r
         ("invariant_adam", ["S16", "S4", "S1", "V16", "V4", "V1"]),
         ("seesaw", ["SD", "SS", "C"]),
         ("linear_vs_sqrt", ["A", "H", "C", "CB"]),
+        ("weight_decay", ["A", "H", "T"]),
     ],
 )
 def test_every_preset_runs_on_the_embedded_default(sweep_run, tmp_path, experiment, arms):
@@ -241,6 +243,42 @@ def test_every_preset_runs_on_the_embedded_default(sweep_run, tmp_path, experime
     if experiment == "invariant_adam":
         assert manifest["jobs"]["V1"]["derived"]["micro_batch_size"] == 1
         assert "invariant_adam" in out.stdout  # the arm table shows the optimizer
+    if experiment == "weight_decay":  # tau kept in tokens by T, shrunk 4-fold by H (sqrt(16))
+        derived = {arm: manifest["jobs"][arm]["derived"] for arm in arms}
+        assert derived["T"]["wd"] == pytest.approx(derived["A"]["wd"] / 4)
+        assert derived["H"]["wd"] == derived["A"]["wd"]
+        assert "tau" in out.stdout and "819k" in out.stdout and "205k" in out.stdout
+
+
+def test_cbs_preset_branches_a_ladder_from_two_points_and_reports_the_critical_batch(sweep_run, tmp_path):
+    """The cbs preset with two branch points (warmups of 8192 and 16384 tokens, the first a prefix of
+    the second): the ladder K1..K16 from each, then cbs.csv (one row per branch point) and
+    cbs_fit.csv with finite numbers, and both figures."""
+    data = f"data.cache_dir={sweep_run[0].parent / 'data'}"
+    out = _sweep(
+        tmp_path,
+        data,
+        "trainer.noise_probe_every=8",
+        "experiment.warmup.token_budget=8192,16384",
+        experiment="cbs",
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "cbs"
+    code, states = sweep_status(sweep_dir)
+    warmups = [f"warmup[experiment.warmup.token_budget={n}]" for n in (8192, 16384)]
+    assert code == 0 and len(states) == 1 + 2 + 10 and set(states.values()) == {"completed"}
+    assert set(warmups) <= set(states)
+    results = sweep_dir / "results"
+    branch = pd.read_csv(results / "cbs.csv")
+    assert sorted(branch["branch_tokens"]) == [8192, 16384]
+    for row in branch.itertuples():
+        assert row.critical_low <= row.critical_batch <= row.critical_high
+        assert row.critical_batch in (1, 2, 4, 8, 16) and np.isfinite(row.b_noise) and row.b_noise > 0
+    fit = pd.read_csv(results / "cbs_fit.csv")
+    assert len(fit) and np.isfinite(fit[["b_crit", "s_min", "e_min"]].to_numpy()).all()
+    for name in ("cbs.png", "cbs_fit.png", "regime.png"):
+        assert (results / name).read_bytes()[:4] == b"\x89PNG"
+    assert "## critical batch size, branched" in (results / "pairs.md").read_text()
 
 
 def test_data_order_replicates_share_a_warmup_per_seed_and_are_pooled(sweep_run, tmp_path):
