@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m sweep +experiment=sqrt_rule -m arm=A,H,B,J
+	$(BIN)/python -m sweep +experiment=sqrt_rule -m arm=A,H,B,J,D
 
 lint: install
 	$(BIN)/ruff check .

@@ -34,7 +34,9 @@ def main(cfg: DictConfig) -> None:
     bad = [p for p in pairs if len(p) != 2]
     if bad:
         _fail(f"a pair names two arms, got {bad}")
-    spec = BinSpec(a.bins, a.bin_tokens, a.skip_tokens, a.until_tokens, a.segments)
+    # skip_tokens null: the experiment's declared transient (recorded in the sweep's manifest), else 0.
+    skip = 0 if a.skip_tokens is None else a.skip_tokens
+    spec = BinSpec(a.bins, a.bin_tokens, skip, a.until_tokens, a.segments)
     margin = Margin(a.margin, a.margin_fraction, a.alpha)
     problems = option_problems(spec, margin)
     if problems:
@@ -47,6 +49,7 @@ def main(cfg: DictConfig) -> None:
         ladder=list(ladder.get("ladder", [])),
         epsilon=float(ladder.get("epsilon", 0.01)),
         targets=[float(t) for t in ladder.get("targets", [])],
+        experiment_skip=a.skip_tokens is None,
     )
     out = Path(a.out) if a.out else None
     try:

@@ -182,7 +182,7 @@ def pairing(pairs: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-VERDICT_MARKERS = {"equivalent": ("o", "tab:green"), "NOT equivalent": ("X", "tab:red")}
+VERDICT_MARKERS = {"equivalent": ("o", "tab:green"), "not equivalent": ("X", "tab:red")}
 
 
 def regime(pairs: pd.DataFrame, edges: tuple[float, float], path: Path, title: str) -> None:

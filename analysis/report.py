@@ -78,9 +78,9 @@ class Comparison:
     title: str = "comparison"
     ladder: list[str] = field(default_factory=list)  # a batch-size ladder (the cbs preset), smallest first
     epsilon: float = 0.01  # the branched critical batch's loss tolerance (nats)
-    targets: list[float] = field(
-        default_factory=list
-    )  # the McCandlish fit's target losses (empty: automatic)
+    # the McCandlish fit's target losses (empty: automatic)
+    targets: list[float] = field(default_factory=list)
+    experiment_skip: bool = False  # skip the tokens the experiment declares (its branch transient)
 
 
 def fmt(v: Any) -> str:
@@ -340,7 +340,7 @@ def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | No
     """Compare a sweep's arms from its run dirs: the manifest's pairs plus `cmp.pairs`."""
     sweep_dir = Path(sweep_dir)
     manifest, found, missing, labels = sweep_arms(sweep_dir)
-    cmp = cmp or Comparison(pairs=[])
+    cmp = cmp or Comparison(pairs=[], experiment_skip=True)
     declared = [list(p) for p in manifest.get("pairs", [])]
     pairs = declared + [list(p) for p in cmp.pairs if list(p) not in declared]
     # The arms the experiment defines (the manifest records them; older ones: those of its pairs),
@@ -354,7 +354,7 @@ def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | No
     ladder = manifest.get("cbs") or {}  # a batch ladder the experiment declared (the cbs preset)
     full = Comparison(
         pairs,
-        cmp.spec,
+        _spec_for(manifest, cmp),
         cmp.margin,
         title,
         cmp.ladder or list(ladder.get("ladder", [])),
@@ -372,5 +372,12 @@ def live_verdicts(sweep_dir: str | Path, cmp: Comparison | None = None) -> pd.Da
     pairs = [list(p) for p in manifest.get("pairs", [])]
     if not found or not pairs:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    base = cmp or Comparison(pairs)
-    return compare(found, Comparison(pairs, base.spec, base.margin))["pairs"]
+    base = cmp or Comparison(pairs, experiment_skip=True)
+    return compare(found, Comparison(pairs, _spec_for(manifest, base), base.margin))["pairs"]
+
+
+def _spec_for(manifest: dict[str, Any], cmp: Comparison) -> BinSpec:
+    """`cmp.spec`, skipping the experiment's declared transient where the user gave no skip."""
+    if cmp.experiment_skip:
+        return replace(cmp.spec, skip_tokens=int(manifest.get("skip_tokens", 0)))
+    return cmp.spec

@@ -108,6 +108,7 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             pairs=plan.pairs,
             arms=plan.experiment_arms,
             cbs=plan.cbs,
+            skip_tokens=plan.skip_tokens,
             ops={k: asdict(v) for k, v in plan.ops.items()},
             resources=asdict(plan.resources),
             git=git_state(),
@@ -199,4 +200,5 @@ def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
         ops,
         experiment_arms=manifest.get("arms", []),
         cbs=manifest.get("cbs", {}),
+        skip_tokens=manifest.get("skip_tokens", 0),
     )

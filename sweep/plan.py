@@ -60,6 +60,7 @@ class SweepPlan:
     experiment_arms: list[str] = field(default_factory=list)  # every arm the experiment defines
     aliases: list[Job] = field(default_factory=list)  # same runs as planned arms, under their own names
     cbs: dict[str, Any] = field(default_factory=dict)  # the experiment's batch ladder (analysis/cbs.py)
+    skip_tokens: int = 0  # the experiment's branch transient: the analysis's default skip
 
     @property
     def arms(self) -> list[Job]:
@@ -252,6 +253,7 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         list(exp.arms),
         list(planner.aliases.values()),
         asdict(exp.cbs) if exp.cbs.ladder else {},
+        exp.skip_tokens,
     )
 
 

@@ -71,6 +71,7 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # arms' lr (and Seesaw batch) schedule
     cbs: CbsSpec = field(default_factory=CbsSpec)  # the `cbs` preset's ladder; empty elsewhere
     rewarmup_tokens: int = 0  # arms ramp their lr linearly over this many tokens (0: none)
+    skip_tokens: int = 0  # the analysis leaves out this many tokens after the branch (its transient)
 
 
 @dataclass

@@ -120,12 +120,13 @@ def tail(sweep_dir: Path, job: str, lines: int) -> str:
     return f"==> {logs[0]} <==\n" + "\n".join(text[-lines:])
 
 
-def _verdicts(sweep_dir: Path, skip_tokens: int) -> str:
+def _verdicts(sweep_dir: Path, skip_tokens: int | None) -> str:
     """The declared pairs' verdicts now, from what the arms logged so far (defaults of the analysis)."""
     from analysis.report import Comparison, live_verdicts, verdict_table
     from analysis.tables import BinSpec
 
-    pairs = live_verdicts(sweep_dir, Comparison([], BinSpec(skip_tokens=skip_tokens)))
+    cmp = Comparison([], BinSpec(skip_tokens=skip_tokens or 0), experiment_skip=skip_tokens is None)
+    pairs = live_verdicts(sweep_dir, cmp)
     if pairs.empty:
         return "\nverdicts: no pair has rows in both arms yet"
     return "\nverdicts so far (python -m analysis for the tables, plots and options):\n" + verdict_table(
@@ -147,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-tokens",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="with --verdicts: leave out the first N tokens",
+        help="with --verdicts: leave out the first N tokens (default: the experiment's branch transient)",
     )
     args = parser.parse_args(argv)
     sweep_dir = sweep_dir_of(args)

@@ -17,15 +17,15 @@ SWEEP = [sys.executable, "-m", "sweep", "+experiment=sqrt_rule", "-m", "arm=A,H"
 
 # (overrides, what the message must say)
 SWEEP_CASES = [
-    (["experiment.arms.H.lr_scale=-2"], "optimizer.lr=-0.0025: expected a positive lr"),
+    (["experiment.arms.H.lr_scale=-2"], "optimizer.lr=-0.005: expected a positive lr"),
     (["experiment.arms.H.lr_scale=0"], "optimizer.lr=0.0: expected a positive lr"),
     (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0: expected a positive norm"),
     (["ops.base.weight_decay=-0.5"], "optimizer.weight_decay=-0.5: expected 0 or more"),
     (["ops.base.eps=0"], "optimizer.eps=0.0: expected a positive eps"),
     (["+trainer.chekpoint_every_tokens=8192"], "did you mean trainer.checkpoint_every_tokens"),
-    (["experiment.ratio=3"], "16 / 3 is not a whole number"),
-    (["experiment.ratio=6"], "16 / 6 is not a whole number"),
-    (["experiment.ratio=0"], "16 / 0 is not a whole number"),
+    (["experiment.ratio=3"], "4 / 3 is not a whole number"),
+    (["experiment.ratio=8"], "4 / 8 is not a whole number"),
+    (["experiment.ratio=0"], "4 / 0 is not a whole number"),
     (["trainer.log_every_steps=0"], "trainer.log_every_steps=0: expected at least 1"),
     (["trainer.val_samples=0"], "trainer.val_samples=0: expected at least one validation sequence"),
     (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0"),
@@ -119,10 +119,10 @@ def _fake_sweep(root: Path) -> Path:
         "derived": {"batch_size": 1},
         "job_ids": [],
     }
-    arms = ["A", "H", "J", "B"]
+    arms = ["A", "H", "J", "B", "D"]
     manifest = {
         "experiment": "sqrt_rule",
-        "pairs": [["A", "H"], ["J", "B"]],
+        "pairs": [["A", "H"], ["J", "B"], ["A", "D"]],
         "arms": arms,
         "jobs": {"A": job},
     }
@@ -137,7 +137,7 @@ def _fake_sweep(root: Path) -> Path:
         (["analysis.bins=0"], "analysis.bins=0: expected at least 1"),
         (["analysis.segments=0"], "analysis.segments=0: expected at least 1"),
         (["analysis.skip_tokens=-5"], "analysis.skip_tokens=-5"),
-        (["analysis.pairs=[[A,Z]]"], "unknown arm(s) Z; the sweep's arms: A, B, H, J"),
+        (["analysis.pairs=[[A,Z]]"], "unknown arm(s) Z; the sweep's arms: A, B, D, H, J"),
     ],
 )
 def test_bad_analysis_input_is_refused_before_anything_is_written(overrides, message, tmp_path):

@@ -24,6 +24,8 @@ TINY = [
     "experiment.warmup.token_budget=8192",
     "trainer.val_every_tokens=8192",
     "experiment.warmup.lr_warmup_tokens=0",
+    "experiment.skip_tokens=4096",  # sqrt_rule's declared transient (262144) is past this budget
+    "trainer.noise_probe_every=8",  # B_noise measured often enough in 32-step arms
 ]
 
 
@@ -94,14 +96,21 @@ def test_all_arms_branch_from_the_same_warmup_weights(sweep_run):
 def test_results_tables_hold_finite_numbers(sweep_run):
     sweep_dir, out = sweep_run
     pairs = pd.read_csv(sweep_dir / "results" / "pairs.csv")
-    assert (
-        list(pairs["pair"]) == ["A-H", "A-H", "J-B", "J-B"] and list(pairs["metric"]) == ["train", "val"] * 2
-    )
+    assert list(pairs["pair"]) == ["A-H", "A-H", "J-B", "J-B", "A-D", "A-D"]
+    assert list(pairs["metric"]) == ["train", "val"] * 3
     train = pairs[pairs["metric"] == "train"]
     assert train[["mean_gap", "gap_se", "reach", "op_spread", "delta"]].map(math.isfinite).all().all()
+    assert (train["from_tokens"] >= 4096).all()  # the experiment's skip, recorded in the manifest
+    # Every arm measured its noise scale: each pair's regime sits beside its verdict.
+    assert train[["b_over_noise_a", "b_over_noise_b"]].map(math.isfinite).all().all()
+    assert set(train["regime_a"]) | set(train["regime_b"]) <= {
+        "noise-dominated",
+        "near B_noise",
+        "beyond B_noise",
+    }
     # Every evaluation is paired sequence by sequence: validation gaps have their exact SE.
     assert pairs[pairs["metric"] == "val"]["gap_se"].map(math.isfinite).all()
-    for plot in ("curves.png", "equivalence.png", "pairing.png"):
+    for plot in ("curves.png", "equivalence.png", "pairing.png", "regime.png"):
         assert (sweep_dir / "results" / plot).stat().st_size > 10_000
     md = (sweep_dir / "results" / "pairs.md").read_text()
     assert "| A-H |" in md and md.split("\n")[0] in out.stdout  # the demo ends by printing it
@@ -149,8 +158,8 @@ def test_analysis_cli_reads_the_sweep(sweep_run):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| A-B |" in out.stdout
     pairs = pd.read_csv(sweep_dir / "results" / "pairs.csv")
-    assert list(pairs["pair"]) == ["A-H", "A-H", "J-B", "J-B", "A-B", "A-B"]
-    assert list(pairs["metric"]) == ["train", "val"] * 3
+    assert list(pairs["pair"]) == ["A-H", "A-H", "J-B", "J-B", "A-D", "A-D", "A-B", "A-B"]
+    assert list(pairs["metric"]) == ["train", "val"] * 4
     assert "A-H (train): " in out.stdout  # a verdict in words
 
 

@@ -66,19 +66,20 @@ def test_sqrt_rule_arms_follow_the_seed_relations(tmp_path):
     rows = {j.name: j.row for j in plan.arms}
     a, h, b, j = rows["A"], rows["H"], rows["B"], rows["J"]
     r = a["batch_size"] // h["batch_size"]
-    assert r == 16 and j["batch_size"] == a["batch_size"] and b["batch_size"] == h["batch_size"]
-    assert h["lr"] == pytest.approx(a["lr"] / 4) and h["beta1"] == pytest.approx(a["beta1"] ** (1 / r))
-    assert h["eps"] == pytest.approx(a["eps"] * 4)
+    # The embedded default runs at r = 4 (large batch 4, below the tiny model's noise scale).
+    assert r == 4 and j["batch_size"] == a["batch_size"] and b["batch_size"] == h["batch_size"]
+    assert h["lr"] == pytest.approx(a["lr"] / 2) and h["beta1"] == pytest.approx(a["beta1"] ** (1 / r))
+    assert h["eps"] == pytest.approx(a["eps"] * 2)
     assert (
         b["lr"] == a["lr"] and b["beta1"] == a["beta1"] and b["beta2"] == pytest.approx(a["beta2"] ** (1 / r))
     )
     assert (
-        j["lr"] == pytest.approx(4 * a["lr"])
+        j["lr"] == pytest.approx(2 * a["lr"])
         and j["beta1"] == a["beta1"]
         and j["beta2"] == pytest.approx(0.95)
     )
     assert len({row["token_budget"] for row in rows.values()}) == 1  # matched budgets
-    assert plan.pairs == [["A", "H"], ["J", "B"]]
+    assert plan.pairs == [["A", "H"], ["J", "B"], ["A", "D"]]
 
 
 def test_sqrt_rule_holds_the_full_seed_matrix(tmp_path):
@@ -87,14 +88,14 @@ def test_sqrt_rule_holds_the_full_seed_matrix(tmp_path):
     plan = _plan(["+experiment=sqrt_rule"], arms, tmp_path)
     rows = {j.name: j.row for j in plan.arms}
     runs = {j.name: j.stage.run for j in plan.arms}
-    a, r = rows["A"], 16
+    a, r = rows["A"], 4
     small = {n: rows[n] for n in "HIGBMD"}
     assert {row["batch_size"] for row in small.values()} == {a["batch_size"] // r}
     # (lr factor, beta1 scaled?, beta2 scaled?) per small arm, the seed's definitions.
     expected = {
-        "H": (1 / 4, 1, 1),
-        "I": (1 / 4, 0, 1),
-        "G": (1 / 4, 0, 0),
+        "H": (1 / 2, 1, 1),
+        "I": (1 / 2, 0, 1),
+        "G": (1 / 2, 0, 0),
         "B": (1, 0, 1),
         "M": (1, 1, 1),
         "D": (1, 0, 0),
@@ -156,6 +157,7 @@ def test_seed_scale_override_line(tmp_path):
             "+experiment=sqrt_rule",
             "model=qwen2_5_0_5b",
             "op@ops.base=seed_baseline",
+            "experiment.ratio=16",
             "experiment.token_budget=1048576000",
         ],
         ["A", "H", "J"],
@@ -232,7 +234,8 @@ def test_typo_in_config_fails_at_compose_time():
 def test_fast_composition_of_sweep_jobs_equals_full_composition(tmp_path):
     """The launcher sets plain value overrides on the first job's config instead of recomposing:
     every arm must come out exactly as a full Hydra composition makes it."""
-    sweep = ["arm=H", "experiment.ratio=2,4,8,16", "rules.sqrt.keep_eps=true,false", "model=tiny"]
+    large = "ops.base.reference_batch=16"  # room for ratios up to 16
+    sweep = ["arm=H", "experiment.ratio=2,4,8,16", "rules.sqrt.keep_eps=true,false", "model=tiny", large]
     cmd = [*DRY_RUN, f"sweep.root={tmp_path}"]
     out = subprocess.run([*cmd, *sweep], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -240,7 +243,7 @@ def test_fast_composition_of_sweep_jobs_equals_full_composition(tmp_path):
     assert len(planned) == 8
     for ratio in (2, 4, 8, 16):
         for keep in ("true", "false"):
-            job = ["+experiment=sqrt_rule", f"experiment.ratio={ratio}", f"rules.sqrt.keep_eps={keep}"]
+            job = ["+experiment=sqrt_rule", large, f"experiment.ratio={ratio}", f"rules.sqrt.keep_eps={keep}"]
             full = _plan(job, ["H"], tmp_path).arms[0]
             assert planned[full.signature]["eps"] == full.row["eps"]
             assert planned[full.signature]["batch_size"] == 16 // ratio
@@ -249,7 +252,7 @@ def test_fast_composition_of_sweep_jobs_equals_full_composition(tmp_path):
 def test_a_ratio_sweep_runs_an_arm_both_ratios_share_once(tmp_path):
     """experiment.ratio=4,16: A is the same run at both ratios; it is planned once and kept under
     both names, where the old planner refused it as "the same run"."""
-    base = ["+experiment=sqrt_rule", f"sweep.root={tmp_path}"]
+    base = ["+experiment=sqrt_rule", f"sweep.root={tmp_path}", "ops.base.reference_batch=16"]
     jobs = [[*base, f"experiment.ratio={r}", f"arm={a}"] for r in (4, 16) for a in "AH"]
     plan = build_plan([compose(j) for j in jobs], jobs)
     names = [j.name for j in plan.arms]
