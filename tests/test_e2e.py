@@ -277,6 +277,17 @@ def test_cbs_preset_branches_a_ladder_from_two_points_and_reports_the_critical_b
     warmups = [f"warmup[experiment.warmup.token_budget={n}]" for n in (8192, 16384)]
     assert code == 0 and len(states) == 1 + 2 + 10 and set(states.values()) == {"completed"}
     assert set(warmups) <= set(states)
+    # The shorter warmup is the longer one's prefix, bit for bit: a checkpoint of one reference run.
+    manifest = read_manifest(sweep_dir)
+    short, long = (
+        [
+            json.loads(x)
+            for x in (Path(manifest["jobs"][w]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        ]
+        for w in warmups
+    )
+    short, long = ([(r["step"], r["loss"]) for r in rows if "loss" in r] for rows in (short, long))
+    assert len(long) == 2 * len(short) and long[: len(short)] == short
     results = sweep_dir / "results"
     branch = pd.read_csv(results / "cbs.csv")
     assert sorted(branch["branch_tokens"]) == [8192, 16384]
