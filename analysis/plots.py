@@ -224,14 +224,7 @@ def regime(pairs: pd.DataFrame, edges: tuple[float, float], path: Path, title: s
     ax.set_xscale("log")
     ax.set_xlabel("B / B_noise of the larger-batch arm (B_noise over the compared window)")
     ax.set_ylabel("|paired gap| / operating-point spread")
-    if not shown.any():
-        ax.text(0.5, 0.5, "no pair has a measured B_noise", transform=ax.transAxes, ha="center")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, title, "" if shown.any() else "no pair has a measured B_noise")
 
 
 def critical_batch(branch: pd.DataFrame, fit: pd.DataFrame, path: Path, title: str) -> None:
@@ -255,12 +248,7 @@ def critical_batch(branch: pd.DataFrame, fit: pd.DataFrame, path: Path, title: s
     ax.plot([], [], "^", color="tab:green", label="B_crit (McCandlish fit, per target)")
     ax.set_yscale("log")
     ax.set_ylabel("batch (sequences)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, title, "")
 
 
 def mccandlish(fit: pd.DataFrame, path: Path, title: str) -> None:
@@ -288,11 +276,16 @@ def mccandlish(fit: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer steps S to the target loss")
     ax.set_ylabel("samples E = B S (sequences)")
-    if not len(fit):
-        ax.text(0.5, 0.5, "no target reached by three arms", transform=ax.transAxes, ha="center")
+    _finish(fig, ax, path, title, "" if len(fit) else "no target reached by three arms", legend=6)
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str, empty: str, legend: int = 7) -> None:
+    """Title, log grid and legend of a small figure, `empty` across it when it has no data; saved."""
+    if empty:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=legend)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)

@@ -67,6 +67,15 @@ def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen[str]) -> None:
 # ----------------------------------------------------------------------------- DDP parity
 
 
+def stop_after(cfg: RunConfig, n: int) -> None:
+    """Start `cfg`, send SLURM's warning signal once it logged `n` rows; it must stop, checkpointed."""
+    proc = start(cfg)
+    wait_for_rows(Path(cfg.run_dir), n, proc)
+    proc.send_signal(signal.SIGUSR2)
+    code, err = finish(proc)
+    assert code != 0 and "Stopped" in err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,11 +203,7 @@ def test_sigkill_at_any_step_then_resume_logs_the_identical_run(reference, tmp_p
 def test_stop_signal_checkpoints_at_a_step_boundary_and_resumes_exactly(reference, tmp_path):
     cfg, expected = reference
     cfg = replace(cfg, run_dir=str(tmp_path / "run"))
-    proc = start(cfg)
-    wait_for_rows(tmp_path / "run", 5, proc)
-    proc.send_signal(signal.SIGUSR2)
-    code, err = finish(proc)
-    assert code != 0 and "Stopped" in err
+    stop_after(cfg, 5)
     stopped = status(tmp_path / "run")
     assert stopped["state"] == "stopped"
     assert (
@@ -231,11 +236,7 @@ def test_resume_is_exact_with_noise_probes(prepared_data, tmp_path):
         ]
 
     again = replace(cfg, run_dir=str(tmp_path / "run"))
-    proc = start(again)
-    wait_for_rows(tmp_path / "run", 7, proc)
-    proc.send_signal(signal.SIGUSR2)
-    code, err = finish(proc)
-    assert code != 0 and "Stopped" in err
+    stop_after(again, 7)
     code, err = finish(start(again))
     assert code == 0, err[-3000:]
     assert trace(tmp_path / "run") == trace(tmp_path / "ref")
