@@ -16,8 +16,8 @@ moves it to another batch size. With kappa = batch / reference_batch:
 | `surge` | lr * s(B) / s(B_ref) | kept | kept | kept | Li et al. 2024 (Adam's surge), below |
 
 `surge` (Li et al. 2024, "Surge Phenomenon in Optimal Learning Rate and Batch Size Scaling",
-arXiv 2405.14578, Theorem 3): Adam's optimal lr rises with the batch, peaks at the noise scale
-and falls beyond it,
+arXiv 2405.14578, the sign-of-gradient case): Adam's optimal lr rises with the batch, peaks at
+the noise scale and falls beyond it,
 
     eta_opt(B) = eta_max / (1/2 (sqrt(B_noise / B) + sqrt(B / B_noise)))
 
