@@ -145,7 +145,7 @@ def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = N
     arms = arms_of(runs, cmp.spec, {a.arm: a.val_sequences for a in found})
     pairs, gaps = pair_rows(arms, cmp.pairs, cmp.spec, cmp.margin)
     if pairs.empty:
-        pairs = pd.DataFrame(columns=["metric", *SUMMARY_COLUMNS, *DETAIL_COLUMNS])
+        pairs = pd.DataFrame(columns=list(dict.fromkeys([*SUMMARY_COLUMNS, *DETAIL_COLUMNS, "alpha"])))
     return {
         "pairs": pairs,
         "gaps": gaps,
@@ -273,6 +273,14 @@ def markdown(pairs: pd.DataFrame, context: pd.DataFrame, cmp: Comparison, missin
         "",
     ]
     text += ["## verdicts", "", verdict_table(pairs), ""]
+    if pairs.empty:
+        reached = int(context["tokens"].max()) if len(context) else 0
+        text += textwrap.wrap(
+            f"No pair has samples to compare after skip_tokens={spec.skip_tokens:,} (the arms reached "
+            f"{reached:,} tokens): give a smaller analysis.skip_tokens (e.g. 0), or let the arms run on.",
+            100,
+        )
+        text += [""]
     for row in pairs.to_dict("records"):
         text += textwrap.wrap(verdict_line(row), 100, initial_indent="- ", subsequent_indent="  ")
     text += [""]

@@ -487,3 +487,13 @@ def test_regime_map_from_the_logged_noise_scale(tmp_path: Path, capsys):
     assert row["b_over_noise_b"] == pytest.approx(1 / 8)
     assert (sweep / "results" / "regime.png").read_bytes()[:4] == b"\x89PNG"
     assert "## regime" in capsys.readouterr().out
+
+
+def test_a_skip_past_every_arm_says_so_instead_of_failing(exact_sweep: Path, capsys):
+    """The experiment's declared transient (or analysis.skip_tokens) beyond what the arms reached:
+    empty tables and a line that says why and what to do, not an error."""
+    tables = analyze(exact_sweep, Comparison([], BinSpec(skip_tokens=10**9), Margin(nats=0.03)))
+    assert tables["pairs"].empty and (exact_sweep / "results" / "pairs.csv").exists()
+    printed = capsys.readouterr().out
+    assert "No pair has samples to compare after skip_tokens=1,000,000,000" in printed
+    assert "the arms reached 819,200 tokens" in printed
