@@ -24,6 +24,7 @@ step count is relative); the CI is a residual bootstrap.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,18 @@ def _branch_of(variant: str) -> tuple[str, float]:
     return variant or "warmup", math.nan
 
 
+def _last_passing(
+    points: list[dict[str, Any]], smallest: int, passes: Callable[[dict[str, Any]], bool]
+) -> int:
+    """The batch of the last point before the first that fails `passes` (`smallest` if the first fails)."""
+    last = smallest
+    for p in points:
+        if not passes(p):
+            break
+        last = p["batch"]
+    return last
+
+
 def branched(
     pairs: pd.DataFrame, gaps: pd.DataFrame, arms: pd.DataFrame, ladder: list[str], epsilon: float
 ) -> pd.DataFrame:
@@ -128,23 +141,10 @@ def branched(
     for variant, points in sorted(variants.items()):
         points.sort(key=lambda p: p["batch"])
         smallest = int(train[train["a"] == first]["batch_a"].iloc[0])
-        sure = smallest  # every batch up to here: CI below epsilon
-        for p in points:
-            if p["high"] < epsilon:
-                sure = p["batch"]
-            else:
-                break
-        maybe = smallest  # up to the first batch whose CI is entirely above epsilon
-        for p in points:
-            if p["low"] > epsilon:
-                break
-            maybe = p["batch"]
-        estimate = smallest
-        for p in points:
-            if (p["low"] + p["high"]) / 2 <= epsilon:
-                estimate = p["batch"]
-            else:
-                break
+        # Each: the largest batch of the ladder's unbroken run (from the smallest) that passes.
+        sure = _last_passing(points, smallest, lambda p: p["high"] < epsilon)  # CI below epsilon
+        maybe = _last_passing(points, smallest, lambda p: p["low"] <= epsilon)  # not surely beyond
+        estimate = _last_passing(points, smallest, lambda p: (p["low"] + p["high"]) / 2 <= epsilon)
         label, tokens = _branch_of(variant)
         first_run = arms[(arms["base"] == first) & (arms["variant"] == variant)]
         rows.append(

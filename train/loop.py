@@ -201,23 +201,17 @@ def probe_gradient(
     for p, g in zip(network.params, step_grads, strict=True):
         p.grad = g
     # One stack and one transfer: |G_1|^2, |G_2|^2 (unscaled) and G_1 . G_2.
-    sums = torch.stack(
-        [
-            torch.stack(
-                [
-                    a.float().square().sum(),
-                    b.float().square().sum() / scale**2,
-                    a.float().flatten() @ b.float().flatten() / scale,
-                ]
-            )
-            for a, b in pairs
-        ]
-    ).sum(0)
+    sums = torch.stack([_squares_and_dot(a.float().flatten(), b.float().flatten()) for a, b in pairs]).sum(0)
+    sums = sums / torch.tensor([1.0, scale**2, scale], device=sums.device)
     one_sq, two_sq, cross = sums.tolist()
     if not all(map(math.isfinite, (one_sq, two_sq, cross))):
         return None
     b = plan.batch_size
     return NoiseSample((one_sq + two_sq) / 2, b, (one_sq + two_sq + 2 * cross) / 4, 2 * b)
+
+
+def _squares_and_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([a @ a, b @ b, a @ b])
 
 
 @dataclass
