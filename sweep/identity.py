@@ -59,8 +59,9 @@ IDENTITY: dict[str, Key] = {
     "trainer.carry_optimizer": Key("carry_optimizer"),
     # With a branch point the seeded init is overwritten by its weights: the branch names the start.
     "trainer.init_seed": Key("init", when=lambda run: not _branches(run), value=lambda s: f"seed:{s}"),
-    # Invariant Adam's second moment is the mean of squared micro-batch gradients; for Adam the
-    # micro-batch size only changes the order of float sums.
+    # Invariant Adam's second moment is the mean of squared micro-batch gradients; for Adam (and
+    # the per-sequence variants, whose units are sequences) the micro-batch size only changes the
+    # order of float sums.
     "trainer.micro_batch_size": Key(
         "micro_batch_size", when=lambda run: run.optimizer.name == "invariant_adam"
     ),
@@ -84,6 +85,9 @@ EXCLUDED: dict[str, str] = {
     "trainer.noise_scale_decay": "smooths a logged measurement (B_simple), not the update",
     "trainer.noise_probe_every": "how often B_simple is measured; the update is unchanged",
     "trainer.peak_flops": "the denominator of the logged MFU",
+    "trainer.per_example_stats": "a measurement: the step's gradient is the mean of the per-example "
+    "ones (other float rounding)",
+    "trainer.per_example_chunk": "a memory choice: the same per-example gradients, vmapped in chunks",
     "progress": "a progress bar",
     "sweep_name": "the W&B group, where the run is shown",
     "tags": "W&B tags",

@@ -27,7 +27,9 @@ class ArmSpec:
     from_arm: str = ""  # ... or another arm, whose derived hyperparameters become this arm's operating point
     token_budget: int = 0  # 0: the experiment's budget (matched budgets are the default)
     lr_scale: float = 1.0  # multiplies the derived lr (an lr sweep around a point, e.g. seed arm K)
-    optimizer: str = "adamw"  # adamw | invariant_adam (second moment from squared micro-batch gradients)
+    # adamw, or a variant of train/adam_variants.py: invariant_adam, micro_adam, micro_adam_var,
+    # micro_adam_msq, sign_example, sign_mean, sign_ema
+    optimizer: str = "adamw"
     precision: str = ""  # fp32 | bf16 | fp16; empty: the sweep's precision.dtype (seed arm L: an fp16 twin)
     schedule: str = ""  # constant | step_decay | seesaw; empty: experiment.schedule.kind
 

@@ -12,9 +12,10 @@ import torch
 
 from tests.conftest import tiny_run
 from tests.test_trainer import _run_world, rows
+from train.adam_variants import VariantAdam
 from train.config import OptimizerConfig
-from train.invariant_adam import InvariantAdam
 from train.loop import train
+from train.per_example import UnitGradients
 from train.rules import OperatingPoint, RuleConfig, apply_rule
 
 
@@ -25,13 +26,15 @@ def test_with_one_micro_batch_it_is_adamw():
     b = torch.nn.Linear(6, 3)
     b.load_state_dict(a.state_dict())
     hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-    ours, torch_adamw = InvariantAdam(a.parameters(), **hyper), torch.optim.AdamW(b.parameters(), **hyper)
+    ours = VariantAdam(a.parameters(), "invariant_adam", **hyper)
+    torch_adamw = torch.optim.AdamW(b.parameters(), **hyper)
+    units = UnitGradients(list(a.parameters()), ["lm.mlp.weight", "lm.mlp.bias"], squares=True, signs=False)
     for _ in range(5):
         x = torch.randn(4, 6)
-        ours.begin()
+        units.begin()
         a(x).square().mean().backward()
-        ours.add_micro()
-        ours.finish(world=1, grad_accum=1)
+        units.add_grads(factor=1)
+        ours.feed(units.finish(world=1)[0])
         ours.step()
         b(x).square().mean().backward()
         torch_adamw.step()
@@ -73,15 +76,19 @@ def _trajectory(kind: str, eta: float) -> torch.Tensor:
             opt.step()
         return theta.detach()
     big = {"lr": KAPPA * eta, "betas": (betas[0] ** KAPPA, betas[1] ** KAPPA), "eps": 1e-12}
-    opt = InvariantAdam([theta], **big) if kind == "invariant" else torch.optim.Adam([theta], **big)
+    if kind == "invariant":
+        opt = VariantAdam([theta], "invariant_adam", **big)
+    else:
+        opt = torch.optim.Adam([theta], **big)
+    units = UnitGradients([theta], [".mlp.theta"], squares=True, signs=False)
     for s in range(steps // KAPPA):
         grads = [_grad(theta.detach(), x[i : i + 1], y[i : i + 1]) for i in range(s * KAPPA, (s + 1) * KAPPA)]
-        if isinstance(opt, InvariantAdam):
-            opt.begin()
+        if isinstance(opt, VariantAdam):
+            units.begin()
             for g in grads:  # each micro-batch's contribution to the mean gradient
                 theta.grad = g / KAPPA
-                opt.add_micro()
-            opt.finish(world=1, grad_accum=KAPPA)
+                units.add_grads(factor=KAPPA)
+            opt.feed(units.finish(world=1)[0])
         else:
             theta.grad = sum(grads) / KAPPA
         opt.step()

@@ -79,7 +79,18 @@ class DataConfig:
     cache_dir: str = "sweeps/data"
 
 
-OPTIMIZERS = ("adamw", "invariant_adam")
+# adamw: torch's; the rest: train/adam_variants.py (second moment or sign from per-unit moments)
+OPTIMIZERS = (
+    "adamw",
+    "invariant_adam",
+    "micro_adam",
+    "micro_adam_var",
+    "micro_adam_msq",
+    "sign_example",
+    "sign_mean",
+    "sign_ema",
+)
+PER_EXAMPLE_OPTIMIZERS = OPTIMIZERS[2:]  # fed per-sequence moments
 PRECISIONS = ("fp32", "bf16", "fp16")
 WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
 WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
@@ -102,8 +113,10 @@ class AdamHyperparameters:
 
 @dataclass
 class OptimizerConfig(AdamHyperparameters):
-    """Adam with hyperparameters already moved by the scaling rule: `adamw` (torch's), or
-    `invariant_adam` (train/invariant_adam.py: second moment from squared micro-batch gradients)."""
+    """Adam with hyperparameters already moved by the scaling rule: `adamw` (torch's), or one of
+    the variants of train/adam_variants.py: `invariant_adam` (second moment from squared
+    micro-batch gradients), `micro_adam`, `micro_adam_var`, `micro_adam_msq` (from per-sequence
+    moments), `sign_example`, `sign_mean`, `sign_ema` (signSGD with momentum, by sign placement)."""
 
     name: str = "adamw"
 
@@ -132,6 +145,10 @@ class TrainerConfig:
     # extra forward/backward every this many steps (its cost: 1/this of the run); 0 = never
     noise_probe_every: int = 40
     peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU's name (none on CPU)
+    # log per-example gradient statistics every step (norms, exact B_simple, per-group SNR:
+    # train/per_example.py); the per-example optimizers log them anyway
+    per_example_stats: bool = False
+    per_example_chunk: int = 0  # sequences per vmap call (each holds one gradient); 0 = the micro-batch
 
 
 @dataclass
@@ -190,6 +207,11 @@ class RunConfig:
     extra_config: dict[str, object] = field(default_factory=dict)  # shown in W&B, not used by training
     launch: dict[str, object] = field(default_factory=dict)  # job id, nodes, restarts: in status.json and W&B
 
+    @property
+    def per_example(self) -> bool:
+        """Whether steps form per-sequence gradients (for the statistics or the optimizer)."""
+        return self.trainer.per_example_stats or self.optimizer.name in PER_EXAMPLE_OPTIMIZERS
+
     def validate(self, world_size: int) -> Steps:
         """Every check that needs no data, made once for the planner (before anything is queued)
         and the trainer (before the first step): the run laid out in steps, or InvalidRun naming
@@ -200,10 +222,19 @@ class RunConfig:
             if not ok(value := _get(self, path))
         ]
         t = self.trainer
-        if self.optimizer.name == "invariant_adam" and self.precision == "fp16":
+        moments = self.optimizer.name != "adamw" or self.per_example
+        what = "per-example statistics" if self.optimizer.name == "adamw" else self.optimizer.name
+        if moments and self.precision == "fp16":
             problems.append(
-                "invariant_adam does not support fp16: its squared gradients bypass the loss scaler "
+                f"{what} does not support fp16: its per-unit gradients bypass the loss scaler "
                 "(use bf16 or fp32)"
+            )
+        if self.per_example and t.compile:
+            problems.append(f"{what} runs the model through torch.func.vmap: set trainer.compile=false")
+        if self.optimizer.name in ("micro_adam_var", "micro_adam_msq") and self.batch_size < 2:
+            problems.append(
+                f"{self.optimizer.name} estimates a per-sequence variance: it needs batch_size >= 2, "
+                f"got {self.batch_size}"
             )
         if t.seq_len > self.model.max_position_embeddings:
             problems.append(
@@ -222,6 +253,18 @@ class RunConfig:
             }
         except (BatchError, ScheduleError) as exc:
             problems.append(str(exc))
+        several = any(plan.micro_batch_size > 1 for plan in plans.values()) if not problems else False
+        if self.trainer.per_example_stats and self.optimizer.name == "invariant_adam" and several:
+            problems.append(
+                "per-example statistics with invariant_adam need trainer.micro_batch_size=1: its units "
+                "are micro-batches, the statistics' are sequences"
+            )
+        if self.per_example and t.loss_chunk_tokens > 0 and several:
+            problems.append(
+                f"{what} with micro-batches of several sequences runs through torch.func, which "
+                "cannot recompute the chunked loss: set trainer.loss_chunk_tokens=0 or "
+                "trainer.micro_batch_size=1 (one sequence per micro-batch needs no vmap)"
+            )
         if problems:
             raise InvalidRun(problems)
         return Steps(lay, plans)
@@ -273,6 +316,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.noise_scale_decay", lambda v: 0 <= v < 1, "an EMA decay in [0, 1)"),
     ("trainer.noise_probe_every", lambda v: v >= 0, ">= 0 steps (0: no probe)"),
     ("trainer.peak_flops", _at_least(0), "0 (from the GPU's name) or more"),
+    ("trainer.per_example_chunk", _at_least(0), "0 (the whole micro-batch) or more sequences"),
     ("wandb.mode", _one_of(WANDB_MODES), f"one of {', '.join(WANDB_MODES)}"),
 ]
 

@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from train.adam_variants import VariantAdam
 from train.batching import BatchPlan
 from train.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
 from train.config import InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
-from train.invariant_adam import InvariantAdam
 from train.model import TokenLoss, build_model, flops_per_token
 from train.noise import NoiseSample, NoiseScale
+from train.per_example import Moments, UnitGradients, per_example_gradients
 from train.runlog import VAL_SEQUENCES, RunLog
 from train.state import Counters, TrainState, rng_state
 from train.status import RunClaim, RunInUse, RunState, mark_failed, read_status
@@ -134,33 +135,38 @@ def accumulate_gradients(
     autocast: Any,
     scaler: torch.amp.GradScaler | None = None,
     loss_scale: float = 1.0,
-    invariant: InvariantAdam | None = None,
+    units: Units | None = None,
     local_norm: LocalGradNorm | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, Moments | None]:
     """Forward and backward over this rank's micro-batches of one step, leaving in `.grad` the
     mean gradient over every token of the global batch (times the fp16 loss scale, if `scaler`;
     `loss_scale` is its current value, read once per step by the caller).
 
     Gradients are all-reduced only on the last micro-batch; DDP then averages over ranks, so
     dividing each rank's token sum by (step tokens / world) gives exactly the mean over every token
-    of the global batch, as one large batch would. Returns this rank's summed token loss and, on a
-    single process with accumulation, the squared norm of the first micro-batch's mean gradient
-    (for the noise scale; with DDP the `LocalGradNorm` hook measures the per-rank one instead).
+    of the global batch, as one large batch would. Returns this rank's summed token loss, on a
+    single process with accumulation the squared norm of the first micro-batch's mean gradient
+    (for the noise scale; with DDP the `LocalGradNorm` hook measures the per-rank one instead),
+    and the step's per-unit moments where `units` asks for them.
 
-    With `invariant` (batch-size-invariant Adam) every micro-batch's gradient is moved aside after
-    its backward, so no micro-batch syncs through DDP: the optimizer reduces the gradients and the
-    squared micro-batch gradients itself at the end (`InvariantAdam.finish`), and the per-rank
-    norm it returns goes into `local_norm` in place of the hook's.
+    With `units` (the variants of train/adam_variants.py, per-example statistics) every unit's
+    gradient is moved into its sums (train/per_example.py): a micro-batch's after its backward,
+    or, with `units.examples`, each sequence's from `vmap` in place of the backward. No
+    micro-batch syncs through DDP: `UnitGradients.finish` reduces the sums itself at the end, and
+    the per-rank norm it returns goes into `local_norm` in place of the hook's.
     """
     world = plan.world_size
     scaling = scaler is not None and scaler.is_enabled()
     micro_sq: torch.Tensor | None = None
     loss_sum = torch.zeros((), device=batch.device)
-    if invariant is not None:
-        invariant.begin()
+    if units is not None:
+        units.sums.begin()
     for j in range(plan.grad_accum):
         micro = batch[j * plan.micro_batch_size : (j + 1) * plan.micro_batch_size]
-        sync = not ddp or (j == plan.grad_accum - 1 and invariant is None)
+        if units is not None and units.examples is not None and len(micro) > 1:
+            loss_sum += units.add_examples(micro, autocast)
+            continue
+        sync = not ddp or (j == plan.grad_accum - 1 and units is None)
         with contextlib.nullcontext() if sync else net.no_sync(), autocast():  # type: ignore[operator]
             part = net(micro)
         share = part * (world / plan.tokens_per_step)
@@ -171,13 +177,36 @@ def accumulate_gradients(
             # .grad now holds (micro tokens / step tokens) x the micro-batch's mean gradient.
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             micro_sq = (norm * plan.grad_accum / loss_scale) ** 2
-        if invariant is not None:
-            invariant.add_micro()
-    if invariant is not None:
-        local_sq = invariant.finish(world if ddp else 1, plan.grad_accum)
-        if ddp and local_norm is not None:
-            local_norm.sq.copy_(local_sq)
-    return loss_sum, micro_sq
+        if units is not None:
+            units.sums.add_grads(factor=plan.grad_accum)  # .grad = the micro-batch's gradient / grad_accum
+    if units is None:
+        return loss_sum, micro_sq, None
+    moments, local_sq = units.sums.finish(world if ddp else 1)
+    if ddp and local_norm is not None:
+        local_norm.sq.copy_(local_sq)
+    return loss_sum, micro_sq, moments
+
+
+@dataclass
+class Units:
+    """Where a step's per-unit gradients come from: `sums` accumulates them; `examples` (set when
+    the units are sequences) forms each sequence's gradient with vmap, `chunk` sequences at a
+    time, for micro-batches of several sequences (a micro-batch of one is its own backward)."""
+
+    sums: UnitGradients
+    examples: Any = None  # per_example_gradients(...) or None
+    chunk: int = 0
+
+    def add_examples(self, micro: torch.Tensor, autocast: Any) -> torch.Tensor:
+        """Add every sequence of `micro` as a unit; returns their summed token loss."""
+        step = self.chunk or len(micro)
+        total = torch.zeros((), device=micro.device)
+        for i in range(0, len(micro), step):
+            with autocast():
+                grads, losses = self.examples(micro[i : i + step])
+            self.sums.add(grads)
+            total += losses.detach().sum()
+        return total
 
 
 def probe_gradient(
@@ -225,6 +254,8 @@ class Network:
     dtype: torch.dtype | None
     grad_clip: float
     local_norm: LocalGradNorm
+    units: Units | None = None  # per-unit moments (train/per_example.py); None: plain AdamW
+    per_sequence: bool = False  # the units are sequences: their statistics are per-example ones
 
     def autocast(self) -> Any:
         if self.dtype is None:
@@ -239,6 +270,7 @@ class StepResult:
     noise: NoiseSample | None  # the step's two gradient norms for B_simple (None: none this step)
     signum: int  # a stop signal any rank received (0: none)
     loss_scale: float  # the fp16 gradient scaler's scale during the step (1 without it)
+    per_example: dict[str, float]  # per-sequence gradient statistics (empty: not measured)
 
 
 def train_step(
@@ -255,12 +287,22 @@ def train_step(
     got the signal) and the per-rank gradient norms. `probe`: a second batch of samples whose
     gradient at these weights pairs with the step's for the noise scale (`probe_gradient`)."""
     where, scaler, optimizer = network.where, state.scaler, state.optimizer
-    invariant = optimizer if isinstance(optimizer, InvariantAdam) else None
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     network.local_norm.sq.zero_()
-    loss_sum, small_sq = accumulate_gradients(
-        network.net, batch, plan, where.ddp, network.autocast, scaler, scale, invariant, network.local_norm
+    loss_sum, small_sq, moments = accumulate_gradients(
+        network.net,
+        batch,
+        plan,
+        where.ddp,
+        network.autocast,
+        scaler,
+        scale,
+        network.units,
+        network.local_norm,
     )
+    if isinstance(optimizer, VariantAdam):
+        assert moments is not None  # the trainer gives these optimizers units (Trainer.wrap)
+        optimizer.feed(moments)
     scaler.unscale_(optimizer)  # a no-op unless fp16
     probed = None if probe is None else probe_gradient(network, probe, plan, scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(network.params, network.grad_clip)  # before clipping
@@ -290,6 +332,7 @@ def train_step(
         noise=noise,
         signum=signum,
         loss_scale=scale,
+        per_example=moments.statistics() if moments is not None and network.per_sequence else {},
     )
 
 
@@ -385,8 +428,8 @@ class Trainer:
         model = build_model(cfg.model, cfg.trainer.init_seed, cfg.trainer.attn_implementation)
         model.to(device)  # type: ignore[arg-type]  # in place; transformers types `.to` as a decorator
         optimizer: torch.optim.Optimizer
-        if cfg.optimizer.name == "invariant_adam":
-            optimizer = InvariantAdam(model.parameters())
+        if cfg.optimizer.name != "adamw":
+            optimizer = VariantAdam(model.parameters(), cfg.optimizer.name)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
         return TrainState(
@@ -426,15 +469,28 @@ class Trainer:
 
     def wrap(self) -> Network:
         cfg, where = self.cfg, self.where
-        net: torch.nn.Module = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens)
+        loss = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens)
+        net: torch.nn.Module = loss
         local_norm = LocalGradNorm(where.device)
         if where.ddp:
             net = torch.nn.parallel.DistributedDataParallel(net)
             net.register_comm_hook(local_norm, LocalGradNorm.hook)  # type: ignore[arg-type]
         if cfg.trainer.compile:
             net = torch.compile(net)  # type: ignore[assignment]
-        params = [p for p in self.state.model.parameters() if p.requires_grad]
-        return Network(net, params, where, DTYPES[cfg.precision], cfg.trainer.grad_clip, local_norm)
+        named = [(n, p) for n, p in loss.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        network = Network(net, params, where, DTYPES[cfg.precision], cfg.trainer.grad_clip, local_norm)
+        if cfg.optimizer.name != "adamw" or cfg.per_example:
+            optimizer = self.state.optimizer
+            names = [n for n, _ in named]
+            squares = isinstance(optimizer, VariantAdam) and optimizer.needs_squares
+            signs = isinstance(optimizer, VariantAdam) and optimizer.needs_signs
+            network.units = Units(UnitGradients(params, names, squares, signs))
+            if cfg.per_example:  # units are sequences; several per micro-batch go through vmap
+                network.per_sequence = True
+                network.units.examples = per_example_gradients(loss, names, cfg.trainer.seq_len)
+                network.units.chunk = cfg.trainer.per_example_chunk
+        return network
 
     def run(self) -> dict[str, Any]:
         """The loop: one optimizer step per global batch, stopping only at step boundaries."""
@@ -531,6 +587,7 @@ class Trainer:
             }
             if state.scaler.is_enabled():
                 row["loss_scale"] = result.loss_scale
+            row.update(result.per_example)  # pe_norm_mean/std, b_simple_exact, snr_<group>, ...
             self.log.log({k: v for k, v in row.items() if v is not None})
         self.log.update(step=done, tokens=state.tokens, loss=result.loss, tokens_per_s=tokens_per_s)
         self.meter.show(plan.tokens_per_step, result.loss)

@@ -1,0 +1,149 @@
+"""Adam and signSGD variants fed per-unit gradient moments (train/per_example.py), one optimizer.
+
+Every variant steps with the mean gradient mu_hat of the step's U units (`.grad`) and differs in
+what its second moment (or its sign) is fed. Units are micro-batches for `invariant_adam` and
+sequences for the others.
+
+Second-moment input v_in of the Adam variants (elementwise; expectations over the batch, with mu
+and sigma^2 the per-unit gradient's mean and variance):
+
+    adamw           mu_hat^2                              E = mu^2 + sigma^2 / U  (torch's AdamW)
+    invariant_adam  M = mean_u g_u^2 over micro-batches   E = mu^2 + sigma^2_b  (Wang & Aitchison 2024)
+    micro_adam      M = mean_u g_u^2 over sequences       E = mu^2 + sigma^2      "MicroAdam"
+    micro_adam_var  U / (U - 1) (M - mu_hat^2)            E = sigma^2             "MicroAdamVar"
+    micro_adam_msq  (U mu_hat^2 - M) / (U - 1)            E = mu^2                "MicroAdamMSQ"
+
+(Roulet & Agarwala 2025, arXiv:2510.00236, Section 5; MicroAdam here is theirs, not the compressed
+optimizer of Modoranu et al. 2024 with the same name.) The last two are the unbiased estimators of
+sigma^2 and mu^2 from the U per-unit gradients; `micro_adam_msq`'s input can be negative for one
+step, so its EMA is clamped at zero where the root is taken. Both need U >= 2 sequences. With one
+sequence per step (U = 1) M = mu_hat^2: MicroAdam is Adam.
+
+Then, like AdamW (decoupled weight decay, bias-corrected moments):
+
+    m = beta1 m + (1 - beta1) mu_hat;   v = beta2 v + (1 - beta2) v_in
+    p = p (1 - lr wd) - lr (m / (1 - beta1^t)) / (sqrt(max(v, 0) / (1 - beta2^t)) + eps)
+
+signSGD with momentum, by where the sign sits in the chain per-unit gradients -> mean -> EMA
+(Roulet & Agarwala 2025, Section 4):
+
+    sign_example  m = EMA_beta1(mean_u sign(g_u));  p -= lr m / (1 - beta1^t)   the sign first
+    sign_mean     m = EMA_beta1(sign(mu_hat));      p -= lr m / (1 - beta1^t)   signSGD, then momentum
+    sign_ema      m = EMA_beta1(mu_hat);            p -= lr sign(m)             "SignEMA" (Signum)
+
+with the same decoupled weight decay (beta2 and eps are unused). With beta1 = 0, sign_mean and
+sign_ema are both signSGD.
+
+The trainer drives the step as: `UnitGradients.begin()`, the units' gradients, `finish()` (which
+sets `.grad` to mu_hat and returns the moments), `optimizer.feed(moments)`, `optimizer.step()`.
+
+Gradient clipping, where it fires, scales `.grad` (mu_hat) but not the per-unit moments; the
+studies keep it off (trainer.grad_clip = 1e9). fp16 is refused: the per-unit gradients would carry
+the loss scale (squared, for M).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from train.per_example import Moments
+
+ADAM_VARIANTS = ("invariant_adam", "micro_adam", "micro_adam_var", "micro_adam_msq")
+SIGN_VARIANTS = ("sign_example", "sign_mean", "sign_ema")
+VARIANTS = ADAM_VARIANTS + SIGN_VARIANTS
+NEEDS_TWO_UNITS = ("micro_adam_var", "micro_adam_msq")  # their estimators divide by U - 1
+
+
+def second_moment_input(variant: str, mean: torch.Tensor, mean_sq: torch.Tensor, units: int) -> torch.Tensor:
+    """What the second moment of `variant` is fed, from the mean gradient, the mean squared per-unit
+    gradient and the number of units (the table in the module docstring)."""
+    if variant in ("invariant_adam", "micro_adam"):
+        return mean_sq
+    if variant == "micro_adam_var":
+        return (mean_sq - mean * mean).mul_(units / (units - 1)).clamp_(min=0)  # clamp: rounding only
+    if variant == "micro_adam_msq":
+        return (mean * mean).mul_(units).sub_(mean_sq).div_(units - 1)
+    raise ValueError(f"{variant} takes no second-moment input")
+
+
+class VariantAdam(torch.optim.Optimizer):
+    """One of `VARIANTS` (see the module docstring) with AdamW's hyperparameters."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        variant: str,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.variant = variant
+        # This step's moments: set by `feed`, used once by `step`; never optimizer state, so they
+        # stay out of checkpoints.
+        self._moments: Moments | None = None
+
+    @property
+    def needs_squares(self) -> bool:
+        return self.variant in ADAM_VARIANTS
+
+    @property
+    def needs_signs(self) -> bool:
+        return self.variant == "sign_example"
+
+    def feed(self, moments: Moments) -> None:
+        if self.variant in NEEDS_TWO_UNITS and moments.units < 2:
+            raise ValueError(f"{self.variant} needs at least two sequences per step, got {moments.units}")
+        self._moments = moments
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("VariantAdam takes no closure: the trainer feeds it per-unit moments")
+        moments, self._moments = self._moments, None
+        if moments is None:
+            raise RuntimeError("VariantAdam.step() needs feed(moments) first (see train/adam_variants.py)")
+        index = {p: i for i, p in enumerate(self._params())}
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    if self.needs_squares:
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t, m, i = state["step"], state["exp_avg"], index[p]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                if self.needs_squares:
+                    assert moments.mean_sq is not None  # UnitGradients keeps squares for these
+                    v = state["exp_avg_sq"]
+                    m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                    v_in = second_moment_input(self.variant, p.grad, moments.mean_sq[i], moments.units)
+                    v.mul_(beta2).add_(v_in, alpha=1 - beta2)
+                    denom = (v.clamp(min=0).sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+                    p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
+                elif self.variant == "sign_ema":
+                    m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                    p.add_(m.sign(), alpha=-group["lr"])
+                else:
+                    if self.variant == "sign_example":
+                        assert moments.mean_sign is not None  # UnitGradients keeps signs for it
+                        direction = moments.mean_sign[i]
+                    else:
+                        direction = p.grad.sign()
+                    m.mul_(beta1).add_(direction, alpha=1 - beta1)
+                    p.add_(m, alpha=-group["lr"] / (1 - beta1**t))
