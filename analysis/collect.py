@@ -42,9 +42,10 @@ COLUMNS = [
     "gpu_hours",
 ]
 # b_simple: the trainer's smoothed B_simple (sequences); grad_sq, noise_trace: one step's own
-# unbiased |G|^2 and tr(Sigma), on the steps that measured them (the analysis sums them per window)
+# unbiased |G|^2 and tr(Sigma), on the steps that measured them (the analysis sums them per window);
+# *_exact: the same from every sequence's gradient (trainer.per_example_stats), preferred where logged
 LOGGED = ["step", "tokens", "loss", "val_loss", "lr", "b_simple", "grad_sq", "noise_trace", "tokens_per_s"]
-LOGGED += ["gpu_hours"]
+LOGGED += ["gpu_hours", "grad_sq_exact", "noise_trace_exact"]
 
 
 @dataclass
@@ -137,6 +138,9 @@ def long_table(arms: list[ArmRows]) -> pd.DataFrame:
     for a in arms:
         rows = a.rows.reindex(columns=LOGGED)
         values = {c: rows[c].to_numpy(np.float64, na_value=np.nan) for c in LOGGED}
+        for c in ("grad_sq", "noise_trace"):  # B - 1 degrees of freedom per step instead of one
+            exact = values[f"{c}_exact"]
+            values[c] = np.where(np.isfinite(exact), exact, values[c])
         has_tokens = ~np.isnan(values["tokens"])
         for code, source in enumerate(("loss", "val_loss")):  # kind codes: 0 train, 1 val
             where = np.flatnonzero(has_tokens & ~np.isnan(values[source]))

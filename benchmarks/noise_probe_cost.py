@@ -16,13 +16,12 @@ runs at the default interval on a 2-core VM measures mostly the VM's noise.)
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from trainer_speed import run_config  # benchmarks/ is the script's directory
+from trainer_speed import run_config, step_times  # benchmarks/ is the script's directory
 
 from train.config import TrainerConfig
 from train.loop import StopFlag, Trainer, _init_distributed
@@ -46,26 +45,20 @@ def main() -> None:
     )
     with StopFlag() as stop:
         trainer = Trainer(cfg, _init_distributed(), stop)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for step in range(args.steps):
-            probe = step % 2 == 1
-            trainer.cfg.trainer.noise_probe_every = 1 if probe else 0
-            if trainer.where.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            trainer.one_step(step)
-            if trainer.where.device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= 20:  # past the first steps' allocations
-                times[probe].append(time.perf_counter() - start)
-    with_probe, without = statistics.median(times[True]), statistics.median(times[False])
+
+        def probe_every(k: int) -> Callable[[], None]:
+            return lambda: setattr(trainer.cfg.trainer, "noise_probe_every", k)
+
+        # Probe every step or never, alternately: `probe` fires when (step + 1) % 1 == 0.
+        median = step_times(trainer, {"probe": probe_every(1), "plain": probe_every(0)}, args.steps)
+    with_probe, without = median["probe"], median["plain"]
     p = with_probe / without - 1
     every = TrainerConfig().noise_probe_every
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device {device}, model {args.model}, batch {args.batch} x seq {args.seq_len}, {args.precision}")
     print(
         f"step {without * 1e3:.2f} ms, step with a probe {with_probe * 1e3:.2f} ms "
-        f"(medians of {len(times[False])})"
+        f"(medians of {(args.steps - 20) // 2})"
     )
     print(
         f"a probe costs {p:.1%} of a step; at the default noise_probe_every={every}: "

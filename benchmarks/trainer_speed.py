@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ from transformers import Qwen2ForCausalLM
 
 from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainerConfig, WandbConfig
 from train.data import TokenStream, load_split, prepare
-from train.loop import DTYPES, train
+from train.loop import DTYPES, Trainer, train
 from train.model import build_model, flops_per_token, qwen2_config
 from train.throughput import peak_flops
 
@@ -100,6 +102,29 @@ def run_config(
         precision=precision,
         wandb=WandbConfig(mode="disabled"),
     )
+
+
+def step_times(
+    trainer: Trainer, setups: dict[str, Callable[[], None]], steps: int, settle: int = 20
+) -> dict[str, float]:
+    """Median time of `trainer.one_step` under each setup (a function that switches the trainer to
+    it), the setups taking turns step after step so that drifting machine load hits all alike;
+    the first `settle` steps (allocations, caches) are not counted."""
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    names = list(setups)
+    cuda = trainer.where.device.type == "cuda"
+    for step in range(steps):
+        name = names[step % len(names)]
+        setups[name]()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.one_step(step)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= settle:
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:

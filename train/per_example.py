@@ -126,26 +126,43 @@ class UnitGradients:
 
     def add(self, grads: list[torch.Tensor]) -> None:
         """Add n units: `grads[i]` is (n, *shape of params[i]), each row a unit's mean gradient."""
-        n = grads[0].shape[0]
         torch._foreach_add_(self.sum, [g.sum(0) for g in grads])
         if self.squares:
             torch._foreach_add_(self.sq, [(g * g).sum(0) for g in grads])
         if self.signs:
             torch._foreach_add_(self.sign, [g.sign().sum(0) for g in grads])
-        per_param = torch.stack([g.double().flatten(1).square().sum(1) for g in grads])  # (params, n)
+        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
+        self._add_norms(norms.double().square())
+
+    def add_grads(self, factor: float) -> None:
+        """Add one unit from `.grad`, which holds the unit's mean gradient divided by `factor`, and
+        clear `.grad` for the next micro-batch's backward (foreach ops: one unit per micro-batch
+        must not cost a Python loop per parameter)."""
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]  # all of them: the filter is for mypy
+        sums = [s for s, p in zip(self.sum, self.params, strict=True) if p.grad is not None]
+        torch._foreach_add_(sums, grads, alpha=factor)
+        if self.squares:
+            sq = [s for s, p in zip(self.sq, self.params, strict=True) if p.grad is not None]
+            torch._foreach_addcmul_(sq, grads, grads, value=factor**2)
+        if self.signs:
+            sign = [s for s, p in zip(self.sign, self.params, strict=True) if p.grad is not None]
+            torch._foreach_add_(sign, torch._foreach_sign(grads))
+        norms = torch.zeros(len(self.params), device=self.group_of.device, dtype=torch.float64)
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
+        norms[present] = torch.stack(torch._foreach_norm(grads)).double().square() * factor**2
+        for p in params:
+            p.grad = None
+        self._add_norms(norms[:, None])
+
+    def _add_norms(self, per_param: torch.Tensor) -> None:
+        """`per_param`: (params, n) squared norms of n units' gradients, parameter by parameter."""
+        n = per_param.shape[1]
         per_group = torch.zeros(len(self.groups), n, device=per_param.device, dtype=torch.float64)
         per_group.index_add_(0, self.group_of, per_param)
         total = per_group.sum(0)
         self.norms += torch.cat([total.sqrt().sum()[None], total.sum()[None], per_group.sum(1)])
         self.units += n
-
-    def add_grads(self, factor: float) -> None:
-        """Add one unit from `.grad` (which holds the unit's mean gradient divided by `factor`) and
-        clear `.grad` for the next micro-batch's backward."""
-        grads = [p.grad * factor if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for p in self.params:
-            p.grad = None
-        self.add([g[None] for g in grads])
 
     def finish(self, world: int) -> tuple[Moments, torch.Tensor]:
         """Set `.grad` to the mean gradient over every unit of every rank and return the moments,
