@@ -27,6 +27,7 @@ from analysis.tables import (
     arms_of,
     curve_bins,
     pair_rows,
+    ranking,
     verdict_line,
 )
 from sweep.manifest import read_manifest
@@ -151,6 +152,7 @@ def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = N
         "gaps": gaps,
         "bins": curve_bins(arms, cmp.spec),
         "arms": arm_context(arms),
+        "ranking": ranking(arms, pairs),
         "runs": runs,
     }
 
@@ -182,8 +184,9 @@ def report(
     tables["gaps"].to_csv(out / "gaps.csv", index=False)
     tables["bins"].to_csv(out / "bins.csv", index=False)
     context.to_csv(out / "arms.csv", index=False)
+    tables["ranking"].to_csv(out / "ranking.csv", index=False)
     (out / "pairs.tex").write_text(to_latex(pairs, cmp.title))
-    text = markdown(pairs, context, cmp, missing or [])
+    text = markdown(pairs, context, cmp, missing or [], tables["ranking"])
     if cmp.ladder:
         tables |= critical_batch(tables, cmp, out, plots)
         text += cbs_markdown(tables["cbs"], tables["cbs_fit"])
@@ -193,7 +196,8 @@ def report(
     writer.result()  # re-raises a failed write
     background.shutdown()
     print(text)
-    written = ["pairs.md", "pairs.csv", "pairs.tex", "gaps.csv", "bins.csv", "arms.csv", "runs.parquet"]
+    written = ["pairs.md", "pairs.csv", "pairs.tex", "gaps.csv", "bins.csv", "arms.csv", "ranking.csv"]
+    written += ["runs.parquet"]
     for name in written + (["cbs.csv", "cbs_fit.csv"] if cmp.ladder else []):
         print(f"wrote {out / name}")
     for name in plot.FIGURES:
@@ -260,7 +264,30 @@ def verdict_table(pairs: pd.DataFrame) -> str:
     return to_markdown(rows, list(rows.columns))
 
 
-def markdown(pairs: pd.DataFrame, context: pd.DataFrame, cmp: Comparison, missing: list[str]) -> str:
+def ranking_table(table: pd.DataFrame) -> str:
+    """The arms by final validation loss, with the paired gap to the arm each is compared with."""
+    rows = pd.DataFrame(
+        {
+            "arm": table["arm"],
+            "B": table["batch_size"],
+            "final val loss": table["final_val_loss"].map(fmt),
+            "vs": table["vs"].fillna(""),
+            "val gap [CI]": [
+                f"{fmt(g)} [{fmt(lo)}, {fmt(hi)}]" if isinstance(v, str) else ""
+                for g, lo, hi, v in zip(
+                    table["gap"], table["ci_low"], table["ci_high"], table["verdict"], strict=True
+                )
+            ],
+            "verdict": table["verdict"].fillna(""),
+            "regime": table["regime"],
+        }
+    )
+    return to_markdown(rows, list(rows.columns))
+
+
+def markdown(
+    pairs: pd.DataFrame, context: pd.DataFrame, cmp: Comparison, missing: list[str], ranked: pd.DataFrame
+) -> str:
     """pairs.md: the verdicts first, at 100 columns, then the detail."""
     spec = cmp.spec
     window = f"tokens > {spec.skip_tokens:,}" + (
@@ -284,6 +311,13 @@ def markdown(pairs: pd.DataFrame, context: pd.DataFrame, cmp: Comparison, missin
     for row in pairs.to_dict("records"):
         text += textwrap.wrap(verdict_line(row), 100, initial_indent="- ", subsequent_indent="  ")
     text += [""]
+    if len(ranked):
+        text += [
+            "## ranking by final validation loss (gap: this arm minus the one it is compared with)",
+            "",
+            ranking_table(ranked),
+            "",
+        ]
     text += ["## detail", "", to_markdown(pairs, DETAIL_COLUMNS), ""]
     train = pairs[pairs["metric"] == "train"]
     if len(train):

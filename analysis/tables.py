@@ -499,6 +499,43 @@ def _val_columns(points: np.ndarray, evals: list[Estimate], margin: Margin, delt
     }
 
 
+def ranking(arms: dict[str, Arm], pairs: pd.DataFrame) -> pd.DataFrame:
+    """Arm runs by final validation loss, lowest first, each with its paired validation gap to the
+    arm it is compared with (this arm minus that one, at their last common evaluation: negative =
+    lower loss), that gap's interval and verdict. An arm compared with several gets one row each."""
+    rows = []
+    val = pairs[pairs["metric"] == "val"] if len(pairs) else pairs
+    for a in arms.values():
+        if not len(a.val_loss):
+            continue
+        final = float(a.val_loss[np.argmax(a.val_tokens)])
+        base = {
+            "arm": a.name,
+            "batch_size": a.batch,
+            "final_val_loss": final,
+            "regime": regime(a.batch, a.b_noise),
+        }
+        suffix = f"[{a.variant}]" if a.variant else ""
+        mine = [r for r in val.to_dict("records") if r["b"] == a.base and r["pair"].endswith(suffix)]
+        if not mine:
+            rows.append(base)
+        for r in mine:  # the pair's gap is a - b; this arm is b
+            lo, hi = -r["ci_high"], -r["ci_low"]
+            rows.append(
+                {
+                    **base,
+                    "vs": r["a"],
+                    "gap": -r["mean_gap"],
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "verdict": r["verdict"],
+                }
+            )
+    columns = ["arm", "batch_size", "final_val_loss", "vs", "gap", "ci_low", "ci_high", "verdict", "regime"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values("final_val_loss", kind="stable").reset_index(drop=True)
+
+
 def arm_context(arms: dict[str, Arm]) -> pd.DataFrame:
     """Per arm run: batch, replicate, state, tokens reached, per-step loss noise, B_simple, speed, cost."""
     rows = [

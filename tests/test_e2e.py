@@ -220,6 +220,8 @@ def test_a_budget_the_data_cannot_hold_is_refused_and_a_changed_arm_gets_a_new_r
         ("seesaw", ["SD", "SS", "C"]),
         ("linear_vs_sqrt", ["A", "H", "C", "CB"]),
         ("weight_decay", ["A", "H", "T"]),
+        ("per_example_adam", ["A", "M", "V", "Q"]),
+        ("sign_placement", ["E16", "S16", "M16", "E4", "S4", "M4"]),
     ],
 )
 def test_every_preset_runs_on_the_embedded_default(sweep_run, tmp_path, experiment, arms):
@@ -252,6 +254,15 @@ def test_every_preset_runs_on_the_embedded_default(sweep_run, tmp_path, experime
     if experiment == "invariant_adam":
         assert manifest["jobs"]["V1"]["derived"]["micro_batch_size"] == 1
         assert "invariant_adam" in out.stdout  # the arm table shows the optimizer
+    if experiment == "per_example_adam":  # the variants log per-example statistics, Adam does not
+        assert all("b_simple_exact" in r and "snr_mlp" in r for arm in "MVQ" for r in train[arm])
+        assert "pe_norm_mean" not in train["A"][0]
+        ranked = pd.read_csv(sweep_dir / "results" / "ranking.csv")
+        assert sorted(ranked["arm"]) == sorted(arms) and ranked["final_val_loss"].is_monotonic_increasing
+        assert set(ranked.dropna(subset=["vs"])["vs"]) == {"A"}
+    if experiment == "sign_placement":
+        assert "sign_example" in out.stdout and "sign_ema" in out.stdout
+        assert "pe_norm_mean" in train["E4"][0] and "pe_norm_mean" not in train["S4"][0]
     if experiment == "weight_decay":  # tau kept in tokens by T, shrunk 4-fold by H (sqrt(16))
         derived = {arm: manifest["jobs"][arm]["derived"] for arm in arms}
         assert derived["T"]["wd"] == pytest.approx(derived["A"]["wd"] / 4)

@@ -35,7 +35,8 @@ with the same decoupled weight decay (beta2 and eps are unused). With beta1 = 0,
 sign_ema are both signSGD.
 
 The trainer drives the step as: `UnitGradients.begin()`, the units' gradients, `finish()` (which
-sets `.grad` to mu_hat and returns the moments), `optimizer.feed(moments)`, `optimizer.step()`.
+sets `.grad` to mu_hat and returns the moments), `optimizer.feed(moments)`, `optimizer.step()`;
+`sign_mean` and `sign_ema` need only `.grad` (a plain backward), so they take no moments.
 
 Gradient clipping, where it fires, scales `.grad` (mu_hat) but not the per-unit moments; the
 studies keep it off (trainer.grad_clip = 1e9). fp16 is refused: the per-unit gradients would carry
@@ -91,6 +92,11 @@ class VariantAdam(torch.optim.Optimizer):
         self._moments: Moments | None = None
 
     @property
+    def needs_moments(self) -> bool:
+        """Whether `step` needs `feed(moments)` first: all but the two that sign the mean."""
+        return self.variant not in ("sign_mean", "sign_ema")
+
+    @property
     def needs_squares(self) -> bool:
         return self.variant in ADAM_VARIANTS
 
@@ -111,7 +117,7 @@ class VariantAdam(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("VariantAdam takes no closure: the trainer feeds it per-unit moments")
         moments, self._moments = self._moments, None
-        if moments is None:
+        if moments is None and self.needs_moments:
             raise RuntimeError("VariantAdam.step() needs feed(moments) first (see train/adam_variants.py)")
         index = {p: i for i, p in enumerate(self._params())}
         for group in self.param_groups:
@@ -129,7 +135,7 @@ class VariantAdam(torch.optim.Optimizer):
                 t, m, i = state["step"], state["exp_avg"], index[p]
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 if self.needs_squares:
-                    assert moments.mean_sq is not None  # UnitGradients keeps squares for these
+                    assert moments is not None and moments.mean_sq is not None  # kept for these
                     v = state["exp_avg_sq"]
                     m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                     v_in = second_moment_input(self.variant, p.grad, moments.mean_sq[i], moments.units)
@@ -141,7 +147,7 @@ class VariantAdam(torch.optim.Optimizer):
                     p.add_(m.sign(), alpha=-group["lr"])
                 else:
                     if self.variant == "sign_example":
-                        assert moments.mean_sign is not None  # UnitGradients keeps signs for it
+                        assert moments is not None and moments.mean_sign is not None  # kept for it
                         direction = moments.mean_sign[i]
                     else:
                         direction = p.grad.sign()

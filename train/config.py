@@ -90,7 +90,10 @@ OPTIMIZERS = (
     "sign_mean",
     "sign_ema",
 )
-PER_EXAMPLE_OPTIMIZERS = OPTIMIZERS[2:]  # fed per-sequence moments
+# fed per-unit moments (train/per_example.py): micro-batches for invariant_adam, sequences for the rest;
+# sign_mean and sign_ema step on the mean gradient alone
+MOMENT_OPTIMIZERS = ("invariant_adam", "micro_adam", "micro_adam_var", "micro_adam_msq", "sign_example")
+PER_EXAMPLE_OPTIMIZERS = MOMENT_OPTIMIZERS[1:]
 PRECISIONS = ("fp32", "bf16", "fp16")
 WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
 WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
@@ -222,7 +225,7 @@ class RunConfig:
             if not ok(value := _get(self, path))
         ]
         t = self.trainer
-        moments = self.optimizer.name != "adamw" or self.per_example
+        moments = self.optimizer.name in MOMENT_OPTIMIZERS or self.per_example
         what = "per-example statistics" if self.optimizer.name == "adamw" else self.optimizer.name
         if moments and self.precision == "fp16":
             problems.append(

@@ -28,7 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from train.adam_variants import VariantAdam
 from train.batching import BatchPlan
 from train.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
-from train.config import InvalidRun, RunConfig, Steps
+from train.config import MOMENT_OPTIMIZERS, InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
 from train.model import TokenLoss, build_model, flops_per_token
 from train.noise import NoiseSample, NoiseScale
@@ -300,8 +300,7 @@ def train_step(
         network.units,
         network.local_norm,
     )
-    if isinstance(optimizer, VariantAdam):
-        assert moments is not None  # the trainer gives these optimizers units (Trainer.wrap)
+    if isinstance(optimizer, VariantAdam) and moments is not None:
         optimizer.feed(moments)
     scaler.unscale_(optimizer)  # a no-op unless fp16
     probed = None if probe is None else probe_gradient(network, probe, plan, scale)
@@ -480,7 +479,7 @@ class Trainer:
         named = [(n, p) for n, p in loss.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         network = Network(net, params, where, DTYPES[cfg.precision], cfg.trainer.grad_clip, local_norm)
-        if cfg.optimizer.name != "adamw" or cfg.per_example:
+        if cfg.optimizer.name in MOMENT_OPTIMIZERS or cfg.per_example:
             optimizer = self.state.optimizer
             names = [n for n, _ in named]
             squares = isinstance(optimizer, VariantAdam) and optimizer.needs_squares
