@@ -280,6 +280,7 @@ def ranking_table(table: pd.DataFrame) -> str:
             ],
             "verdict": table["verdict"].fillna(""),
             "regime": table["regime"],
+            "state": table["state"],
         }
     )
     return to_markdown(rows, list(rows.columns))

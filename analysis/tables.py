@@ -355,7 +355,12 @@ def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec) -> d
     in_pairs = {x for p in pairs for x in p}
     out = {}
     for variant in sorted({arm.variant for arm in arms.values()}):
-        bases = {arm.base: arm.batch for arm in arms.values() if arm.variant == variant}
+        # A diverged or failed arm's loss is no operating point: it would set the margin by its blow-up.
+        bases = {
+            arm.base: arm.batch
+            for arm in arms.values()
+            if arm.variant == variant and arm.state not in ("diverged", "failed")
+        }
 
         def gap(x: str, y: str, variant: str = variant) -> float | None:
             gaps = [
@@ -502,7 +507,9 @@ def _val_columns(points: np.ndarray, evals: list[Estimate], margin: Margin, delt
 def ranking(arms: dict[str, Arm], pairs: pd.DataFrame) -> pd.DataFrame:
     """Arm runs by final validation loss, lowest first, each with its paired validation gap to the
     arm it is compared with (this arm minus that one, at their last common evaluation: negative =
-    lower loss), that gap's interval and verdict. An arm compared with several gets one row each."""
+    lower loss), that gap's interval and verdict. An arm compared with several gets one row each.
+    A run that did not complete (diverged, still running) is ranked by its last evaluation and
+    says so in `state`."""
     rows = []
     val = pairs[pairs["metric"] == "val"] if len(pairs) else pairs
     for a in arms.values():
@@ -514,6 +521,7 @@ def ranking(arms: dict[str, Arm], pairs: pd.DataFrame) -> pd.DataFrame:
             "batch_size": a.batch,
             "final_val_loss": final,
             "regime": regime(a.batch, a.b_noise),
+            "state": a.state,
         }
         suffix = f"[{a.variant}]" if a.variant else ""
         mine = [r for r in val.to_dict("records") if r["b"] == a.base and r["pair"].endswith(suffix)]
@@ -532,6 +540,7 @@ def ranking(arms: dict[str, Arm], pairs: pd.DataFrame) -> pd.DataFrame:
                 }
             )
     columns = ["arm", "batch_size", "final_val_loss", "vs", "gap", "ci_low", "ci_high", "verdict", "regime"]
+    columns += ["state"]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values("final_val_loss", kind="stable").reset_index(drop=True)
 
