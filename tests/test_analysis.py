@@ -135,6 +135,29 @@ def test_an_unpaired_arm_is_the_yardstick_when_no_other_pair_shares_the_batch(tm
     assert row["mean_gap"] == pytest.approx(-0.002, abs=1e-12) and row["verdict"] == "equivalent"
 
 
+def test_a_diverged_arm_sets_no_spread_and_the_ranking_says_so(tmp_path: Path):
+    """per_example_adam's layout: pairs A-M, A-V, A-Q at one batch, Q blown up after 5 steps. The
+    spread of A-M is |A - V| and |M - V|, as if Q were not there; the ranking puts the arms by final
+    validation loss with their paired gap to A (this arm minus A) and Q's state."""
+    zero = np.zeros(20)
+    blown = curve(16, zero + 1000.0, steps=5)
+    arms = {
+        "A": (16, curve(16, zero), "completed"),
+        "M": (16, curve(16, zero + 0.02), "completed"),
+        "V": (16, curve(16, zero + 0.06), "completed"),
+        "Q": (16, [{**blown[0], "val_loss": 3.5}, *blown[1:]], "diverged"),
+    }
+    sweep = write_sweep(tmp_path / "s", arms, [["A", "M"], ["A", "V"], ["A", "Q"]])
+    tables = analyze(sweep, Comparison([], BinSpec(bins=20)))
+    row = tables["pairs"].set_index(["metric", "pair"]).loc[("train", "A-M")]
+    assert row["op_spread"] == pytest.approx((0.06 + 0.04) / 2, abs=1e-12)
+    ranked = tables["ranking"]
+    assert list(ranked["arm"]) == ["A", "M", "V", "Q"]
+    assert list(ranked["gap"][1:3]) == pytest.approx([0.02, 0.06], abs=1e-12)
+    assert list(ranked["state"]) == ["completed"] * 3 + ["diverged"]
+    assert (tmp_path / "s" / "results" / "ranking.csv").exists()
+
+
 def test_verdicts_in_their_regimes():
     def est(mean: float, se: float) -> Estimate:
         return Estimate(mean, se, 20.0, 100)
