@@ -99,6 +99,21 @@ def test_statistics_are_exact_against_a_loop_of_per_sequence_backward_passes(mic
     assert "snr_head" not in stats  # tied embeddings: the head's gradient is the table's
 
 
+def test_the_reference_implementations_example():
+    """optax.experimental.microbatching.micro_grad's documented example (the paper's reference code):
+    loss 0.5 (x p - t)^2 at p = 0, x = 1, targets 0, 2, 4, 6, so per-example gradients -t. Its MEAN
+    accumulator with transform (g, g^2) gives -3 and 14; its per-example norms are 0, 2, 4, 6."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    x, t = torch.ones(4, 1), torch.tensor([0.0, 2.0, 4.0, 6.0])
+    per_example = torch.func.vmap(torch.func.grad(lambda w, xi, ti: 0.5 * (xi @ w - ti) ** 2), (None, 0, 0))
+    units = UnitGradients([p], ["lm.mlp.p"], squares=True, signs=False)
+    units.begin()
+    units.add([per_example(p.detach(), x, t)])
+    moments, _ = units.finish(world=1)
+    assert p.grad.item() == -3.0 and moments.mean_sq[0].item() == 14.0
+    assert moments.norm_sum == 12.0 and moments.norm_sq_sum == 0 + 4 + 16 + 36
+
+
 def test_second_moment_inputs_in_closed_form():
     """On a fixed set of per-example gradients, each variant's input is its formula."""
     g = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.5], [-1.0, 1.0, 0.5], [2.0, 4.0, 0.5]])
