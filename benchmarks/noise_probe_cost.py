@@ -16,15 +16,12 @@ runs at the default interval on a 2-core VM measures mostly the VM's noise.)
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
-from trainer_speed import run_config, step_times  # benchmarks/ is the script's directory
+from trainer_speed import run_config, step_times, stepping_trainer  # benchmarks/: the script's directory
 
 from train.config import TrainerConfig
-from train.loop import StopFlag, Trainer, _init_distributed
 
 
 def main() -> None:
@@ -37,14 +34,7 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=0)
     args = ap.parse_args()
     cfg = run_config(args.model, args.seq_len, args.batch, 0, args.precision, args.loss_chunk, False, "adamw")
-    cfg = replace(
-        cfg,
-        run_dir=tempfile.mkdtemp(prefix="bench-probe-"),
-        token_budget=(args.steps + 2) * args.batch * args.seq_len,
-        progress=False,
-    )
-    with StopFlag() as stop:
-        trainer = Trainer(cfg, _init_distributed(), stop)
+    with stepping_trainer(cfg, args.steps) as trainer:
 
         def probe_every(k: int) -> Callable[[], None]:
             return lambda: setattr(trainer.cfg.trainer, "noise_probe_every", k)

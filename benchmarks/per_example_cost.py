@@ -18,27 +18,18 @@ vmap forms them inside the micro-batch (train/per_example.py). Goal: stats <= 10
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
-from trainer_speed import run_config, step_times  # benchmarks/ is the script's directory
+from trainer_speed import run_config, step_times, stepping_trainer  # benchmarks/: the script's directory
 
-from train.loop import StopFlag, Trainer, Units, _init_distributed
+from train.loop import Units
 from train.per_example import UnitGradients, per_example_gradients
 
 
 def costs(args: argparse.Namespace, micro: int) -> dict[str, float]:
     cfg = run_config(args.model, args.seq_len, args.batch, micro, args.precision, 0, False, "adamw")
-    cfg = replace(
-        cfg,
-        run_dir=tempfile.mkdtemp(prefix="bench-per-example-"),
-        token_budget=(args.steps + 2) * args.batch * args.seq_len,
-        progress=False,
-    )
-    with StopFlag() as stop:
-        trainer = Trainer(cfg, _init_distributed(), stop)
+    with stepping_trainer(cfg, args.steps) as trainer:
         network = trainer.network
         named = [(n, p) for n, p in network.net.named_parameters() if p.requires_grad]
         names = [n for n, _ in named]

@@ -27,7 +27,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from transformers import Qwen2ForCausalLM
 
 from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainerConfig, WandbConfig
 from train.data import TokenStream, load_split, prepare
-from train.loop import DTYPES, Trainer, train
+from train.loop import DTYPES, StopFlag, Trainer, _init_distributed, train
 from train.model import build_model, flops_per_token, qwen2_config
 from train.throughput import peak_flops
 
@@ -102,6 +103,20 @@ def run_config(
         precision=precision,
         wandb=WandbConfig(mode="disabled"),
     )
+
+
+@contextlib.contextmanager
+def stepping_trainer(cfg: RunConfig, steps: int) -> Iterator[Trainer]:
+    """The real trainer on `cfg` with room for `steps` steps in a temporary run dir, built (its
+    first evaluation not run) for timing `one_step`."""
+    cfg = replace(
+        cfg,
+        run_dir=tempfile.mkdtemp(prefix="bench-"),
+        token_budget=(steps + 2) * cfg.batch_size * cfg.trainer.seq_len,
+        progress=False,
+    )
+    with StopFlag() as stop:
+        yield Trainer(cfg, _init_distributed(), stop)
 
 
 def step_times(
