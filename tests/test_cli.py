@@ -27,7 +27,9 @@ def test_console_scripts_are_installed(script, tmp_path):
 def test_help_describes_the_tool_and_its_groups(tmp_path):
     sweep = _run([str(BIN / "bss-sweep"), "--help"], tmp_path).stdout
     assert "batch-size-scaling study for Adam" in sweep and "is powered by Hydra" not in sweep
-    assert "experiment: cbs, invariant_adam, linear_vs_sqrt, seesaw, sqrt_rule, weight_decay" in sweep
+    assert (
+        "experiment: cbs, invariant_adam, linear_vs_sqrt, per_example_adam, seesaw, sign_placement," in sweep
+    )
     analysis = _run([str(BIN / "bss-analysis"), "--help"], tmp_path).stdout
     assert "compare a sweep's arms pair by pair" in analysis and "analysis:" in analysis
     assert "rule: " not in analysis  # the sweep's config groups are not the analysis's
