@@ -59,7 +59,9 @@ def _sweep_cmd(root: Path, *extra: str) -> list[str]:
 
 
 def _start(root: Path, data_cache: str, *extra: str) -> subprocess.Popen[str]:
-    """A sweep command in the background, in its own session (as a terminal would run it)."""
+    """A sweep command in the background, in its own session, with Ctrl-C's default action (as a
+    terminal would run it): a test suite started as a background job inherits SIGINT ignored, and
+    Python then leaves it ignored in its children."""
     return subprocess.Popen(
         _sweep_cmd(root, data_cache, "arm=A,H", *extra),
         cwd=REPO,
@@ -67,6 +69,7 @@ def _start(root: Path, data_cache: str, *extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
