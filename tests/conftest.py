@@ -72,7 +72,7 @@ def tiny_run(data_dir: Path, run_dir: Path, **changes):
     )
     trainer = {f.name for f in dataclass_fields(TrainerConfig)}
     fields["trainer"] = TrainerConfig(
-        seq_len=32, **{k: changes.pop(k) for k in list(changes) if k in trainer}
+        **{"seq_len": 32, **{k: changes.pop(k) for k in list(changes) if k in trainer}}
     )
     fields.update(changes)
     return RunConfig(**fields)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import yaml
 from transformers import Qwen2ForCausalLM
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_run
+from tests.test_trainer import rows
 from train.config import ModelConfig
 from train.model import TokenLoss, build_model, flops_per_token, matmul_params, qwen2_config
 
@@ -55,3 +58,46 @@ def test_untied_head_counts_once_and_the_lookup_not_at_all():
     lm = build_model(cfg, seed=0)
     total = sum(p.numel() for p in lm.parameters())
     assert matmul_params(lm) == total - 100 * 16
+
+
+@pytest.mark.slow
+def test_the_0_5b_model_trains_two_steps_on_cpu_and_its_checkpoint_round_trips(prepared_data, tmp_path):
+    """The production shape through the real trainer (`train(cfg)`, chunked loss, 16-token
+    sequences, one sequence a step): finite losses, the published parameter count, and the final
+    checkpoint restoring the same weights and Adam state into a fresh model."""
+    from train.checkpoint import load_latest_checkpoint
+    from train.data import load_split, validation_windows
+    from train.loop import train
+
+    values = yaml.safe_load((REPO / "conf" / "model" / "qwen2_5_0_5b.yaml").read_text())
+    cfg = tiny_run(
+        prepared_data,
+        tmp_path / "run",
+        model=ModelConfig(**values),
+        batch_size=1,
+        token_budget=2 * 16,
+        seq_len=16,
+        loss_chunk_tokens=8,
+        val_samples=2,
+        keep_checkpoints=1,
+        noise_probe_every=0,
+    )
+    train(cfg)
+    logged = rows(tmp_path / "run")
+    assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss"]) for r in logged)
+    state = load_latest_checkpoint(cfg.run_dir)
+    assert state is not None and state["final"] and state["step"] == 2
+    fresh = build_model(cfg.model, seed=cfg.trainer.init_seed)
+    assert matmul_params(fresh) == 494_032_768
+    start = fresh.model.norm.weight.clone()
+    fresh.load_state_dict(state["model"])
+    assert not torch.equal(fresh.model.norm.weight, start)  # two Adam steps moved it
+    # The restored weights are the ones the run evaluated last: its logged final validation loss.
+    windows = torch.from_numpy(validation_windows(load_split(cfg.data_dir, "validation"), 16, 2))
+    with torch.no_grad():
+        val = TokenLoss(fresh, 8).per_sequence(windows).sum().item() / (2 * 16)
+    assert val == pytest.approx(rows(tmp_path / "run", "val_loss")[-1]["val_loss"], rel=1e-6)
+    moments = state["optimizer"]["state"]
+    assert len(moments) == sum(1 for _ in fresh.parameters()) and all(
+        s["step"] == 2 for s in moments.values()
+    )
