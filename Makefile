@@ -1,5 +1,5 @@
 # Two commands for a new user: `make demo` (run the embedded study) and `make test`.
-# `make test-fast` is the developer's loop: lint and every test but the end-to-end and SLURM ones.
+# `make test-fast` is the developer's loop: lint and every test but the end-to-end, SLURM and 0.5B-scale ones.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel of these machines; on a GPU
 # machine use e.g. `make demo TORCH_SPEC=torch` for the normal (CUDA) wheel.
 PYTHON ?= python3
@@ -36,7 +36,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 test-fast: lint
-	$(BIN)/python -m pytest -m "not e2e and not slurm"
+	$(BIN)/python -m pytest -m "not e2e and not slurm and not scale"
 
 # git hooks running ruff and mypy before each commit (.pre-commit-config.yaml)
 hooks: install

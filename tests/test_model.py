@@ -60,7 +60,7 @@ def test_untied_head_counts_once_and_the_lookup_not_at_all():
     assert matmul_params(lm) == total - 100 * 16
 
 
-@pytest.mark.slow
+@pytest.mark.scale
 def test_the_0_5b_model_trains_two_steps_on_cpu_and_its_checkpoint_round_trips(prepared_data, tmp_path):
     """The production shape through the real trainer (`train(cfg)`, chunked loss, 16-token
     sequences, one sequence a step): finite losses, the published parameter count, and the final
