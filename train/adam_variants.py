@@ -51,12 +51,11 @@ from typing import Any
 
 import torch
 
+from train.config import MOMENT_OPTIMIZERS, OPTIMIZERS, TWO_SEQUENCE_OPTIMIZERS
 from train.per_example import Moments
 
+VARIANTS = OPTIMIZERS[1:]  # all but torch's AdamW
 ADAM_VARIANTS = ("invariant_adam", "micro_adam", "micro_adam_var", "micro_adam_msq")
-SIGN_VARIANTS = ("sign_example", "sign_mean", "sign_ema")
-VARIANTS = ADAM_VARIANTS + SIGN_VARIANTS
-NEEDS_TWO_UNITS = ("micro_adam_var", "micro_adam_msq")  # their estimators divide by U - 1
 
 
 def second_moment_input(variant: str, mean: torch.Tensor, mean_sq: torch.Tensor, units: int) -> torch.Tensor:
@@ -94,7 +93,7 @@ class VariantAdam(torch.optim.Optimizer):
     @property
     def needs_moments(self) -> bool:
         """Whether `step` needs `feed(moments)` first: all but the two that sign the mean."""
-        return self.variant not in ("sign_mean", "sign_ema")
+        return self.variant in MOMENT_OPTIMIZERS
 
     @property
     def needs_squares(self) -> bool:
@@ -105,7 +104,7 @@ class VariantAdam(torch.optim.Optimizer):
         return self.variant == "sign_example"
 
     def feed(self, moments: Moments) -> None:
-        if self.variant in NEEDS_TWO_UNITS and moments.units < 2:
+        if self.variant in TWO_SEQUENCE_OPTIMIZERS and moments.units < 2:
             raise ValueError(f"{self.variant} needs at least two sequences per step, got {moments.units}")
         self._moments = moments
 
@@ -140,7 +139,9 @@ class VariantAdam(torch.optim.Optimizer):
                     m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                     v_in = second_moment_input(self.variant, p.grad, moments.mean_sq[i], moments.units)
                     v.mul_(beta2).add_(v_in, alpha=1 - beta2)
-                    denom = (v.clamp(min=0).sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+                    # only MSQ's input can be negative: the others' v needs no clamp (no extra copy)
+                    root = v.clamp(min=0).sqrt() if self.variant == "micro_adam_msq" else v.sqrt()
+                    denom = root.div_(math.sqrt(1 - beta2**t)).add_(group["eps"])
                     p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
                 elif self.variant == "sign_ema":
                     m.mul_(beta1).add_(p.grad, alpha=1 - beta1)

@@ -94,6 +94,7 @@ OPTIMIZERS = (
 # sign_mean and sign_ema step on the mean gradient alone
 MOMENT_OPTIMIZERS = ("invariant_adam", "micro_adam", "micro_adam_var", "micro_adam_msq", "sign_example")
 PER_EXAMPLE_OPTIMIZERS = MOMENT_OPTIMIZERS[1:]
+TWO_SEQUENCE_OPTIMIZERS = ("micro_adam_var", "micro_adam_msq")  # unbiased estimators: divide by B - 1
 PRECISIONS = ("fp32", "bf16", "fp16")
 WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
 WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
@@ -215,6 +216,11 @@ class RunConfig:
         """Whether steps form per-sequence gradients (for the statistics or the optimizer)."""
         return self.trainer.per_example_stats or self.optimizer.name in PER_EXAMPLE_OPTIMIZERS
 
+    @property
+    def unit_moments(self) -> bool:
+        """Whether steps keep per-unit gradient sums (train/per_example.py) at all."""
+        return self.optimizer.name in MOMENT_OPTIMIZERS or self.per_example
+
     def validate(self, world_size: int) -> Steps:
         """Every check that needs no data, made once for the planner (before anything is queued)
         and the trainer (before the first step): the run laid out in steps, or InvalidRun naming
@@ -225,16 +231,15 @@ class RunConfig:
             if not ok(value := _get(self, path))
         ]
         t = self.trainer
-        moments = self.optimizer.name in MOMENT_OPTIMIZERS or self.per_example
         what = "per-example statistics" if self.optimizer.name == "adamw" else self.optimizer.name
-        if moments and self.precision == "fp16":
+        if self.unit_moments and self.precision == "fp16":
             problems.append(
                 f"{what} does not support fp16: its per-unit gradients bypass the loss scaler "
                 "(use bf16 or fp32)"
             )
         if self.per_example and t.compile:
             problems.append(f"{what} runs the model through torch.func.vmap: set trainer.compile=false")
-        if self.optimizer.name in ("micro_adam_var", "micro_adam_msq") and self.batch_size < 2:
+        if self.optimizer.name in TWO_SEQUENCE_OPTIMIZERS and self.batch_size < 2:
             problems.append(
                 f"{self.optimizer.name} estimates a per-sequence variance: it needs batch_size >= 2, "
                 f"got {self.batch_size}"

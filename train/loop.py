@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from train.adam_variants import VariantAdam
 from train.batching import BatchPlan
 from train.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
-from train.config import MOMENT_OPTIMIZERS, InvalidRun, RunConfig, Steps
+from train.config import InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
 from train.model import TokenLoss, build_model, flops_per_token
 from train.noise import NoiseSample, NoiseScale
@@ -194,11 +195,12 @@ class Units:
     time, for micro-batches of several sequences (a micro-batch of one is its own backward)."""
 
     sums: UnitGradients
-    examples: Any = None  # per_example_gradients(...) or None
+    examples: Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]] | None = None
     chunk: int = 0
 
     def add_examples(self, micro: torch.Tensor, autocast: Any) -> torch.Tensor:
         """Add every sequence of `micro` as a unit; returns their summed token loss."""
+        assert self.examples is not None  # accumulate_gradients calls this only where it is set
         step = self.chunk or len(micro)
         total = torch.zeros((), device=micro.device)
         for i in range(0, len(micro), step):
@@ -479,12 +481,12 @@ class Trainer:
         named = [(n, p) for n, p in loss.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         network = Network(net, params, where, DTYPES[cfg.precision], cfg.trainer.grad_clip, local_norm)
-        if cfg.optimizer.name in MOMENT_OPTIMIZERS or cfg.per_example:
+        if cfg.unit_moments:
             optimizer = self.state.optimizer
             names = [n for n, _ in named]
             squares = isinstance(optimizer, VariantAdam) and optimizer.needs_squares
             signs = isinstance(optimizer, VariantAdam) and optimizer.needs_signs
-            network.units = Units(UnitGradients(params, names, squares, signs))
+            network.units = Units(UnitGradients(params, names, squares, signs, norms=cfg.per_example))
             if cfg.per_example:  # units are sequences; several per micro-batch go through vmap
                 network.per_sequence = True
                 network.units.examples = per_example_gradients(loss, names, cfg.trainer.seq_len)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -68,15 +68,17 @@ class Moments:
     units: int  # U: units in the global batch
     mean_sq: list[torch.Tensor] | None  # per parameter: mean_u g_u^2 (None: not kept)
     mean_sign: list[torch.Tensor] | None  # per parameter: mean_u sign(g_u) (None: not kept)
-    norm_sum: float  # sum_u |g_u|
-    norm_sq_sum: float  # sum_u |g_u|^2
-    group_sq_sum: dict[str, float]  # per group: sum_u |g_u,k|^2
-    group_mean_sq: dict[str, float]  # per group: |mu_hat_k|^2
+    # The norm sums (empty dicts and zeros where `UnitGradients` was told to skip them):
+    norm_sum: float = 0.0  # sum_u |g_u|
+    norm_sq_sum: float = 0.0  # sum_u |g_u|^2
+    group_sq_sum: dict[str, float] = field(default_factory=dict)  # per group: sum_u |g_u,k|^2
+    group_mean_sq: dict[str, float] = field(default_factory=dict)  # per group: |mu_hat_k|^2
 
     def statistics(self) -> dict[str, float]:
-        """The logged statistics (see the module docstring); empty with a single unit."""
+        """The logged statistics (see the module docstring); empty with a single unit or without
+        the norm sums."""
         u = self.units
-        if u < 2:
+        if u < 2 or not self.group_mean_sq:
             return {}
         mean_sq = sum(self.group_mean_sq.values())
         trace = u / (u - 1) * (self.norm_sq_sum / u - mean_sq)
@@ -99,13 +101,20 @@ class Moments:
 
 class UnitGradients:
     """Accumulates the per-unit sums of one step (see the module docstring) for `params`, named
-    `names` (for their groups); `squares` and `signs` say which elementwise sums to keep."""
+    `names` (for their groups); `squares` and `signs` say which elementwise sums to keep, `norms`
+    whether to keep the norm sums the statistics need (invariant Adam's step does not: skipping
+    them spares every micro-batch a norm pass and every step a device-to-host copy)."""
 
     def __init__(
-        self, params: list[torch.nn.Parameter], names: list[str], squares: bool, signs: bool
+        self,
+        params: list[torch.nn.Parameter],
+        names: list[str],
+        squares: bool,
+        signs: bool,
+        norms: bool = True,
     ) -> None:
         self.params = params
-        self.squares, self.signs = squares, signs
+        self.squares, self.signs, self.keep_norms = squares, signs, norms
         groups = [param_group(n) for n in names]
         self.groups = [k for k in GROUPS if k in groups]
         device = params[0].device
@@ -131,8 +140,10 @@ class UnitGradients:
             torch._foreach_add_(self.sq, [(g * g).sum(0) for g in grads])
         if self.signs:
             torch._foreach_add_(self.sign, [g.sign().sum(0) for g in grads])
-        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
-        self._add_norms(norms.double().square())
+        self.units += grads[0].shape[0]
+        if self.keep_norms:
+            norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
+            self._add_norms(norms.double().square())
 
     def add_grads(self, factor: float) -> None:
         """Add one unit from `.grad`, which holds the unit's mean gradient divided by `factor`, and
@@ -148,12 +159,14 @@ class UnitGradients:
         if self.signs:
             sign = [s for s, p in zip(self.sign, self.params, strict=True) if p.grad is not None]
             torch._foreach_add_(sign, torch._foreach_sign(grads))
-        norms = torch.zeros(len(self.params), device=self.group_of.device, dtype=torch.float64)
-        present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        norms[present] = torch.stack(torch._foreach_norm(grads)).double().square() * factor**2
+        self.units += 1
+        if self.keep_norms:
+            norms = torch.zeros(len(self.params), device=self.group_of.device, dtype=torch.float64)
+            present = [i for i, p in enumerate(self.params) if p.grad is not None]
+            norms[present] = torch.stack(torch._foreach_norm(grads)).double().square() * factor**2
+            self._add_norms(norms[:, None])
         for p in params:
             p.grad = None
-        self._add_norms(norms[:, None])
 
     def _add_norms(self, per_param: torch.Tensor) -> None:
         """`per_param`: (params, n) squared norms of n units' gradients, parameter by parameter."""
@@ -162,41 +175,46 @@ class UnitGradients:
         per_group.index_add_(0, self.group_of, per_param)
         total = per_group.sum(0)
         self.norms += torch.cat([total.sqrt().sum()[None], total.sum()[None], per_group.sum(1)])
-        self.units += n
 
     def finish(self, world: int) -> tuple[Moments, torch.Tensor]:
         """Set `.grad` to the mean gradient over every unit of every rank and return the moments,
         plus this rank's squared norm of its own mean gradient (the small-batch half of the
         two-batch noise estimate, taken before the reduction)."""
         local_units = self.units
-        rank_mean = torch._foreach_div(self.sum, float(local_units))
-        local_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(rank_mean)).float()) ** 2
+        # |sum / n|^2 from the sums' norms: no copy of the gradients
+        local_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.sum)).float()) ** 2
+        local_sq /= local_units**2
         parts = [self.sum, self.sq, self.sign]
         if world > 1:
             flat = torch.cat([t.flatten() for part in parts for t in part])
             dist.all_reduce(flat)
-            dist.all_reduce(self.norms)  # a few float64 scalars (see begin)
+            if self.keep_norms:
+                dist.all_reduce(self.norms)  # a few float64 scalars (see begin)
             offset = 0
             for part in parts:
                 for t in part:
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
         units = local_units * world
-        for p, s in zip(self.params, self.sum, strict=True):
-            p.grad = s.div_(units)
-        norms = torch.stack(torch._foreach_norm([p.grad for p in self.params])).double() ** 2  # type: ignore[misc]
-        group_mean = torch.zeros(len(self.groups), device=norms.device, dtype=torch.float64)
-        group_mean.index_add_(0, self.group_of, norms)
-        sums = self.norms.tolist()
+        for part in parts:
+            if part:
+                torch._foreach_div_(part, float(units))  # sums -> means, in place
+        for p, mean in zip(self.params, self.sum, strict=True):
+            p.grad = mean
         moments = Moments(
             units=units,
-            mean_sq=list(torch._foreach_div(self.sq, float(units))) if self.squares else None,
-            mean_sign=list(torch._foreach_div(self.sign, float(units))) if self.signs else None,
-            norm_sum=sums[0],
-            norm_sq_sum=sums[1],
-            group_sq_sum=dict(zip(self.groups, sums[2:], strict=True)),
-            group_mean_sq=dict(zip(self.groups, group_mean.tolist(), strict=True)),
+            mean_sq=self.sq if self.squares else None,
+            mean_sign=self.sign if self.signs else None,
         )
+        if self.keep_norms:
+            norms = torch.stack(torch._foreach_norm(self.sum)).double() ** 2
+            group_mean = torch.zeros(len(self.groups), device=norms.device, dtype=torch.float64)
+            group_mean.index_add_(0, self.group_of, norms)
+            sums = torch.cat([self.norms, group_mean]).tolist()  # one device-to-host copy
+            k = len(self.groups)
+            moments.norm_sum, moments.norm_sq_sum = sums[0], sums[1]
+            moments.group_sq_sum = dict(zip(self.groups, sums[2 : 2 + k], strict=True))
+            moments.group_mean_sq = dict(zip(self.groups, sums[2 + k :], strict=True))
         self.sum, self.sq, self.sign = [], [], []
         return moments, local_sq
 
