@@ -5,6 +5,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Tests run in two pytest-xdist workers: the SLURM tests mostly wait on the scheduler, and the
+# other worker uses that time. Each group of tests sharing a cluster or a sweep stays on one worker.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -33,10 +37,10 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: lint
-	$(BIN)/python -m pytest -m "not e2e and not slurm and not scale"
+	$(PYTEST) -m "not e2e and not slurm and not scale"
 
 # git hooks running ruff and mypy before each commit (.pre-commit-config.yaml)
 hooks: install

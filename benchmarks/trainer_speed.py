@@ -33,12 +33,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import Qwen2ForCausalLM
 
 from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainerConfig, WandbConfig
 from train.data import TokenStream, load_split, prepare
 from train.loop import DTYPES, StopFlag, Trainer, _init_distributed, train
-from train.model import build_model, flops_per_token, qwen2_config
+from train.model import build_model
 from train.throughput import peak_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,8 +190,7 @@ def main() -> None:
     print("ratio per round: " + " ".join(f"{o / b:.3f}" for o, b in rounds))
     peak = peak_flops(device, args.precision)
     if peak:
-        with torch.device("meta"):  # shapes only
-            flops = flops_per_token(Qwen2ForCausalLM(qwen2_config(cfg.model)), args.seq_len)
+        flops = cfg.model.flops_per_token(args.seq_len)
         print(f"MFU (ours) {flops * rate_ours / peak:.1%}  (goal >= 45% on an H100)")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.manifest import add_job_id, record_plan
-from sweep.plan import Job, SweepPlan, arm_table
+from sweep.plan import Job, SweepPlan, arm_table, gpu_hours
 from sweep.state import (
     STUCK,
     JobState,
@@ -48,10 +48,10 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
     if plan.dry_run:
         plan.dir.mkdir(parents=True, exist_ok=True)
         keys = ["arm", "op", "rule", "batch_size", "seq_len", "micro_batch_size", "grad_accum", "lr", "beta1"]
-        keys += ["beta2", "eps", "token_budget", "signature"]
-        (plan.dir / "plan.json").write_text(
-            json.dumps([{k: j.row[k] for k in keys} for j in plan.arms], indent=2)
-        )
+        keys += ["beta2", "eps", "token_budget", "flops", "signature"]
+        hours = (lambda f: gpu_hours(f, plan.resources)) if plan.resources.gpus_per_node else lambda f: None
+        rows = [{**{k: j.row[k] for k in keys}, "gpu_hours": hours(j.row["flops"])} for j in plan.arms]
+        (plan.dir / "plan.json").write_text(json.dumps(rows, indent=2))
         print(f"dry run: wrote {plan.dir / 'plan.json'}; nothing was run")
         return {}
     if opts.executor not in ("local", "slurm"):

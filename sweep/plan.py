@@ -179,6 +179,8 @@ def _row(
         "b2_half": tokens_text(half_life(run.optimizer.beta2, batch.tokens_per_step)),
         "token_budget": run.token_budget,
         "steps": steps.layout.steps,
+        "flops": run.token_budget
+        * run.model.flops_per_token(run.trainer.seq_len),  # the job's training compute
         "setup": ",".join(setup) or "-",
         "signature": run.signature,
         "base": base,
@@ -448,9 +450,27 @@ def budget_text(n: int) -> str:
     return f"2^{n.bit_length() - 1} ({tokens_text(n)})" if n >= 1024 and n & (n - 1) == 0 else tokens_text(n)
 
 
-ARM_COLUMNS = ["arm", "op", "rule", "batch_size", "batch_tokens", "grad_accum", "lr", "beta1", "beta2", "eps"]
-ARM_COLUMNS += ["wd", "tau", "b2_half", "token_budget", "steps", "setup", "signature"]
+ARM_COLUMNS = ["arm", "op", "rule", "batch_size", "batch_tokens", "micro_batch_size", "grad_accum", "lr"]
+ARM_COLUMNS += [
+    "beta1",
+    "beta2",
+    "eps",
+    "wd",
+    "tau",
+    "b2_half",
+    "token_budget",
+    "steps",
+    "setup",
+    "signature",
+]
+# micro_batch_size: sequences per rank per forward-backward; grad_accum: how many of them a step adds
 # tau: AdamW's weight-decay timescale 1 / (lr wd) in tokens; b2_half: beta2's half-life in tokens
+
+
+def gpu_hours(flops: float, res: ResourcesConfig) -> float:
+    """GPU-hours of `flops` of training at the assumed MFU (the FLOP count is PaLM's convention,
+    as the trainer's MFU): an estimate for the allocation request, whatever the number of GPUs."""
+    return flops / (res.gpu_peak_tflops * 1e12 * res.assumed_mfu * 3600)
 
 
 def arm_table(plan: SweepPlan) -> str:
@@ -460,4 +480,15 @@ def arm_table(plan: SweepPlan) -> str:
         f"{a.name}: the same run as {a.row['same_as']} (signature {a.signature}): run once, shown under both"
         for a in plan.aliases
     ]
-    return "\n".join([format_table(rows, ARM_COLUMNS), *notes])
+    res = plan.resources
+    if not res.gpus_per_node:
+        return "\n".join([format_table(rows, ARM_COLUMNS), *notes])
+    for row in rows:
+        row["gpu_hours"] = round(gpu_hours(row["flops"], res), 1)
+    total = sum(gpu_hours(j.row["flops"], res) for j in plan.jobs if j.row)
+    ranks = f"{res.world_size} ranks ({res.nodes} node{'s' * (res.nodes > 1)} x {res.gpus_per_node} GPUs)"
+    estimate = (
+        f"compute: {total:,.0f} GPU-hours in all on {ranks}, at an assumed MFU of {res.assumed_mfu:.0%} of "
+        f"{res.gpu_peak_tflops:g} TFLOP/s per GPU (resources.assumed_mfu, resources.gpu_peak_tflops)"
+    )
+    return "\n".join([format_table(rows, [*ARM_COLUMNS, "gpu_hours"]), *notes, estimate])

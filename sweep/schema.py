@@ -99,6 +99,10 @@ class ResourcesConfig:
     qos: str = ""
     constraint: str = ""
     additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
+    # The dry run's GPU-hours estimate: the GPU's dense bf16 peak (H100 SXM: 989.4 TFLOP/s) and the
+    # fraction of it the trainer reaches (MFU, PaLM's FLOP convention).
+    gpu_peak_tflops: float = 989.4
+    assumed_mfu: float = 0.4
 
     @property
     def world_size(self) -> int:

@@ -17,7 +17,8 @@ import pytest
 from sweep.manifest import read_manifest
 from tests.conftest import REPO, sweep_status
 
-pytestmark = pytest.mark.e2e
+# One xdist group: the module's sweep fixture is built once, on one worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 TINY = [
     "experiment.token_budget=16384",

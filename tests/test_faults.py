@@ -20,7 +20,8 @@ from sweep.manifest import read_manifest
 from tests.conftest import REPO, sweep_status, tiny_run
 from train.status import claimed_by
 
-pytestmark = pytest.mark.e2e
+# One xdist group: the module's tokenized cache is built once, on one worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("faults")]
 
 # Small, but long enough to act on an arm while it runs: H takes 512 one-sequence steps.
 BUDGET = [

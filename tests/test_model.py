@@ -12,7 +12,7 @@ from transformers import Qwen2ForCausalLM
 from tests.conftest import REPO, tiny_run
 from tests.test_trainer import rows
 from train.config import ModelConfig
-from train.model import TokenLoss, build_model, flops_per_token, matmul_params, qwen2_config
+from train.model import TokenLoss, build_model, matmul_params, qwen2_config
 
 
 def test_chunked_loss_and_gradients_equal_the_full_ones():
@@ -48,8 +48,8 @@ def test_flops_per_token_on_qwen2_5_0_5b():
     with torch.device("meta"):
         lm = Qwen2ForCausalLM(qwen2_config(ModelConfig(**values)))
     # The published parameter count of Qwen2.5-0.5B (tied embeddings: the head is the table).
-    assert matmul_params(lm) == 494_032_768
-    assert flops_per_token(lm, 2048) == 6 * 494_032_768 + 12 * 24 * 896 * 2048
+    assert matmul_params(lm) == ModelConfig(**values).matmul_params == 494_032_768
+    assert ModelConfig(**values).flops_per_token(2048) == 6 * 494_032_768 + 12 * 24 * 896 * 2048
 
 
 def test_untied_head_counts_once_and_the_lookup_not_at_all():
@@ -57,7 +57,9 @@ def test_untied_head_counts_once_and_the_lookup_not_at_all():
     cfg.tie_word_embeddings = False
     lm = build_model(cfg, seed=0)
     total = sum(p.numel() for p in lm.parameters())
-    assert matmul_params(lm) == total - 100 * 16
+    assert matmul_params(lm) == total - 100 * 16 == cfg.matmul_params
+    cfg.tie_word_embeddings = True  # the shape's count is the same, and so is the built model's
+    assert matmul_params(build_model(cfg, seed=0)) == cfg.matmul_params
 
 
 @pytest.mark.scale

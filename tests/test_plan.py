@@ -61,6 +61,62 @@ def test_every_experiment_composes_and_dry_runs(experiment, tmp_path):
     assert "signature" in out.stdout and "beta2" in out.stdout  # the arm table was printed
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_preset_dry_runs_at_the_seed_scale(experiment, tmp_path):
+    """`study=seed`: the 0.5B model on FineWeb-Edu, seq 2048, bf16, 8 GPUs per node through the SLURM
+    launcher; the table shows each arm's per-rank micro-batch, accumulation and GPU-hours."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sweep",
+        f"+experiment={experiment}",
+        "study=seed",
+        "-m",
+        "sweep.dry_run=true",
+    ]
+    out = subprocess.run(
+        [*cmd, f"sweep.root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    header = next(line for line in out.stdout.splitlines() if line.startswith("arm "))
+    assert header.split()[-1] == "gpu_hours" and "micro_batch_size" in header
+    assert "GPU-hours in all on 8 ranks (1 node x 8 GPUs)" in out.stdout
+    launcher = subprocess.run(
+        [*cmd[:5], "--cfg", "hydra", "-p", "hydra.launcher"], cwd=REPO, capture_output=True, text=True
+    )
+    assert "executor: slurm" in launcher.stdout  # submits to SLURM, whatever hydra/launcher says
+    plan = json.loads((tmp_path / experiment / "plan.json").read_text())
+    assert sorted(r["arm"] for r in plan if r["arm"] != "warmup") == sorted(_arms(experiment))
+    flops_per_token = 6 * 494_032_768 + 12 * 24 * 896 * 2048  # the 0.5B model at seq 2048
+    for row in plan:
+        assert row["seq_len"] == 2048 and row["gpu_hours"] == pytest.approx(
+            row["flops"] / (989.4e12 * 0.4 * 3600)
+        )
+        # every rank takes an equal share of the batch, in micro-batches of at most 8 sequences
+        assert row["micro_batch_size"] * row["grad_accum"] * 8 == row["batch_size"]
+        assert row["micro_batch_size"] <= 8
+        assert row["flops"] == row["token_budget"] * flops_per_token
+
+
+def test_the_seed_studys_sqrt_rule_is_the_seed_matrix(tmp_path):
+    cfg = compose(["+experiment=sqrt_rule", "study=seed"])
+    assert (cfg.model.name, cfg.data.name, cfg.data.tokenizer.name) == (
+        "qwen2_5_0_5b",
+        "HuggingFaceFW/fineweb-edu",
+        "Qwen/Qwen2.5-0.5B",
+    )
+    plan = _plan(["+experiment=sqrt_rule", "study=seed"], ["A", "H", "J"], tmp_path)
+    rows = {j.name: j.row for j in plan.jobs if j.row}
+    # the seed's table (Fast-LLM batch_size_scaling): A 512 seqs lr 1e-4; H 32 seqs lr 2.5e-5; J lr 4e-4
+    assert (rows["A"]["batch_size"], rows["H"]["batch_size"]) == (512, 32)
+    assert (rows["A"]["lr"], rows["H"]["lr"], rows["J"]["lr"]) == pytest.approx((1e-4, 2.5e-5, 4e-4))
+    # 2^31 tokens at 3.49 GFLOP/token over 40% of an H100's 989.4 TFLOP/s: 5.3 GPU-hours per arm
+    from sweep.plan import arm_table
+
+    line = next(x for x in arm_table(plan).splitlines() if x.startswith("A "))
+    assert line.split()[-1] == "5.3"
+
+
 def test_sqrt_rule_arms_follow_the_seed_relations(tmp_path):
     plan = _plan(["+experiment=sqrt_rule"], ["A", "H", "B", "J"], tmp_path)
     rows = {j.name: j.row for j in plan.arms}
@@ -290,3 +346,15 @@ def test_budgets_the_prepared_data_cannot_hold_are_refused_at_plan_time(prepared
     ]
     with pytest.raises(PlanError, match=r"warmup: the run reads 8192 sequences .* split 'warmup' holds \d+"):
         _plan(["+experiment=sqrt_rule", *data], ["A"], tmp_path)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_analysis_composes_every_preset(experiment):
+    """`python -m analysis +experiment=NAME` composes the preset's file (its defaults list builds on
+    the study's operating point) and reads its name and pairs."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="analysis", overrides=[f"+experiment={experiment}"])
+    assert cfg.experiment.name == experiment and cfg.experiment.pairs

@@ -18,7 +18,8 @@ from tests.conftest import REPO, compose, sweep_status
 from tests.test_e2e import TINY
 from train.data import prepare
 
-pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+# One xdist group: the tests share one cluster, and one of them restarts it with accounting.
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.xdist_group("slurm")]
 
 ALL = ["prepare", "warmup", "A", "H", "B", "J"]
 PAIRS_ONLY = "arm=A,H,B,J"  # the two declared pairs of sqrt_rule: the full matrix would crowd 2 cores

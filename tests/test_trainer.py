@@ -281,14 +281,12 @@ def test_every_step_logs_the_study_metrics(reference):
 
 
 def test_mfu_is_logged_against_a_given_peak(prepared_data, tmp_path):
-    from train.model import build_model, flops_per_token
-
     cfg = tiny_run(prepared_data, tmp_path / "run", token_budget=8 * 32 * 3, peak_flops=1e11)
     from train.loop import train
 
     train(cfg)
     row = rows(tmp_path / "run")[-1]
-    flops = flops_per_token(build_model(cfg.model, 0), cfg.trainer.seq_len)
+    flops = cfg.model.flops_per_token(cfg.trainer.seq_len)
     assert row["mfu"] == pytest.approx(flops * row["tokens_per_s"] / 1e11)
 
 

@@ -35,6 +35,24 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
+    @property
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token: all but the input embedding table (a
+        lookup), the LM head counted once whether or not it is tied to that table. From the shape
+        alone (no torch), so that a dry run can estimate compute; `train.model.matmul_params`
+        counts the same on a built model (tests hold the two equal)."""
+        d = self.hidden_size
+        kv = self.num_kv_heads * (d // self.num_heads)
+        attention = (d * d + d) + 2 * (d * kv + kv) + d * d  # q, k, v with biases (Qwen2), o without
+        layer = attention + 3 * d * self.intermediate_size + 2 * d  # SwiGLU MLP, two RMSNorm weights
+        return self.num_layers * layer + d + self.vocab_size * d  # final RMSNorm, the LM head
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, PaLM's convention (Chowdhery et al. 2022, App. B): 6N for the
+        matmuls of forward + backward, plus 12·L·d·T for attention scores and values (causal
+        masking not discounted). N is `matmul_params`."""
+        return 6 * self.matmul_params + 12 * self.num_layers * self.hidden_size * seq_len
+
 
 @dataclass
 class TokenizerConfig:

@@ -31,7 +31,7 @@ from train.batching import BatchPlan
 from train.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
 from train.config import InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
-from train.model import TokenLoss, build_model, flops_per_token
+from train.model import TokenLoss, build_model
 from train.noise import NoiseSample, NoiseScale
 from train.per_example import Moments, UnitGradients, per_example_gradients
 from train.runlog import VAL_SEQUENCES, RunLog
@@ -677,7 +677,7 @@ class Meter:
     def __init__(self, trainer: Trainer) -> None:
         cfg, where = trainer.cfg, trainer.where
         self.state, self.world = trainer.state, where.world
-        self.flops = flops_per_token(trainer.state.model, cfg.trainer.seq_len)
+        self.flops = cfg.model.flops_per_token(cfg.trainer.seq_len)
         self.peak = peak_flops(where.device, cfg.precision, cfg.trainer.peak_flops)
         self.start_window()
         self.step_end = trainer.started  # device time counts from start-up: the devices are held all along

@@ -41,19 +41,12 @@ def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") 
 
 
 def matmul_params(model: Qwen2ForCausalLM) -> int:
-    """Parameters that take part in a matmul per token: all of them but the input embedding table
-    (a lookup), with the LM head counted once whether or not it is tied to that table."""
+    """Parameters that take part in a matmul per token, counted on a built model: all of them but
+    the input embedding table (a lookup), the LM head counted once whether or not it is tied to
+    that table. `ModelConfig.matmul_params` gives the same from the shape (FLOPs and MFU use it)."""
     total = sum(p.numel() for p in model.parameters())  # tied weights are listed once
     embedding = sum(p.numel() for p in model.get_input_embeddings().parameters())
     return total if model.config.tie_word_embeddings else total - embedding
-
-
-def flops_per_token(model: Qwen2ForCausalLM, seq_len: int) -> int:
-    """Training FLOPs per token, PaLM's convention (Chowdhery et al. 2022, App. B): 6N for the
-    matmuls of forward + backward, plus 12·L·d·T for attention scores and values (causal masking
-    not discounted). N is `matmul_params`."""
-    c = model.config
-    return 6 * matmul_params(model) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
 class TokenLoss(torch.nn.Module):
