@@ -327,8 +327,8 @@ def slurm_parameters(plan: SweepPlan, job: Job) -> dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(res, key):
             params[key] = getattr(res, key)
-    if job.kind == "prepare":  # tokenizing is one process, whatever the arms need
-        params.update(nodes=1, ntasks_per_node=1)
+    if job.kind == "prepare":  # one task on CPUs, whatever the arms need; it tokenizes on every CPU it gets
+        params.update(nodes=1, ntasks_per_node=1, cpus_per_task=res.prepare_cpus or res.cpus_per_task)
         params.pop("gpus_per_node", None)
     return params
 

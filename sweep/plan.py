@@ -291,12 +291,7 @@ class _Planner:
     def add(self, cfg: Config, overrides: list[str], variant: list[str]) -> None:
         """The arm of `cfg` and the stages it needs (tokenizing, its data order's warmup)."""
         assert cfg.arm is not None
-        data = data_problems(cfg.data)
-        if cfg.data.tokenizer.kind == "bpe" and cfg.data.tokenizer.vocab_size > cfg.model.vocab_size:
-            data.append(
-                f"data.tokenizer.vocab_size={cfg.data.tokenizer.vocab_size} exceeds model.vocab_size="
-                f"{cfg.model.vocab_size}"
-            )
+        data = data_problems(cfg.data, cfg.model.vocab_size)
         for problem in data:
             self.problems.add(problem)
         if data:

@@ -46,6 +46,24 @@ def prepare_texts(corpus: Path, shares: tuple[float, float, float], cache: Path)
     return prepare(cfg, progress=False)
 
 
+@pytest.fixture(scope="session")
+def fineweb(tmp_path_factory: pytest.TempPathFactory):
+    """3000 FineWeb-Edu-shaped documents as 4 parquet shards and as 4 jsonl shards, and a
+    Qwen2-format tokenizer (1024 tokens) saved in a local directory."""
+    from types import SimpleNamespace
+
+    from tests.fineweb_files import documents, save_qwen2_tokenizer, write_shards
+
+    root = tmp_path_factory.mktemp("fineweb")
+    texts = documents(3000)
+    return SimpleNamespace(
+        texts=texts,
+        parquet=write_shards(root / "parquet", texts),
+        jsonl=write_shards(root / "jsonl", texts, fmt="jsonl"),
+        tokenizer=str(save_qwen2_tokenizer(texts[:500], root / "qwen2-tokenizer")),
+    )
+
+
 # `python -m sweep` planning only: the arm table and plan.json, nothing run.
 DRY_RUN = [sys.executable, "-m", "sweep", "+experiment=sqrt_rule", "-m", "sweep.dry_run=true"]
 

@@ -40,8 +40,12 @@ SWEEP_CASES = [
     (["precision=fp32", "experiment.arms.A.precision=fp8"], "precision='fp8'"),
     (["data.source=nope"], "data.source='nope'"),
     (["data.source=text_files", "data.path=/nowhere"], "data.path='/nowhere': not a directory"),
+    (
+        ["data.source=parquet", "data.path=/nowhere/*.parquet"],
+        "data.path='/nowhere/*.parquet': no file matches",
+    ),
     (["data.tokenizer.vocab_size=100"], "data.tokenizer.vocab_size=100: a byte-level BPE has at least 257"),
-    (["model.vocab_size=1000"], "data.tokenizer.vocab_size=2048 exceeds model.vocab_size=1000"),
+    (["model.vocab_size=1000"], "has 2048 tokens, more than model.vocab_size=1000"),
     (["ops.base.beta2=1.0"], "beta2=1.0, outside (0, 1)"),
     (["experiment.token_budget=1000"], "not a positive multiple"),
     (["trainer.seq_len=4096"], "exceeds model.max_position_embeddings"),
@@ -73,6 +77,29 @@ def test_bad_sweep_input_is_refused_before_anything_is_written(overrides, messag
     _refused(out, message)
     assert not root.exists(), sorted(root.rglob("*"))  # nothing queued, nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even in the working directory
+
+
+# Local FineWeb-Edu shards and tokenizer (the `fineweb` fixture) with one thing wrong each.
+LOCAL_DATA_CASES = [
+    (["data.text_field=content"], "data.text_field='content' is not a column of"),
+    (["model.vocab_size=512"], "has 1024 tokens, more than model.vocab_size=512"),
+    (["data.splits.max_tokens=1000000000"], "data.splits.max_tokens=1000000000 but the 4 shards"),
+    (["data.tokenizer.name={empty}"], "a directory without tokenizer.json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"), LOCAL_DATA_CASES, ids=[c[1][:30] for c in LOCAL_DATA_CASES]
+)
+def test_bad_local_data_is_refused_before_anything_is_written(overrides, message, fineweb, tmp_path):
+    root, empty = tmp_path / "root", tmp_path / "empty"
+    empty.mkdir()
+    data = ["data=fineweb_edu", "data.source=parquet", f"data.path={fineweb.parquet}"]
+    data += [f"data.tokenizer.name={fineweb.tokenizer}", "data.splits.max_tokens=100000"]
+    extra = [o.format(empty=empty) for o in overrides]
+    out = _run([*SWEEP, f"sweep.root={root}", *data, *extra], tmp_path)
+    _refused(out, message)
+    assert not root.exists()
 
 
 def test_a_sweep_dir_that_is_a_file_or_cannot_be_written(tmp_path):

@@ -358,3 +358,16 @@ def test_the_analysis_composes_every_preset(experiment):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="analysis", overrides=[f"+experiment={experiment}"])
     assert cfg.experiment.name == experiment and cfg.experiment.pairs
+
+
+def test_the_prepare_job_asks_slurm_for_cpus_and_the_arms_for_gpus(tmp_path):
+    from sweep.launch import slurm_parameters
+
+    plan = _plan(["+experiment=sqrt_rule", "study=seed", "resources.prepare_cpus=32"], ["A"], tmp_path)
+    jobs = {j.kind: j for j in plan.jobs}
+    prepare, arm = (slurm_parameters(plan, jobs[k]) for k in ("prepare", "arm"))
+    assert "gpus_per_node" not in prepare and (prepare["ntasks_per_node"], prepare["cpus_per_task"]) == (
+        1,
+        32,
+    )
+    assert (arm["gpus_per_node"], arm["ntasks_per_node"], arm["cpus_per_task"]) == (8, 8, 8)

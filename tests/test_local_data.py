@@ -1,0 +1,114 @@
+"""FineWeb-Edu from local shards and a Qwen2-format tokenizer from a local directory, through the
+real `datasets` and `transformers` loaders (nothing from the hub): what users' clusters have on
+shared storage. The tokenizing processes must not change a single token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, sweep_status
+from train.config import DataConfig, SplitConfig, TokenizerConfig
+from train.data import SPLITS, data_problems, prepare
+
+
+def _cfg(fineweb, cache: Path, **changes) -> DataConfig:
+    cfg = DataConfig(
+        source="parquet",
+        path=fineweb.parquet,
+        tokenizer=TokenizerConfig(kind="hf", name=fineweb.tokenizer),
+        splits=SplitConfig(warmup=0.2, validation=0.05, experiment=0.75),
+        cache_dir=str(cache),
+        num_proc=1,
+    )
+    return replace(cfg, **changes)
+
+
+def _bins(data_dir: Path) -> dict[str, bytes]:
+    return {s: (data_dir / f"{s}.bin").read_bytes() for s in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def one_process(fineweb, tmp_path_factory) -> Path:
+    return prepare(_cfg(fineweb, tmp_path_factory.mktemp("cache")), progress=False)
+
+
+def test_the_split_files_do_not_depend_on_the_number_of_tokenizing_processes(fineweb, one_process, tmp_path):
+    four = prepare(_cfg(fineweb, tmp_path, num_proc=4), progress=False)
+    assert four.name == one_process.name  # num_proc is not part of the data signature
+    assert _bins(four) == _bins(one_process)
+    meta1, meta4 = (json.loads((d / "meta.json").read_text()) for d in (one_process, four))
+    for key in ("tokens", "documents", "source_sha256", "vocab_size", "eos_id"):
+        assert meta1[key] == meta4[key]
+
+
+def test_jsonl_shards_give_the_tokens_of_the_same_rows_as_parquet(fineweb, one_process, tmp_path):
+    jsonl = prepare(_cfg(fineweb, tmp_path, source="jsonl", path=fineweb.jsonl, num_proc=2), progress=False)
+    assert _bins(jsonl) == _bins(one_process)
+
+
+def test_every_document_is_in_one_split_whole_tokenized_by_the_local_tokenizer(fineweb, one_process):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fineweb.tokenizer)
+    meta = json.loads((one_process / "meta.json").read_text())
+    assert (meta["vocab_size"], meta["eos_id"]) == (len(tok), tok.eos_token_id)
+    decoded = []
+    for split in SPLITS:
+        ids = np.fromfile(one_process / f"{split}.bin", dtype=meta["dtype"])
+        ends = np.flatnonzero(ids == tok.eos_token_id)
+        assert ends[-1] == len(ids) - 1 and len(ends) == meta["documents"][split]
+        docs = np.split(ids, ends + 1)[:-1]
+        decoded += [tok.decode(d[:-1].tolist()) for d in docs]
+    assert sorted(decoded) == sorted(fineweb.texts)  # each row once, whole, in exactly one split
+    shares = {s: meta["tokens"][s] / sum(meta["tokens"].values()) for s in SPLITS}
+    assert shares == pytest.approx({"warmup": 0.2, "validation": 0.05, "experiment": 0.75}, abs=0.01)
+
+
+def test_a_max_tokens_the_shards_cannot_supply_fails_and_leaves_nothing(fineweb, one_process, tmp_path):
+    held = sum(json.loads((one_process / "meta.json").read_text())["tokens"].values())
+    cfg = _cfg(fineweb, tmp_path / "cache", splits=SplitConfig(0.2, 0.05, 0.75, max_tokens=held + 1))
+    assert data_problems(cfg) == []  # beyond what the footers can rule out: found when tokenizing
+    with pytest.raises(ValueError, match=f"max_tokens={held + 1} but the source ran out at {held} tokens"):
+        prepare(cfg, progress=False)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    capped = prepare(replace(cfg, splits=replace(cfg.splits, max_tokens=held // 2)), progress=False)
+    tokens = json.loads((capped / "meta.json").read_text())["tokens"]
+    assert held // 2 <= sum(tokens.values()) < held // 2 + 5000  # stops at the first document past the cap
+
+
+@pytest.mark.e2e
+def test_prepare_warmup_and_an_arm_from_local_fineweb_shards(fineweb, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "sweep",
+        "+experiment=sqrt_rule",
+        "-m",
+        "arm=A",
+        f"sweep.root={tmp_path}",
+        "data=fineweb_edu",
+        "data.source=parquet",
+        f"data.path={fineweb.parquet}",
+        f"data.tokenizer.name={fineweb.tokenizer}",
+        "data.splits.max_tokens=600000",
+        "experiment.token_budget=16384",
+        "experiment.warmup.token_budget=8192",
+        "experiment.warmup.lr_warmup_tokens=0",
+        "experiment.skip_tokens=0",
+        "hydra.launcher.analyze=false",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    code, states = sweep_status(tmp_path / "sqrt_rule")
+    assert code == 0 and states == {"prepare": "completed", "warmup": "completed", "A": "completed"}
+    (data_dir,) = (tmp_path / "data").glob("parquet-*[!k]")
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert meta["tokenizer"] == {"kind": "hf", "name": fineweb.tokenizer} and meta["vocab_size"] == 1024
+    assert (data_dir / "tokenizer" / "tokenizer.json").is_file()  # the tokenizer travels with the tokens
