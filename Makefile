@@ -8,11 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 # Tests run in two pytest-xdist workers: the SLURM tests mostly wait on the scheduler, and the
 # other worker uses that time. Each group of tests sharing a cluster or a sweep stays on one worker.
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 BIN := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint hooks clean
+.PHONY: install demo test test-fast lint hooks clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ test: lint
 
 test-fast: lint
 	$(PYTEST) -m "not e2e and not slurm and not scale"
+
+# The GPU proof (benchmarks/gpu_check.py): correctness of the trainer on CUDA against the CPU, and
+# the 0.5B model's throughput. It runs on the machine's own PyTorch (GPU_PYTHON, default this venv's
+# python where there is one, else python3) without installing anything; without CUDA it runs what
+# the CPU can and says what it skipped. Results: benchmarks/results/gpu_check_<device>.{json,md}.
+GPU_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 # git hooks running ruff and mypy before each commit (.pre-commit-config.yaml)
 hooks: install

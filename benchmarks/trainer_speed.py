@@ -115,7 +115,7 @@ def stepping_trainer(cfg: RunConfig, steps: int) -> Iterator[Trainer]:
         progress=False,
     )
     with StopFlag() as stop:
-        yield Trainer(cfg, _init_distributed(), stop)
+        yield Trainer(cfg, _init_distributed(cfg.trainer.device), stop)
 
 
 def step_times(

@@ -81,6 +81,8 @@ EXCLUDED: dict[str, str] = {
     "trainer.log_every_steps": "a logging interval",
     "trainer.attn_implementation": "a kernel choice: the same attention, other float rounding",
     "trainer.compile": "a kernel choice: the same model, other float rounding",
+    "trainer.device": "where it runs: the same run, other float rounding",
+    "trainer.fused_adamw": "a kernel choice: the same update, other float rounding",
     "trainer.loss_chunk_tokens": "a memory choice: the same loss, other float rounding",
     "trainer.noise_scale_decay": "smooths a logged measurement (B_simple), not the update",
     "trainer.noise_probe_every": "how often B_simple is measured; the update is unchanged",

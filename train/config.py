@@ -167,6 +167,8 @@ class TrainerConfig:
     carry_optimizer: bool = False  # arms take the branch point's Adam moments too (default: cold optimizer)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     compile: bool = False  # torch.compile the model + loss
+    device: str = "auto"  # auto: a GPU per local rank where there are GPUs, else the CPU; cpu: the CPU
+    fused_adamw: bool = True  # AdamW's fused CUDA kernel; false: its foreach implementation
     loss_chunk_tokens: int = 0  # >0: LM head + loss over this many tokens at a time (152k vocabularies)
     noise_scale_decay: float = 0.95  # EMA decay of the B_simple estimates
     # steps with one batch size (one process, no accumulation) measure B_simple with a probe, one
@@ -344,6 +346,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.keep_checkpoints", _positive, "at least 1"),
     ("trainer.log_every_steps", _positive, "at least 1 (every step: the paired analysis needs 1)"),
     ("trainer.attn_implementation", _one_of(ATTENTION), f"one of {', '.join(ATTENTION)}"),
+    ("trainer.device", _one_of(("auto", "cpu")), "auto or cpu"),
     ("trainer.loss_chunk_tokens", _at_least(0), "0 (no chunking) or more tokens"),
     ("trainer.noise_scale_decay", lambda v: 0 <= v < 1, "an EMA decay in [0, 1)"),
     ("trainer.noise_probe_every", lambda v: v >= 0, ">= 0 steps (0: no probe)"),

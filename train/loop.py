@@ -100,15 +100,20 @@ class Placement:
         return self.world > 1
 
 
-def _init_distributed() -> Placement:
+def _init_distributed(device_kind: str = "auto") -> Placement:
+    """This process's rank and device: a GPU per local rank where there are GPUs (`auto`), else
+    the CPU. Ranks that must share a GPU (more local ranks than GPUs: a check on a one-GPU machine)
+    talk through gloo, since NCCL refuses two ranks on one GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    gpus = torch.cuda.device_count() if device_kind == "auto" and torch.cuda.is_available() else 0
+    device = torch.device(f"cuda:{local_rank % gpus}") if gpus else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        dist.init_process_group(backend="nccl" if gpus and local_world <= gpus else "gloo")
     return Placement(rank, world, device)
 
 
@@ -343,7 +348,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     Whatever stops it, `status.json` says so: an error before training starts (bad data dir, a
     budget the split cannot hold) is recorded as failed just like one in the loop.
     """
-    where = _init_distributed()
+    where = _init_distributed(cfg.trainer.device)
     claim = _claim(cfg, where)  # a second start of this run stops here, touching nothing of it
     try:
         with StopFlag() as stop:
@@ -432,7 +437,8 @@ class Trainer:
         if cfg.optimizer.name != "adamw":
             optimizer = VariantAdam(model.parameters(), cfg.optimizer.name)
         else:
-            optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+            fused = cfg.trainer.fused_adamw and device.type == "cuda"  # else torch's foreach implementation
+            optimizer = torch.optim.AdamW(model.parameters(), fused=fused)
         return TrainState(
             model=model,
             optimizer=optimizer,
