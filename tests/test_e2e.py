@@ -17,7 +17,7 @@ import pytest
 from sweep.manifest import read_manifest
 from tests.conftest import REPO, sweep_status
 
-# One xdist group: the module's sweep fixture is built once, on one worker.
+# One xdist group: the tests sharing the sweep fixture run on one worker.
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 TINY = [
@@ -47,7 +47,9 @@ def _sweep(root: Path, *extra: str, experiment: str = "sqrt_rule") -> subprocess
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: under xdist a worker may run other modules' tests between this module's,
+# which would tear a module fixture down and build it again.
+@pytest.fixture(scope="session")
 def sweep_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweeps")
     out = _sweep(root)

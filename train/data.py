@@ -23,7 +23,7 @@ import shutil
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +289,8 @@ def _hf_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
     return Tokenizer(out / "tokenizer" / "tokenizer.json", tok.eos_token_id, len(tok))
 
 
-# The tokenizer of a tokenizing process (`_start_worker`); one document at a time, so that the
-# tokenizer's own thread pool stays idle and each process uses one core.
+# The tokenizer of this process (`_start_worker`). `encode_batch_fast` (tokenizers >= 0.21) skips
+# the character offsets nobody reads here: about a third faster, the same ids.
 _worker_tokenizer: Any = None
 
 
@@ -301,10 +301,18 @@ def _start_worker(file: str) -> None:
     _worker_tokenizer = HFTokenizer.from_file(file)
 
 
+def _start_pool_worker(file: str) -> None:
+    # One core per process: the pool is the parallelism, not the tokenizer's own thread pool.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _start_worker(file)
+
+
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `texts`, concatenated, and each text's count (one array each: cheap to pickle)."""
-    ids = [_worker_tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
-    flat = np.fromiter((i for doc in ids for i in doc), dtype=np.uint32, count=sum(map(len, ids)))
+    tok = _worker_tokenizer
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=sum(map(len, ids)))
     return flat, np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
 
 
@@ -317,13 +325,13 @@ def _encoded(
         str(tokenizer.file)
     )  # here too: a file that does not load fails here, not in a pool that respawns
     if procs <= 1:
-        for name, text in docs:
+        for name, text in docs:  # one at a time: a batch of one keeps the tokenizer on this core
             yield name, text, _encode([text])[0]
         return
     import multiprocessing
 
     # spawn, not fork: the parent may hold threads (progress bar, datasets' readers).
-    with multiprocessing.get_context("spawn").Pool(procs, _start_worker, (str(tokenizer.file),)) as pool:
+    with multiprocessing.get_context("spawn").Pool(procs, _start_pool_worker, (str(tokenizer.file),)) as pool:
         pending: deque[tuple[list[tuple[str, str]], Any]] = deque()
         while True:
             while len(pending) < 4 * procs and (chunk := list(islice(docs, batch))):
