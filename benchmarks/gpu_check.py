@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))  # the trainer and tests/fineweb_files.py, without
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from trainer_speed import step_times, stepping_trainer  # noqa: E402  # benchmarks/: the script's directory
 
 from train.config import (  # noqa: E402
     DataConfig,
@@ -60,7 +61,7 @@ from train.config import (  # noqa: E402
     WandbConfig,
 )
 from train.data import prepare  # noqa: E402
-from train.loop import StopFlag, Trainer, _init_distributed, train  # noqa: E402
+from train.loop import train  # noqa: E402
 from train.throughput import peak_flops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -270,37 +271,6 @@ def correctness(data_dir: str, work: Path, steps: int) -> list[Outcome]:
 # ----------------------------------------------------------------------------- throughput
 
 
-@contextlib.contextmanager
-def stepping(cfg: RunConfig, steps: int) -> Iterator[Trainer]:
-    cfg = replace(
-        cfg,
-        run_dir=tempfile.mkdtemp(prefix="speed-"),
-        token_budget=(steps + 2) * cfg.batch_size * cfg.trainer.seq_len,
-    )
-    try:
-        with StopFlag() as stop:
-            yield Trainer(cfg, _init_distributed(cfg.trainer.device), stop)
-    finally:
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-
-
-def step_seconds(trainer: Trainer, steps: int, settle: int) -> float:
-    """Median seconds of `trainer.one_step` after `settle` steps (compilation, allocator warm-up)."""
-    import statistics
-
-    times = []
-    for step in range(settle + steps):
-        if CUDA:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        trainer.one_step(step)
-        if CUDA:
-            torch.cuda.synchronize()
-        if step >= settle:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def speed_run(
     data_dir: str, name: str, seq_len: int, micro: int, precision: str, **trainer: Any
 ) -> RunConfig:
@@ -329,8 +299,8 @@ def measure(cfg: RunConfig, steps: int, settle: int) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        with stepping(cfg, steps + settle) as trainer:
-            seconds = step_seconds(trainer, steps, settle)
+        with stepping_trainer(cfg, steps + settle) as trainer:
+            seconds = step_times(trainer, {"step": lambda: None}, steps + settle, settle)["step"]
     except torch.OutOfMemoryError:
         return {"fits": False}
     tokens = cfg.batch_size * cfg.trainer.seq_len / seconds
@@ -443,7 +413,7 @@ def profile(base: RunConfig, settle: int) -> Outcome:
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
-    with stepping(base, settle + 3) as trainer:
+    with stepping_trainer(base, settle + 3) as trainer:
         for step in range(settle):
             trainer.one_step(step)
         net = trainer.network.net

@@ -143,8 +143,11 @@ def stepping_trainer(cfg: RunConfig, steps: int) -> Iterator[Trainer]:
         token_budget=(steps + 2) * cfg.batch_size * cfg.trainer.seq_len,
         progress=False,
     )
-    with StopFlag() as stop:
-        yield Trainer(cfg, _init_distributed(cfg.trainer.device), stop)
+    try:
+        with StopFlag() as stop:
+            yield Trainer(cfg, _init_distributed(cfg.trainer.device), stop)
+    finally:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
 
 
 def step_times(
