@@ -6,10 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # Tests run in two pytest-xdist workers: the SLURM tests mostly wait on the scheduler, and the
-# other worker uses that time. Each group of tests sharing a cluster or a sweep stays on one worker.
+# other worker uses that time. Each test module runs whole on one worker (loadscope): the SLURM
+# tests share one cluster, and a module's sweep fixture is built once.
 PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
-PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint hooks clean gpu-check

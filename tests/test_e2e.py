@@ -17,8 +17,7 @@ import pytest
 from sweep.manifest import read_manifest
 from tests.conftest import REPO, sweep_status
 
-# One xdist group: the tests sharing the sweep fixture run on one worker.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+pytestmark = pytest.mark.e2e
 
 TINY = [
     "experiment.token_budget=16384",
@@ -47,9 +46,7 @@ def _sweep(root: Path, *extra: str, experiment: str = "sqrt_rule") -> subprocess
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
-# Session-scoped: under xdist a worker may run other modules' tests between this module's,
-# which would tear a module fixture down and build it again.
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweeps")
     out = _sweep(root)

@@ -20,8 +20,7 @@ from sweep.manifest import read_manifest
 from tests.conftest import REPO, sweep_status, tiny_run
 from train.status import claimed_by
 
-# One xdist group: the tests sharing the tokenized cache run on one worker.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("faults")]
+pytestmark = pytest.mark.e2e
 
 # Small, but long enough to act on an arm while it runs: H takes 512 one-sequence steps.
 BUDGET = [
@@ -36,9 +35,7 @@ BUDGET = [
 ]
 
 
-# Session-scoped: under xdist a worker may run other modules' tests between this module's,
-# which would tear a module fixture down and build it again.
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def data_cache(tmp_path_factory) -> str:
     """The embedded corpus tokenized once for this module's sweeps (and its warmup run)."""
     root = tmp_path_factory.mktemp("cache-sweep")

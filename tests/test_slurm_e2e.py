@@ -18,8 +18,9 @@ from tests.conftest import REPO, compose, sweep_status
 from tests.test_e2e import TINY
 from train.data import prepare
 
-# One xdist group: the tests share one cluster, and one of them restarts it with accounting.
-pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.xdist_group("slurm")]
+# Under xdist (make test) this module runs on one worker (--dist loadscope): its tests share one
+# cluster, and one of them restarts it with accounting.
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 ALL = ["prepare", "warmup", "A", "H", "B", "J"]
 PAIRS_ONLY = "arm=A,H,B,J"  # the two declared pairs of sqrt_rule: the full matrix would crowd 2 cores
@@ -163,7 +164,7 @@ def test_scancel_then_rerun_resumes_only_that_arm_exactly(slurm_cluster, tmp_pat
 def test_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
     # 2-minute limit, USR2 90 s before it (SLURM sends it up to ~30 s early): the arm (~40 s of
     # training) is stopped, checkpoints, requeues itself, and finishes in a later run.
-    extra = ["resources.timeout_min=2", "resources.signal_lead_s=90", "resources.max_requeues=6"]
+    extra = ["resources.timeout_min=2", "resources.signal_lead_s=90", "resources.max_requeues=20"]
     # Tokenize first: under this limit the signal can reach the prepare job while Python is still
     # importing, before any handler exists, and kill it (prepare has nothing to checkpoint anyway).
     data = compose(["+experiment=sqrt_rule", f"sweep.root={tmp_path}"]).data
