@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,7 @@ def two_rank_losses(cfg: RunConfig) -> list[float]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = Path(cfg.run_dir) / "run.json"
-    spec.write_text(json.dumps({"run": _as_dict(cfg)}))
+    spec.write_text(json.dumps({"run": asdict(cfg)}))
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
     env["MASTER_PORT"] = str(port)
     procs = [
@@ -153,12 +153,6 @@ def two_rank_losses(cfg: RunConfig) -> list[float]:
         raise RuntimeError("a rank of the two-process run failed (its output is above)")
     rows = [json.loads(line) for line in Path(cfg.run_dir, "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
-
-
-def _as_dict(cfg: RunConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(cfg)
 
 
 def rank_entry(spec: str) -> None:

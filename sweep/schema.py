@@ -89,9 +89,8 @@ class ResourcesConfig:
     gpus_per_node: int = 0
     tasks_per_node: int = 1
     cpus_per_task: int = 2
-    prepare_cpus: int = (
-        0  # CPUs of the prepare job (one task, no GPU; it tokenizes on all of them); 0: cpus_per_task
-    )
+    # CPUs of the prepare job (one task, no GPU; it tokenizes on all of them); 0: cpus_per_task
+    prepare_cpus: int = 0
     mem_gb: int = 0
     timeout_min: int = 240
     signal_lead_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint, then requeue

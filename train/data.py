@@ -58,9 +58,9 @@ TOKENIZERS = ("bpe", "hf")
 BYTE_LEVEL_VOCAB = 257  # the 256 bytes a byte-level BPE starts from, and EOS
 
 
-def shard_files(cfg: DataConfig) -> list[str]:
+def shard_files(path: str) -> list[str]:
     """The local shards of a parquet / jsonl source: the files `data.path` (a glob) matches, sorted."""
-    return sorted(f for f in glob.glob(os.path.expanduser(cfg.path), recursive=True) if os.path.isfile(f))
+    return sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
 
 
 def _shard_columns_and_bound(cfg: DataConfig, files: list[str]) -> tuple[list[str], int]:
@@ -141,7 +141,7 @@ def _local_vocab(tokenizer_json: str) -> int:
 @functools.lru_cache(maxsize=8)  # a sweep checks every arm's data config: the shards' footers once
 def _shard_problems(source: str, path: str, text_field: str, max_tokens: int) -> list[str]:
     cfg = DataConfig(source=source, path=path, text_field=text_field)
-    files = shard_files(cfg) if path else []
+    files = shard_files(path) if path else []
     if not files:
         return [
             f"data.path={cfg.path!r}: no file matches (data.source={cfg.source} reads local shards: "
@@ -212,7 +212,7 @@ def _streamed_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     if cfg.source == "hf":
         stream = datasets.load_dataset(cfg.name, cfg.subset or None, split=cfg.hf_split, streaming=True)
     else:
-        files = shard_files(cfg)
+        files = shard_files(cfg.path)
         if not files:
             raise FileNotFoundError(f"data.path={cfg.path!r}: no file matches")
         stream = datasets.load_dataset(

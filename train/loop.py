@@ -112,7 +112,9 @@ def _init_distributed(device_kind: str = "auto") -> Placement:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # Only a launcher that says how many ranks share this node can mean more than it has GPUs
+        # (torchrun, gpu_check); without LOCAL_WORLD_SIZE (submitit) every rank has its own GPU.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         dist.init_process_group(backend="nccl" if gpus and local_world <= gpus else "gloo")
     return Placement(rank, world, device)
 
