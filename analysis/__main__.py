@@ -29,9 +29,14 @@ def main(cfg: DictConfig) -> None:
     if cfg.sweep.dir is None and not name:
         _fail("which sweep? give +experiment=NAME, sweep.dir=PATH, or (source=wandb) wandb.group=G")
     sweep_dir = Path(cfg.sweep.dir or Path(cfg.sweep.root) / str(name))
-    pairs: list[list[str]] = [list(p) for p in cfg.experiment.pairs or []]
+    exp = cfg.experiment
+    # From run dirs the sweep's manifest says what its experiment declares; from W&B the config does.
+    declared = cfg.source == "wandb"
+    pairs: list[list[str]] = [list(p) for p in exp.pairs or []] if declared else []
     pairs += [list(p) for p in a.pairs if list(p) not in pairs]
-    bad = [p for p in pairs if len(p) != 2]
+    controls = [list(p) for p in exp.controls or []] if declared else []
+    yardstick = [list(p) for p in a.yardstick or (exp.yardstick if declared else []) or []]
+    bad = [p for p in [*pairs, *controls, *yardstick] if len(p) != 2]
     if bad:
         _fail(f"a pair names two arms, got {bad}")
     # skip_tokens null: the experiment's declared transient (recorded in the sweep's manifest), else 0.
@@ -46,6 +51,8 @@ def main(cfg: DictConfig) -> None:
         pairs,
         spec,
         margin,
+        controls=controls,
+        yardstick=yardstick,
         ladder=list(ladder.get("ladder", [])),
         epsilon=float(ladder.get("epsilon", 0.01)),
         targets=[float(t) for t in ladder.get("targets", [])],
@@ -64,7 +71,7 @@ def main(cfg: DictConfig) -> None:
                 w.entity, w.project, group, filters, w.base_url, w.workers, w.backoff_s, w.attempts
             )  # type: ignore[arg-type]
             found = collect_wandb(sel, sweep_dir / "wandb_cache" / w.entity / w.project)
-            check_pairs(cmp.pairs, found, set())
+            check_pairs([*cmp.compared, *cmp.yardstick], found, set())
             cmp.title = str(group)
             tables = report(found, cmp, out or sweep_dir / "results")
         else:
@@ -74,8 +81,10 @@ def main(cfg: DictConfig) -> None:
     if w.publish:
         from analysis.publish import publish
 
-        where = publish(tables, Path(tables["out"]), w.project, w.entity, str(w.group or cmp.title), w.mode)
-        print(f"published the analysis to W&B: {where}")
+        # The sweep's runs log into the group named after the experiment (the manifest's title).
+        group = str(w.group or tables["title"])
+        where = publish(tables, Path(tables["out"]), w.project, w.entity, group, w.mode)
+        print(f"published the analysis to W&B group {group}: {where}")
 
 
 def run() -> None:

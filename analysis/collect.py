@@ -61,6 +61,7 @@ class ArmRows:
     variant: str = ""  # other overrides the sweep varies for this job, e.g. "experiment.ratio=16"
     replicate: str = ""  # e.g. "data_seed=1" where the sweep has several data orders
     val_sequences: dict[int, np.ndarray] = field(default_factory=dict)  # tokens -> per-sequence val loss
+    branch: str = ""  # the weights it started from (arm table `branch`: `warmup:<signature>`); "" unknown
 
     @classmethod
     def from_job(
@@ -83,6 +84,7 @@ class ArmRows:
             str(row.get("variant") or ""),
             str(row.get("replicate") or ""),
             sequences or {},
+            str(row.get("branch") or ""),
         )
 
 

@@ -7,10 +7,13 @@ context; it reads at 100 columns.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +26,17 @@ from analysis.tables import (
     REGIME_EDGES,
     BinSpec,
     Margin,
+    Spread,
     arm_context,
     arms_of,
     curve_bins,
     pair_rows,
     ranking,
     verdict_line,
+    yardstick_spreads,
 )
 from sweep.manifest import read_manifest
+from train.status import write_json_atomic
 
 SUMMARY_COLUMNS = ["pair", "metric", "verdict", "mean_gap", "ci_low", "ci_high", "reach", "delta"]
 DETAIL_COLUMNS = ["pair", "metric", "batch_a", "batch_b", "replicates", "windows", "segments", "from_tokens"]
@@ -73,7 +79,7 @@ B_noise; otherwise beyond it. arms.csv also has b_simple, the median of the trai
 class Comparison:
     """What to compare and how: pairs, binning, margin, and a title for tables and plots."""
 
-    pairs: list[list[str]]
+    pairs: list[list[str]]  # the questions: declared pairs, then extra ones
     spec: BinSpec = field(default_factory=BinSpec)
     margin: Margin = field(default_factory=Margin)
     title: str = "comparison"
@@ -82,6 +88,15 @@ class Comparison:
     # the McCandlish fit's target losses (empty: automatic)
     targets: list[float] = field(default_factory=list)
     experiment_skip: bool = False  # skip the tokens the experiment declares (its branch transient)
+    # pairs that must NOT match (the instrument discriminates): compared, marked, never in δ
+    controls: list[list[str]] = field(default_factory=list)
+    # the operating-point pairs whose spread sets δ (analysis/tables.py); empty: the experiment's
+    yardstick: list[list[str]] = field(default_factory=list)
+
+    @property
+    def compared(self) -> list[list[str]]:
+        """Every pair that gets a verdict: the questions, then the controls."""
+        return [*self.pairs, *(p for p in self.controls if p not in self.pairs)]
 
 
 def fmt(v: Any) -> str:
@@ -143,12 +158,17 @@ def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = N
     """Every table of a comparison (nothing written): `pairs`, `gaps`, `bins`, `arms`, `runs` (the
     merged long table of `found`, made here unless given)."""
     runs = long_table(found) if runs is None else runs
-    arms = arms_of(runs, cmp.spec, {a.arm: a.val_sequences for a in found})
-    pairs, gaps = pair_rows(arms, cmp.pairs, cmp.spec, cmp.margin)
+    arms = arms_of(runs, cmp.spec, {a.arm: a for a in found})
+    spreads = yardstick_spreads(arms, cmp.yardstick, cmp.spec)
+    pairs, gaps, skipped = pair_rows(arms, cmp.compared, cmp.spec, cmp.margin, spreads, cmp.controls)
     if pairs.empty:
-        pairs = pd.DataFrame(columns=list(dict.fromkeys([*SUMMARY_COLUMNS, *DETAIL_COLUMNS, "alpha"])))
+        pairs = pd.DataFrame(
+            columns=list(dict.fromkeys([*SUMMARY_COLUMNS, *DETAIL_COLUMNS, "alpha", "role"]))
+        )
     return {
         "pairs": pairs,
+        "not_compared": skipped,
+        "yardstick": yardstick_table(spreads, cmp),
         "gaps": gaps,
         "bins": curve_bins(arms, cmp.spec),
         "arms": arm_context(arms),
@@ -168,11 +188,11 @@ def report(
     """Compute every table, write every file, print `pairs.md`; returns the tables by name (and `out`).
 
     `labels`: per arm run, its legend text in the curves plot (arm, batch, rule)."""
-    if not cmp.pairs:
+    if not cmp.compared:
         raise ValueError("no pairs to compare: the experiment declares none; give analysis.pairs='[[A,B]]'")
     if not found:
         raise LookupError("no arm has logged any rows yet: nothing to compare")
-    out.mkdir(parents=True, exist_ok=True)
+    keep_other_analysis(out, cmp)
     runs = long_table(found)
     # The merged table is the largest file: write it while the tables are computed (the parquet
     # writer releases the GIL).
@@ -186,7 +206,8 @@ def report(
     context.to_csv(out / "arms.csv", index=False)
     tables["ranking"].to_csv(out / "ranking.csv", index=False)
     (out / "pairs.tex").write_text(to_latex(pairs, cmp.title))
-    text = markdown(pairs, context, cmp, missing or [], tables["ranking"])
+    tables["yardstick"].to_csv(out / "yardstick.csv", index=False)
+    text = markdown(tables, cmp, missing or [])
     if cmp.ladder:
         tables |= critical_batch(tables, cmp, out, plots)
         text += cbs_markdown(tables["cbs"], tables["cbs_fit"])
@@ -195,15 +216,45 @@ def report(
         draw(out, cmp, tables, labels or {})
     writer.result()  # re-raises a failed write
     background.shutdown()
+    write_json_atomic(out / OPTIONS_FILE, {"options": options_of(cmp), "written": time.time()})
     print(text)
     written = ["pairs.md", "pairs.csv", "pairs.tex", "gaps.csv", "bins.csv", "arms.csv", "ranking.csv"]
+    written += ["yardstick.csv"]
     written += ["runs.parquet"]
     for name in written + (["cbs.csv", "cbs_fit.csv"] if cmp.ladder else []):
         print(f"wrote {out / name}")
     for name in plot.FIGURES:
         if (out / name).exists():
             print(f"wrote {out / name}")
-    return {**tables, "out": out}
+    return {**tables, "out": out, "title": cmp.title}
+
+
+OPTIONS_FILE = "analysis.json"  # the options an analysis in `out` was made with
+
+
+def options_of(cmp: Comparison) -> dict[str, Any]:
+    """What decides a comparison's numbers (everything in `cmp` but its title), as plain JSON."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cmp).items() if k != "title"}))
+
+
+def keep_other_analysis(out: Path, cmp: Comparison) -> None:
+    """Make `out` ready for this analysis. One made with the same options is replaced (its tables
+    are recomputed from the run files, on the arms' rows so far); one made with other options (or
+    by an older version) is moved aside to `<out>-<when it was written>` and stays, said aloud."""
+    if (out / "pairs.md").exists():
+        try:
+            before = json.loads((out / OPTIONS_FILE).read_text())
+        except (OSError, ValueError):
+            before = {}
+        if before.get("options") != options_of(cmp):
+            written = before.get("written") or (out / "pairs.md").stat().st_mtime
+            aside = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(written))}")
+            aside = aside if not aside.exists() else aside.with_name(f"{aside.name}-{os.getpid()}")
+            out.rename(aside)
+            print(f"the analysis in {out} was made with other options: kept as {aside}")
+        else:
+            print(f"replacing the analysis in {out} (same options, the arms' rows so far)")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def critical_batch(tables: dict[str, Any], cmp: Comparison, out: Path, plots: bool) -> dict[str, Any]:
@@ -245,12 +296,67 @@ def cbs_markdown(branch: pd.DataFrame, fit: pd.DataFrame) -> str:
     )
 
 
+def yardstick_table(spreads: dict[str, Spread], cmp: Comparison) -> pd.DataFrame:
+    """One row per sweep variant and yardstick pair: its |mean gap|, and the δ it gives."""
+    rows = [
+        {
+            "variant": variant,
+            "pair": pair,
+            "abs_gap": gap,
+            "spread": spread.value,
+            "delta": cmp.margin.nats or cmp.margin.fraction * spread.value,
+        }
+        for variant, spread in spreads.items()
+        for pair, gap in [*spread.gaps.items(), *((m, math.nan) for m in spread.missing)]
+    ]
+    return pd.DataFrame(rows, columns=["variant", "pair", "abs_gap", "spread", "delta"])
+
+
+def margin_text(cmp: Comparison, table: pd.DataFrame) -> list[str]:
+    """Where δ comes from, in words: the declared yardstick's gaps, or a margin given in nats."""
+    m = cmp.margin
+    if cmp.ladder and m.nats == cmp.epsilon:
+        return [f"δ = experiment.cbs.epsilon = {fmt(m.nats)} nats: the ladder's loss tolerance."]
+    measured = table[table["abs_gap"].notna()] if len(table) else table
+    if not cmp.yardstick:
+        if m.nats:
+            return [f"δ = analysis.margin = {fmt(m.nats)} nats (this experiment declares no yardstick)."]
+        return [
+            "No margin: this experiment declares no yardstick (experiment.yardstick: pairs of arms at one "
+            "batch size with different operating points). Give analysis.margin=NATS, or "
+            "analysis.yardstick='[[X,Y]]'."
+        ]
+    lines = []
+    for variant, part in table.groupby("variant", sort=False) if len(table) else []:
+        got = measured[measured["variant"] == variant]
+        gaps = ", ".join(f"|{p}| {fmt(g)}" for p, g in zip(got["pair"], got["abs_gap"], strict=True))
+        where = f" [{variant}]" if variant else ""
+        if m.nats:
+            lines.append(
+                f"δ{where} = analysis.margin = {fmt(m.nats)} nats; the yardstick: {gaps or 'none measured'}."
+            )
+        elif len(got):
+            lines.append(
+                f"δ{where} = {m.fraction:g} × mean({gaps}) = {fmt(float(part['delta'].iloc[0]))} nats: "
+                "the spread between the declared operating-point pairs (experiment.yardstick)."
+            )
+        lost = part[part["abs_gap"].isna()]["pair"].tolist()
+        if lost:
+            lines.append(f"Yardstick pair(s) not measured{where}: {'; '.join(lost)}.")
+        if not len(got) and not m.nats:
+            lines.append(f"No margin{where}: no yardstick pair could be measured; give analysis.margin=NATS.")
+    return lines
+
+
 def verdict_table(pairs: pd.DataFrame) -> str:
     """The short table of verdicts: pair, metric, verdict, mean gap with its interval, reach, delta."""
     level = f"{1 - 2 * float(pairs['alpha'].iloc[0]):.0%}" if len(pairs) and "alpha" in pairs else "90%"
+    roles = pairs["role"] if "role" in pairs else pd.Series("pair", index=pairs.index)
     rows = pd.DataFrame(
         {
-            "pair": pairs["pair"],
+            "pair": [
+                f"{p} (control)" if r == "control" else p for p, r in zip(pairs["pair"], roles, strict=True)
+            ],
             "metric": pairs["metric"],
             "verdict": pairs["verdict"],
             f"mean gap [{level} CI]": [
@@ -286,10 +392,9 @@ def ranking_table(table: pd.DataFrame) -> str:
     return to_markdown(rows, list(rows.columns))
 
 
-def markdown(
-    pairs: pd.DataFrame, context: pd.DataFrame, cmp: Comparison, missing: list[str], ranked: pd.DataFrame
-) -> str:
+def markdown(tables: dict[str, Any], cmp: Comparison, missing: list[str]) -> str:
     """pairs.md: the verdicts first, at 100 columns, then the detail."""
+    pairs, context, ranked = tables["pairs"], tables["arms"], tables["ranking"]
     spec = cmp.spec
     window = f"tokens > {spec.skip_tokens:,}" + (
         f" and <= {spec.until_tokens:,}" if spec.until_tokens else ""
@@ -301,6 +406,8 @@ def markdown(
         "",
     ]
     text += ["## verdicts", "", verdict_table(pairs), ""]
+    for line in [*margin_text(cmp, tables["yardstick"]), *tables["not_compared"]]:
+        text += [*textwrap.wrap(line, 100), ""]
     if pairs.empty:
         reached = int(context["tokens"].max()) if len(context) else 0
         text += textwrap.wrap(
@@ -384,39 +491,47 @@ def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | No
     sweep_dir = Path(sweep_dir)
     manifest, found, missing, labels = sweep_arms(sweep_dir)
     cmp = cmp or Comparison(pairs=[], experiment_skip=True)
-    declared = [list(p) for p in manifest.get("pairs", [])]
-    pairs = declared + [list(p) for p in cmp.pairs if list(p) not in declared]
+    full = _declared(manifest, cmp)
     # The arms the experiment defines (the manifest records them; older ones: those of its pairs),
     # and the runs of this sweep by name.
+    declared = [*manifest.get("pairs", []), *manifest.get("controls", []), *manifest.get("yardstick", [])]
     known = set(manifest.get("arms") or [x for p in declared for x in p])
     for name, job in manifest["jobs"].items():
         if job["kind"] == "arm":
             known |= {name, job["derived"].get("base", name)}
-    check_pairs(pairs, found, known)
-    title = cmp.title if cmp.title != "comparison" else str(manifest.get("experiment", sweep_dir.name))
-    ladder = manifest.get("cbs") or {}  # a batch ladder the experiment declared (the cbs preset)
-    full = Comparison(
-        pairs,
-        _spec_for(manifest, cmp),
-        cmp.margin,
-        title,
-        cmp.ladder or list(ladder.get("ladder", [])),
-        cmp.epsilon if cmp.ladder else float(ladder.get("epsilon", cmp.epsilon)),
-        cmp.targets or [float(t) for t in ladder.get("targets", [])],
-    )
-    if full.ladder and not full.margin.nats:  # the ladder's pairs are judged against epsilon
-        full.margin = replace(full.margin, nats=full.epsilon)
+    check_pairs([*full.compared, *full.yardstick], found, known)
+    full.title = cmp.title if cmp.title != "comparison" else str(manifest.get("experiment", sweep_dir.name))
     return report(found, full, out or sweep_dir / "results", missing=missing, labels=labels)
 
 
 def live_verdicts(sweep_dir: str | Path, cmp: Comparison | None = None) -> pd.DataFrame:
     """Each declared pair's verdict from the rows logged so far (for `sweep.status --verdicts`)."""
     manifest, found, _, _ = sweep_arms(Path(sweep_dir))
-    pairs = [list(p) for p in manifest.get("pairs", [])]
-    if not found or not pairs:
+    full = _declared(manifest, cmp or Comparison([], experiment_skip=True))
+    if not found or not full.compared:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    base = cmp or Comparison(pairs, experiment_skip=True)
-    return compare(found, Comparison(pairs, _spec_for(manifest, base), base.margin))["pairs"]
+    return compare(found, full)["pairs"]
+
+
+def _declared(manifest: dict[str, Any], cmp: Comparison) -> Comparison:
+    """`cmp` with what the sweep's experiment declares: its pairs (then `cmp`'s extra ones), its
+    controls, its yardstick (unless `cmp` names one), its batch ladder and its branch transient."""
+    declared = [list(p) for p in manifest.get("pairs", [])]
+    ladder = manifest.get("cbs") or {}  # a batch ladder the experiment declared (the cbs preset)
+    full = Comparison(
+        declared + [list(p) for p in cmp.pairs if list(p) not in declared],
+        _spec_for(manifest, cmp),
+        cmp.margin,
+        cmp.title,
+        cmp.ladder or list(ladder.get("ladder", [])),
+        cmp.epsilon if cmp.ladder else float(ladder.get("epsilon", cmp.epsilon)),
+        cmp.targets or [float(t) for t in ladder.get("targets", [])],
+        controls=[list(p) for p in manifest.get("controls", [])],
+        yardstick=cmp.yardstick or [list(p) for p in manifest.get("yardstick", [])],
+    )
+    if full.ladder and not full.margin.nats:  # the ladder's pairs are judged against epsilon
+        full.margin = replace(full.margin, nats=full.epsilon)
+    return full
 
 
 def _spec_for(manifest: dict[str, Any], cmp: Comparison) -> BinSpec:

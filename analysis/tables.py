@@ -24,9 +24,11 @@ On validation loss, every arm is evaluated on the same fixed sequences: at each 
 after `skip_tokens`, the per-sequence loss differences give the exact paired standard error (t on
 sequences - 1 df), and the same intersection-union verdict runs over the evaluations.
 
-delta is `Margin.nats`, or `Margin.fraction` of the pair's operating-point spread: the |mean gap|
-between arms of other pairs at the same batch size (A vs J, H vs B in the seed study), else the
-gap to the study's arms in no pair at that batch size (seesaw's C).
+delta is `Margin.nats`, or `Margin.fraction` of the yardstick: the mean |mean gap| of the
+operating-point pairs the experiment declares (`experiment.yardstick`: two arms at the same batch
+size with different operating points, A vs J and H vs B in the seed study). It is one number per
+sweep variant, the same for every pair: controls, extra pairs and the arms under test never enter
+it unless declared, so no arm that is far off can make "equivalent" easier.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.collect import ArmRows
 from analysis.paired import (
     Steps,
     Windows,
@@ -113,6 +116,7 @@ class Arm:
     seq_len: int = 0  # tokens per sequence: B_noise in tokens is b_noise * seq_len
     tokens_per_s: float = math.nan
     gpu_hours: float = math.nan
+    branch: str = ""  # the weights it started from (`warmup:<signature>`); "" where not recorded
 
 
 def _median(x: np.ndarray) -> float:
@@ -155,10 +159,9 @@ def regime(batch: float, b_noise: float) -> str:
 REGIME_EDGES = (0.25, 1.0)  # B / B_noise: below 1/4 noise-dominated; at 1 noise equals signal
 
 
-def arms_of(
-    runs: pd.DataFrame, spec: BinSpec, val_sequences: dict[str, dict[int, np.ndarray]]
-) -> dict[str, Arm]:
-    """Split the long table (sorted by arm, kind, tokens) into arms, one pass."""
+def arms_of(runs: pd.DataFrame, spec: BinSpec, found: dict[str, ArmRows]) -> dict[str, Arm]:
+    """Split the long table (sorted by arm, kind, tokens) into arms, one pass; `found` (the runs as
+    their source read them, by name) adds their per-sequence validation losses and branch point."""
     out = {}
     for name, df in runs.groupby("arm", sort=True, observed=True):
         kind = df["kind"].to_numpy()
@@ -179,7 +182,7 @@ def arms_of(
             steps=Steps.of(df["step"].to_numpy(np.int64)[train], tokens[train], loss[train]),
             val_tokens=tokens[val],
             val_loss=loss[val],
-            val_sequences=val_sequences.get(str(name), {}),
+            val_sequences=found[str(name)].val_sequences if str(name) in found else {},
             loss_std=successive_noise(loss[window]),
             b_simple=_median(df["b_simple"].to_numpy(np.float64)[window]),
             b_noise=noise_scale(
@@ -190,6 +193,7 @@ def arms_of(
             ),
             tokens_per_s=_median(df["tokens_per_s"].to_numpy(np.float64)[window]),
             gpu_hours=float(np.nanmax(df["gpu_hours"].to_numpy(np.float64), initial=-np.inf)),
+            branch=found[str(name)].branch if str(name) in found else "",
         )
     return out
 
@@ -348,39 +352,52 @@ def validation_estimates(runs: list[tuple[Arm, Arm]], skip_tokens: int) -> tuple
     return points, out
 
 
-def op_spreads(arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec) -> dict[str, float]:
-    """Per pair: the mean |mean gap| (training loss, matched windows, compared range) between each of
-    its arms and the arms at the same batch size in the other pairs; for an arm with none, the arms
-    in no pair at its batch size (a study's reference arms, e.g. seesaw's constant-lr C)."""
-    in_pairs = {x for p in pairs for x in p}
+@dataclass
+class Spread:
+    """The yardstick of one sweep variant: the |mean gap| of each declared operating-point pair
+    (two arms at the same batch size, different operating points) and their mean."""
+
+    gaps: dict[str, float]  # yardstick pair -> |mean gap| (training loss, matched windows, compared range)
+    missing: list[str]  # yardstick pairs that could not be measured, each with why
+
+    @property
+    def value(self) -> float:
+        return float(np.mean(list(self.gaps.values()))) if self.gaps else math.nan
+
+
+def yardstick_spreads(arms: dict[str, Arm], yardstick: list[list[str]], spec: BinSpec) -> dict[str, Spread]:
+    """Per sweep variant: the spread between operating points that the experiment declares as its
+    yardstick (e.g. A vs J and H vs B in the seed study). Only the declared pairs enter it: a
+    control, an extra pair or an arm under test that is far off can never widen the margin."""
     out = {}
     for variant in sorted({arm.variant for arm in arms.values()}):
-        # A diverged or failed arm's loss is no operating point: it would set the margin by its blow-up.
-        bases = {
-            arm.base: arm.batch
-            for arm in arms.values()
-            if arm.variant == variant and arm.state not in ("diverged", "failed")
-        }
-
-        def gap(x: str, y: str, variant: str = variant) -> float | None:
-            gaps = [
-                mean_gap(a.steps, b.steps, spec.skip_tokens, spec.until_tokens)
-                for a, b in _replicate_pairs(arms, x, y, variant)
-            ]
-            gaps = [g for g in gaps if math.isfinite(g)]
-            return abs(float(np.mean(gaps))) if gaps else None
-
-        for pair in pairs:
-            found = []
-            for x in (x for x in pair if x in bases):
-                others = {
-                    y for p in pairs if p != pair for y in p if y not in pair and bases.get(y) == bases[x]
-                }
-                if not others:
-                    others = {y for y in bases if y not in in_pairs and bases[y] == bases[x]}
-                found += [g for y in sorted(others) if (g := gap(x, y)) is not None]
-            out[_pair_name(pair, variant)] = float(np.mean(found)) if found else math.nan
+        gaps, missing = {}, []
+        for x, y in yardstick:
+            runs = _replicate_pairs(arms, x, y, variant)
+            # A diverged or failed arm's loss is no operating point: it would set the margin by its blow-up.
+            bad = sorted({f"{r.base} {r.state}" for a, b in runs for r in (a, b) if r.state in UNUSABLE})
+            bad += [apart] if (apart := _branch_apart(runs)) else []
+            gap = [mean_gap(a.steps, b.steps, spec.skip_tokens, spec.until_tokens) for a, b in runs]
+            gap = [g for g in gap if math.isfinite(g)]
+            if bad or not gap:
+                why = ", ".join(bad) if bad else "no rows of both arms in the compared range"
+                missing.append(f"{x}-{y} ({why})")
+            else:
+                gaps[f"{x}-{y}"] = abs(float(np.mean(gap)))
+        out[variant] = Spread(gaps, missing)
     return out
+
+
+UNUSABLE = ("diverged", "failed")
+
+
+def _branch_apart(runs: list[tuple[Arm, Arm]]) -> str:
+    """Why a pair's runs cannot be compared because they started from different weights (one arm
+    rerun with a config that redid the warmup), or "" when they share their start."""
+    for x, y in runs:
+        if x.branch and y.branch and x.branch != y.branch:
+            return f"{x.name} started from {x.branch} but {y.name} from {y.branch}"
+    return ""
 
 
 def _pair_name(pair: list[str], variant: str) -> str:
@@ -388,28 +405,41 @@ def _pair_name(pair: list[str], variant: str) -> str:
 
 
 def pair_rows(
-    arms: dict[str, Arm], pairs: list[list[str]], spec: BinSpec, margin: Margin
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per pair and metric, the display bins and evaluations of every pair)."""
-    spread = op_spreads(arms, pairs, spec)
-    rows, details = [], []
+    arms: dict[str, Arm],
+    pairs: list[list[str]],
+    spec: BinSpec,
+    margin: Margin,
+    spreads: dict[str, Spread],
+    controls: list[list[str]] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(one row per pair and metric, the display bins and evaluations of every pair, the pairs not
+    compared with why). δ is `margin.nats`, or `margin.fraction` of the variant's yardstick spread
+    (`yardstick_spreads`). `controls` are compared like any pair and marked `role` = control."""
+    control = {tuple(p) for p in controls or []}
+    rows, details, skipped = [], [], []
     variants = sorted({arm.variant for arm in arms.values()})
     for (a, b), variant in ((p, v) for p in pairs for v in variants):
+        name = _pair_name([a, b], variant)
         runs = _replicate_pairs(arms, a, b, variant)
         if not runs:
+            skipped.append(_why_not_compared(arms, a, b, name))
             continue
-        name = _pair_name([a, b], variant)
-        op_spread = spread.get(name, math.nan)
-        delta = margin.nats or margin.fraction * op_spread
+        apart = _branch_apart(runs)
+        if apart:
+            skipped.append(f"{name}: not compared: {apart}: rerun both with one config")
+            continue
+        spread = spreads.get(variant, Spread({}, []))
+        delta = margin.nats or margin.fraction * spread.value
         common = {
             "pair": name,
+            "role": "control" if (a, b) in control else "pair",
             "a": a,
             "b": b,
             "batch_a": runs[0][0].batch,
             "batch_b": runs[0][1].batch,
             "replicates": len(runs),
             "delta": delta,
-            "op_spread": op_spread,
+            "op_spread": spread.value,
             **_regime_columns(runs),
         }
         fit = fit_pair(runs, spec)
@@ -432,7 +462,20 @@ def pair_rows(
     table = pd.DataFrame(rows)
     if len(table):
         table["gap_over_spread"] = table["mean_gap"].abs() / table["op_spread"]
-    return table, (pd.concat(details, ignore_index=True) if details else pd.DataFrame())
+    frames = pd.concat(details, ignore_index=True) if details else pd.DataFrame()
+    return table, frames, list(dict.fromkeys(skipped))
+
+
+def _why_not_compared(arms: dict[str, Arm], a: str, b: str, name: str) -> str:
+    """Why a pair has no run of both arms to compare (said in the report, never silently dropped)."""
+    absent = [x for x in (a, b) if not any(x in (arm.base, arm.name) for arm in arms.values())]
+    if absent:
+        return f"{a}-{b}: not compared: arm {' and '.join(absent)} logged no rows yet"
+
+    def runs(x: str) -> str:
+        return ", ".join(sorted(arm.name for arm in arms.values() if x in (arm.base, arm.name)))
+
+    return f"{name}: not compared: {a} and {b} share no sweep variant and data order ({runs(a)}; {runs(b)})"
 
 
 def _regime_columns(runs: list[tuple[Arm, Arm]]) -> dict[str, Any]:

@@ -27,6 +27,22 @@ def export_distributed_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def job_threads(env: dict[str, str] | None = None, affinity: int | None = None) -> int:
+    """Intra-op threads for each task of this job: the CPUs it was given, shared by its tasks.
+
+    SLURM says per task (`SLURM_CPUS_PER_TASK`); elsewhere the CPUs this process may run on
+    (its affinity), shared by the tasks started on this node (`LOCAL_WORLD_SIZE`, which submitit
+    exports). Torch's default (every core it finds) oversubscribes a node that runs several jobs
+    or ranks: its threads then wait on each other at every parallel region, and a step on a busy
+    2-core machine took 10x as long as with one thread."""
+    env = dict(os.environ) if env is None else env
+    cpus = affinity if affinity is not None else len(os.sched_getaffinity(0))
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, min(int(env["SLURM_CPUS_PER_TASK"]), cpus))
+    tasks = int(env["LOCAL_WORLD_SIZE"]) if env.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    return max(1, cpus // max(tasks, 1))
+
+
 def git_state() -> dict[str, Any]:
     """Commit and dirtiness of the project's own checkout (the code that runs)."""
     root = Path(__file__).resolve().parent.parent
@@ -64,6 +80,10 @@ class StageJob:
     data: DataConfig | None = None
     run: RunConfig | None = None
     max_requeues: int = 3
+    # Intra-op threads per task; 0: from the CPUs the job was given (`job_threads`). The local
+    # launcher sets it when it runs jobs side by side. The thread count never changes a result
+    # (tests/test_trainer.py), so it is not part of any run's identity.
+    threads: int = 0
 
     def __call__(self) -> Any:
         export_distributed_env()
@@ -75,7 +95,10 @@ class StageJob:
         from train.loop import Stopped, train
 
         assert self.run is not None
-        self.run.launch = launch_info()
+        import torch
+
+        torch.set_num_threads(self.threads or job_threads())
+        self.run.launch = {**launch_info(), "threads": torch.get_num_threads()}
         try:
             summary = train(self.run)
         except Stopped as stopped:

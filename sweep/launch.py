@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sweep.manifest import add_job_id, record_plan
+from sweep.manifest import MANIFEST, add_job_id, read_manifest, record_plan
 from sweep.plan import Job, SweepPlan, arm_table, gpu_hours
 from sweep.state import (
     STUCK,
@@ -35,7 +36,7 @@ from train.status import IN_FLIGHT, NOT_DONE, RESUBMIT, RunClaim, RunInUse, RunS
 @dataclass
 class LauncherOptions:
     executor: str = "local"  # local | slurm
-    max_parallel: int = 1  # local: jobs running at once (2 CPU cores fit one tiny arm well)
+    max_parallel: int = 0  # local: jobs running at once; 0: as many as this machine has CPUs for
     poll_s: float = 0.5
     analyze: bool = True  # local: print the pairwise tables once the arms are done
     only: list[str] = field(default_factory=list)  # consider only these jobs (resubmit --arms)
@@ -69,6 +70,11 @@ def _execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
     # The queue as it is now that this command holds the sweep: another command may just have
     # submitted jobs that the manifest now names.
     queue = squeue_states() if opts.executor == "slurm" else None
+    mixed = branch_conflicts(plan)
+    if mixed:
+        raise SystemExit(
+            "error: " + "\n  ".join(["arms compared in a pair must start from the same weights:", *mixed])
+        )
     try:
         manifest = record_plan(plan)
     except (OSError, ValueError) as exc:  # a full disk, a damaged manifest: say it, do not crash
@@ -100,6 +106,35 @@ def _execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
                 file=sys.stderr,
             )
     return states
+
+
+def branch_conflicts(plan: SweepPlan) -> list[str]:
+    """Pairs (declared pairs, controls, yardstick) of which this plan runs one arm from other
+    weights than the other arm already recorded in the sweep (a rerun whose config redid the
+    warmup): their comparison would be meaningless, so the plan is refused before anything runs."""
+    if not (plan.dir / MANIFEST).exists():
+        return []
+    recorded = {
+        (d.get("base"), d.get("variant", ""), d.get("replicate", "")): (name, d.get("branch", ""))
+        for name, job in read_manifest(plan.dir)["jobs"].items()
+        if job["kind"] == "arm" and not job.get("same_as")
+        for d in [job.get("derived", {})]
+    }
+    planned = {(j.row["base"], j.row["variant"], j.row["replicate"]): j for j in plan.arms}
+    out = []
+    for a, b in [*plan.pairs, *plan.controls, *plan.yardstick]:
+        for (base, variant, replicate), job in planned.items():
+            other = (b if base == a else a, variant, replicate) if base in (a, b) else None
+            if other is None or other in planned or other not in recorded:
+                continue
+            name, branch = recorded[other]
+            if branch and branch != job.row["branch"]:
+                out.append(
+                    f"{job.name} would start from {job.row['branch']}, but {name} (pair {a}-{b}) started "
+                    f"from {branch}: run both with this config (arm={job.name},{name} ...), or use "
+                    "another sweep.dir"
+                )
+    return list(dict.fromkeys(out))
 
 
 @contextlib.contextmanager
@@ -186,11 +221,14 @@ class _LocalRun:
             gpus_per_node=res.gpus_per_node,
             signal_delay_s=res.signal_lead_s,
         )
-        self.max_parallel = max_parallel
+        self.cpus = len(os.sched_getaffinity(0))
+        self.max_parallel = max_parallel or self.cpus
+        self.tasks = res.gpus_per_node or res.tasks_per_node
         self.dir = plan.dir
         self.states = {**known, **{j.name: RunState.PENDING for j in todo}}
         self.pending = list(todo)
         self.running: dict[str, tuple[Job, Any, Any]] = {}
+        self.given: dict[str, int] = {}  # CPUs each running job was given
         self.bars = 0
 
     def collect_finished(self) -> None:
@@ -207,11 +245,16 @@ class _LocalRun:
                     bar.close()
                 print(f"{name}: {self.states[name]}", flush=True)
                 del self.running[name]
+                self.given.pop(name, None)
 
     def start_ready(self) -> None:
-        """Start jobs whose dependencies completed, up to `max_parallel`; skip those whose failed."""
+        """Start jobs whose dependencies completed, up to `max_parallel` and the CPUs free; skip
+        those whose failed. Each job gets an equal share of the free CPUs among the jobs ready now
+        (the warmup, alone, gets them all; arms after it one each on 2 cores), as its threads."""
+        ready = sum(all(self.states.get(d) == RunState.COMPLETED for d in j.depends_on) for j in self.pending)
         for job in list(self.pending):
-            if len(self.running) >= self.max_parallel:
+            free = self.cpus - sum(self.given.values())
+            if len(self.running) >= self.max_parallel or (self.running and free < self.tasks):
                 return
             waiting_on = set(self.running) | {p.name for p in self.pending}
             done = [self.states.get(d) for d in job.depends_on]
@@ -227,11 +270,15 @@ class _LocalRun:
                 print(f"{job.name}: already running elsewhere ({owner}): not started again", flush=True)
                 self.pending.remove(job)
             elif not blocked:
+                share = max(self.tasks, free // max(1, min(ready, self.max_parallel - len(self.running))))
+                ready -= 1
+                self.given[job.name] = share
+                stage = replace(job.stage, threads=max(1, share // self.tasks))
                 # The job ignores SIGINT (inherited): Ctrl-C reaches this launcher only, which then
                 # stops its jobs cleanly (SIGTERM: checkpoint at the next step) instead of killing them.
                 previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
                 try:
-                    handle = self.executor.submit(job.stage)
+                    handle = self.executor.submit(stage)
                 finally:
                     signal.signal(signal.SIGINT, previous)
                 add_job_id(self.dir, job.name, str(handle.job_id))

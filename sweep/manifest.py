@@ -106,6 +106,8 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             experiment=plan.name,
             sweep_dir=str(plan.dir),
             pairs=plan.pairs,
+            controls=plan.controls,
+            yardstick=plan.yardstick,
             arms=plan.experiment_arms,
             cbs=plan.cbs,
             skip_tokens=plan.skip_tokens,
@@ -201,4 +203,6 @@ def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
         experiment_arms=manifest.get("arms", []),
         cbs=manifest.get("cbs", {}),
         skip_tokens=manifest.get("skip_tokens", 0),
+        controls=manifest.get("controls", []),
+        yardstick=manifest.get("yardstick", []),
     )

@@ -61,6 +61,8 @@ class SweepPlan:
     aliases: list[Job] = field(default_factory=list)  # same runs as planned arms, under their own names
     cbs: dict[str, Any] = field(default_factory=dict)  # the experiment's batch ladder (analysis/cbs.py)
     skip_tokens: int = 0  # the experiment's branch transient: the analysis's default skip
+    controls: list[list[str]] = field(default_factory=list)  # pairs that must not match
+    yardstick: list[list[str]] = field(default_factory=list)  # the pairs whose spread sets the margin
 
     @property
     def arms(self) -> list[Job]:
@@ -236,11 +238,8 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         else:
             variant = [o for o in job_overrides if o not in common and not o.startswith("arm=")]
             planner.add(cfg, job_overrides, variant)
-    for pair in first.experiment.pairs:
-        if len(pair) != 2 or any(a not in first.experiment.arms for a in pair):
-            planner.problems.add(
-                f"pair {pair} must name two arms of the experiment ({', '.join(first.experiment.arms)})"
-            )
+    for problem in declared_pair_problems(first):
+        planner.problems.add(problem)
     planner.problems.raise_any()
     exp = first.experiment
     jobs = list(planner.jobs.values())
@@ -256,7 +255,42 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         list(planner.aliases.values()),
         asdict(exp.cbs) if exp.cbs.ladder else {},
         exp.skip_tokens,
+        [list(p) for p in exp.controls],
+        [list(p) for p in exp.yardstick],
     )
+
+
+def declared_pair_problems(cfg: Config) -> list[str]:
+    """What is wrong with the experiment's pairs, controls and yardstick: each names two arms of
+    the experiment; a yardstick pair is two arms at one batch size, neither of them a control
+    (an arm only in controls), and no control pair. The margin must not depend on a control."""
+    exp = cfg.experiment
+    arms = ", ".join(exp.arms)
+    problems = []
+    for key in ("pairs", "controls", "yardstick"):
+        for pair in getattr(exp, key):
+            if len(pair) != 2 or pair[0] == pair[1] or any(a not in exp.arms for a in pair):
+                problems.append(
+                    f"experiment.{key}: {list(pair)} must name two different arms of the experiment ({arms})"
+                )
+    in_pairs = {a for p in exp.pairs for a in p}
+    control_arms = {a for p in exp.controls for a in p} - in_pairs
+    for pair in exp.yardstick:
+        if len(pair) != 2 or any(a not in exp.arms for a in pair):
+            continue
+        batches = [exp.arms[a].batch_size for a in pair]
+        if batches[0] != batches[1]:
+            problems.append(
+                f"experiment.yardstick: {pair[0]} (batch {batches[0]}) and {pair[1]} (batch {batches[1]}) "
+                "are at different batch sizes: a yardstick pair is two operating points at one batch size"
+            )
+        controls = sorted(control_arms & set(pair))
+        if list(pair) in [list(c) for c in exp.controls] or controls:
+            what = f"the control arm(s) {', '.join(controls)}" if controls else "a control pair"
+            problems.append(
+                f"experiment.yardstick: {list(pair)} uses {what}: a control must never set the margin"
+            )
+    return problems
 
 
 # Overrides that make data-order replicates: arms differing only in these are one arm, run again.
@@ -401,6 +435,8 @@ def _arm_job(
     run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"]
     op = spec.op or f"arm {spec.from_arm}"
     row = _row(name, op, spec.rule, run, steps, cfg.arm, variant)
+    # The weights it starts from: arms compared in a pair must share them (analysis/tables.py).
+    row["branch"] = f"warmup:{init.signature}" if init else f"init_seed:{run.trainer.init_seed}"
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(
         name,

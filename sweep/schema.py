@@ -68,7 +68,13 @@ class ExperimentConfig:
     small_batch: int = MISSING
     token_budget: int = MISSING
     arms: dict[str, ArmSpec] = field(default_factory=dict)
-    pairs: list[list[str]] = field(default_factory=list)
+    pairs: list[list[str]] = field(default_factory=list)  # the questions: should these arms match?
+    # Pairs that must NOT match (nothing scaled): they show the instrument can tell. Compared and
+    # reported as controls; they never enter the margin.
+    controls: list[list[str]] = field(default_factory=list)
+    # The yardstick of "match": pairs of arms at the same batch size with different operating
+    # points (A vs J, H vs B in the seed study). The margin is a fraction of their mean |gap|.
+    yardstick: list[list[str]] = field(default_factory=list)
     warmup: WarmupSpec = field(default_factory=WarmupSpec)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # arms' lr (and Seesaw batch) schedule
     cbs: CbsSpec = field(default_factory=CbsSpec)  # the `cbs` preset's ladder; empty elsewhere

@@ -51,6 +51,17 @@ def _wandb(run_dir: Path, status: dict[str, Any]) -> str:
     return offline[-1].name if offline else ""
 
 
+def _branch_note(manifest: dict[str, Any], job: dict[str, Any]) -> str:
+    """Where an arm started from weights other than its warmup's current run (the warmup was redone
+    with another config since): its pairs with arms of the new warmup are not compared."""
+    branch = str(job.get("derived", {}).get("branch", ""))
+    warmups = [manifest["jobs"][d] for d in job.get("depends_on", []) if d in manifest["jobs"]]
+    warmups = [w for w in warmups if w.get("kind") == "warmup"]
+    if branch.startswith("warmup:") and warmups and branch != f"warmup:{warmups[0]['signature']}":
+        return f"started from an older warmup ({branch}): not comparable with arms of the current one"
+    return ""
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     manifest = read_manifest(sweep_dir)
     states = sweep_states(manifest, squeue_states())
@@ -74,7 +85,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "loss": f"{status['loss']:.4f}" if status.get("loss") is not None else "",
                 "tok/s": f"{status['tokens_per_s']:.0f}" if status.get("tokens_per_s") else "",
                 "eta": _duration(_eta(status, budget)) if running else "",
-                "note": state.reason,
+                "note": "; ".join(n for n in (state.reason, _branch_note(manifest, job)) if n),
                 "replicate": job.get("derived", {}).get("replicate", ""),
                 "requeues": (status.get("launch") or {}).get("restarts", ""),
                 "wandb": _wandb(Path(job["run_dir"]), status) if job["kind"] != "prepare" else "",

@@ -49,7 +49,14 @@ def curve(
     return rows
 
 
-def write_sweep(root: Path, arms: dict[str, tuple[int, list[dict], str]], pairs: list[list[str]]) -> Path:
+def write_sweep(
+    root: Path,
+    arms: dict[str, tuple[int, list[dict], str]],
+    pairs: list[list[str]],
+    yardstick: list[list[str]] | None = None,
+    controls: list[list[str]] | None = None,
+    branches: dict[str, str] | None = None,
+) -> Path:
     """A sweep dir as the sweep writes it: manifest.json, runs/<arm>/metrics.jsonl + status.json."""
     jobs = {}
     for name, (batch, rows, state) in arms.items():
@@ -61,9 +68,11 @@ def write_sweep(root: Path, arms: dict[str, tuple[int, list[dict], str]], pairs:
             "kind": "arm",
             "run_dir": str(run_dir),
             "signature": f"sig{name}",
-            "derived": {"batch_size": batch},
+            "derived": {"batch_size": batch, "branch": (branches or {}).get(name, "warmup:w1")},
         }
-    (root / "manifest.json").write_text(json.dumps({"experiment": "synthetic", "pairs": pairs, "jobs": jobs}))
+    manifest = {"experiment": "synthetic", "pairs": pairs, "jobs": jobs}
+    manifest |= {"yardstick": yardstick or [], "controls": controls or []}
+    (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 
@@ -77,7 +86,7 @@ def exact_sweep(tmp_path: Path) -> Path:
         "J": (16, curve(16, zero + 0.05), "completed"),
         "B": (1, curve(1, zero + 0.05), "completed"),
     }
-    return write_sweep(tmp_path / "sweep", arms, [["A", "H"], ["J", "B"]])
+    return write_sweep(tmp_path / "sweep", arms, [["A", "H"], ["J", "B"]], yardstick=[["A", "J"], ["H", "B"]])
 
 
 def test_matched_windows_average_the_small_batch_over_the_same_samples():
@@ -121,41 +130,88 @@ def test_exact_gaps_segments_and_spread(exact_sweep: Path):
     assert jb["verdict"] == "equivalent"  # a gap of exactly 0 everywhere is inside any positive margin
 
 
-def test_an_unpaired_arm_is_the_yardstick_when_no_other_pair_shares_the_batch(tmp_path: Path):
-    """Seesaw's layout: one pair (SD, SS) and a reference arm C at the same batch size."""
+def test_the_yardstick_is_what_the_experiment_declares(tmp_path: Path, capsys):
+    """Seesaw's layout: one pair (SD, SS) and the declared yardstick SD vs C at the same batch size."""
     zero = np.zeros(20)
     arms = {
         "SD": (4, curve(4, zero), "completed"),
         "SS": (4, curve(4, zero + 0.002), "completed"),
         "C": (4, curve(4, zero + 0.05), "completed"),
     }
-    tables = analyze(write_sweep(tmp_path / "s", arms, [["SD", "SS"]]), Comparison([], BinSpec(bins=20)))
+    sweep = write_sweep(tmp_path / "s", arms, [["SD", "SS"]], yardstick=[["SD", "C"]])
+    tables = analyze(sweep, Comparison([], BinSpec(bins=20)))
     row = tables["pairs"].set_index("metric").loc["train"]
-    assert row["op_spread"] == pytest.approx((0.05 + 0.048) / 2, abs=1e-12)  # |SD - C|, |SS - C|
+    assert row["op_spread"] == pytest.approx(0.05, abs=1e-12)  # |SD - C| only: SS, under test, is not in it
     assert row["mean_gap"] == pytest.approx(-0.002, abs=1e-12) and row["verdict"] == "equivalent"
+    assert "δ = 0.25 × mean(|SD-C| 0.05) = 0.0125 nats" in capsys.readouterr().out
+    assert pd.read_csv(sweep / "results" / "yardstick.csv")["abs_gap"].tolist() == pytest.approx([0.05])
 
 
-def test_a_diverged_arm_sets_no_spread_and_the_ranking_says_so(tmp_path: Path):
-    """per_example_adam's layout: pairs A-M, A-V, A-Q at one batch, Q blown up after 5 steps. The
-    spread of A-M is |A - V| and |M - V|, as if Q were not there; the ranking puts the arms by final
-    validation loss with their paired gap to A (this arm minus A) and Q's state."""
+def test_no_yardstick_no_margin_and_the_report_says_what_to_give(tmp_path: Path, capsys):
     zero = np.zeros(20)
-    blown = curve(16, zero + 1000.0, steps=5)
+    arms = {"A": (16, curve(16, zero), "completed"), "M": (16, curve(16, zero + 0.01), "completed")}
+    tables = analyze(write_sweep(tmp_path / "s", arms, [["A", "M"]]), Comparison([], BinSpec(bins=20)))
+    train = tables["pairs"].set_index("metric").loc["train"]
+    assert train["verdict"] == "no verdict: no margin"
+    assert "declares no yardstick" in capsys.readouterr().out
+    again = analyze(tmp_path / "s", Comparison([], BinSpec(bins=20), Margin(nats=0.05)))["pairs"]
+    assert again.set_index("metric").loc["train", "verdict"] == "equivalent"
+
+
+def _yardstick_sweep(root: Path, control_gap: float, pairs: list[list[str]]) -> pd.DataFrame:
+    """sqrt_rule's layout: A, J (batch 16), H, B, D (batch 1); D the control, `control_gap` off A."""
+    zero = np.zeros(20)
     arms = {
         "A": (16, curve(16, zero), "completed"),
-        "M": (16, curve(16, zero + 0.02), "completed"),
-        "V": (16, curve(16, zero + 0.06), "completed"),
-        "Q": (16, [{**blown[0], "val_loss": 3.5}, *blown[1:]], "diverged"),
+        "H": (1, curve(1, -GAPS), "completed"),
+        "J": (16, curve(16, zero + 0.02), "completed"),
+        "B": (1, curve(1, zero + 0.03), "completed"),
+        "D": (1, curve(1, zero + control_gap), "completed"),
     }
-    sweep = write_sweep(tmp_path / "s", arms, [["A", "M"], ["A", "V"], ["A", "Q"]])
+    sweep = write_sweep(root, arms, pairs, yardstick=[["A", "J"], ["H", "B"]], controls=[["A", "D"]])
+    table = analyze(sweep, Comparison([], BinSpec(bins=20)))["pairs"]
+    return table[table["metric"] == "train"].set_index("pair")
+
+
+def test_a_control_or_an_extra_pair_never_moves_the_margin(tmp_path: Path):
+    """The issue's case: with the control inside the spread, the worse the control, the wider the
+    margin. Declared, δ = ¼ mean(|A - J| 0.02, |H - B| 0.03 + 0.01) whatever D does or is added."""
+    base = _yardstick_sweep(tmp_path / "a", 0.3, [["A", "H"], ["J", "B"]])
+    worse = _yardstick_sweep(tmp_path / "b", 3.0, [["A", "H"], ["J", "B"]])
+    extra = _yardstick_sweep(tmp_path / "c", 0.3, [["A", "H"], ["J", "B"], ["A", "B"], ["H", "D"]])
+    expected = 0.25 * (0.02 + 0.04) / 2
+    for table in (base, worse, extra):
+        assert table["delta"].to_numpy() == pytest.approx(np.full(len(table), expected), abs=1e-12)
+    assert base.loc["A-D", "role"] == "control" and base.loc["A-H", "role"] == "pair"
+    assert base.loc["A-D", "verdict"] == worse.loc["A-D", "verdict"] == "not equivalent"
+    assert list(base.index) == ["A-H", "J-B", "A-D"]  # the questions, then the controls
+
+
+def test_pairs_not_compared_are_named_with_why(tmp_path: Path, capsys):
+    """A pair whose arm never logged, and one whose arms started from different warmups (an arm
+    rerun with a config that redid the warmup), are reported, not dropped silently."""
+    zero = np.zeros(20)
+    arms = {
+        "A": (16, curve(16, zero), "completed"),
+        "H": (1, curve(1, zero), "completed"),
+        "J": (16, curve(16, zero + 0.02), "completed"),
+    }
+    sweep = write_sweep(
+        tmp_path / "s",
+        arms,
+        [["A", "H"], ["J", "B"]],
+        yardstick=[["A", "J"]],
+        branches={"A": "warmup:new", "H": "warmup:old", "J": "warmup:old"},
+    )
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    manifest["arms"] = ["A", "H", "J", "B"]
+    (sweep / "manifest.json").write_text(json.dumps(manifest))
     tables = analyze(sweep, Comparison([], BinSpec(bins=20)))
-    row = tables["pairs"].set_index(["metric", "pair"]).loc[("train", "A-M")]
-    assert row["op_spread"] == pytest.approx((0.06 + 0.04) / 2, abs=1e-12)
-    ranked = tables["ranking"]
-    assert list(ranked["arm"]) == ["A", "M", "V", "Q"]
-    assert list(ranked["gap"][1:3]) == pytest.approx([0.02, 0.06], abs=1e-12)
-    assert list(ranked["state"]) == ["completed"] * 3 + ["diverged"]
-    assert (tmp_path / "s" / "results" / "ranking.csv").exists()
+    assert tables["pairs"].empty
+    out = capsys.readouterr().out
+    assert "A-H: not compared: A started from warmup:new but H from warmup:old" in out.replace("\n", " ")
+    assert "J-B: not compared: arm B logged no rows yet" in out
+    assert "Yardstick pair(s) not measured: A-J (A started from warmup:new" in out.replace("\n", " ")
 
 
 def test_verdicts_in_their_regimes():
@@ -390,6 +446,7 @@ def test_analysis_cli_reads_wandb_and_publishes(exact_sweep: Path, wandb_env, tm
             f"sweep.root={tmp_path / 'sweeps'}",
             f"analysis.out={out}",
             "analysis.pairs=[[A,H],[J,B]]",
+            "analysis.yardstick=[[A,J],[H,B]]",
             "analysis.margin_fraction=0.5",
             "wandb.publish=true",
             "wandb.mode=offline",
@@ -404,7 +461,7 @@ def test_analysis_cli_reads_wandb_and_publishes(exact_sweep: Path, wandb_env, tm
     ).exists()
     # The offline analysis run holds the tables and the plots as W&B media files.
     run_dirs = list((out / "wandb").glob("offline-run-*"))
-    assert len(run_dirs) == 1 and "published the analysis to W&B" in res.stdout
+    assert len(run_dirs) == 1 and "published the analysis to W&B group synthetic" in res.stdout
     media = {
         p.parent.name + "/" + p.name.split("_")[0] for p in (run_dirs[0] / "files" / "media").rglob("*.*")
     }
@@ -520,3 +577,29 @@ def test_a_skip_past_every_arm_says_so_instead_of_failing(exact_sweep: Path, cap
     printed = capsys.readouterr().out
     assert "No pair has samples to compare after skip_tokens=1,000,000,000" in printed
     assert "the arms reached 819,200 tokens" in printed
+
+
+def test_an_analysis_with_other_options_is_kept_aside_not_overwritten(exact_sweep: Path, capsys):
+    """The same options replace the tables (recomputed from the run files); other options move the
+    earlier analysis aside, whole, and say where."""
+    analyze(exact_sweep, Comparison([], BinSpec(bins=20), Margin(nats=0.03)))
+    first = (exact_sweep / "results" / "pairs.md").read_text()
+    analyze(exact_sweep, Comparison([], BinSpec(bins=20), Margin(nats=0.03)))
+    assert "replacing the analysis in" in capsys.readouterr().out
+    assert [p.name for p in exact_sweep.glob("results*")] == ["results"]
+    analyze(exact_sweep, Comparison([], BinSpec(bins=10), Margin(nats=0.03)))
+    aside = [p for p in exact_sweep.glob("results-*")]
+    assert len(aside) == 1 and (aside[0] / "pairs.md").read_text() == first
+    assert f"kept as {aside[0]}" in capsys.readouterr().out
+    assert (
+        json.loads((exact_sweep / "results" / "analysis.json").read_text())["options"]["spec"]["bins"] == 10
+    )
+
+
+def test_publishing_from_run_dirs_goes_to_the_sweeps_group(exact_sweep: Path, wandb_env, tmp_path: Path):
+    """Without wandb.group the analysis run joins the group the arms logged to: the experiment's."""
+    cmd = [sys.executable, "-m", "analysis", f"sweep.dir={exact_sweep}", "analysis.margin=0.03"]
+    cmd += ["wandb.publish=true", "wandb.mode=offline"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "published the analysis to W&B group synthetic:" in res.stdout

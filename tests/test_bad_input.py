@@ -52,7 +52,9 @@ SWEEP_CASES = [
     (["sweep.dir="], "give a directory"),
     (["sweep.root="], "give a directory"),
     (["experiment.arms.H.rule=nope"], "rule 'nope' is not one of"),
-    (["experiment.pairs=[[A,Z]]"], "pair ['A', 'Z'] must name two arms"),
+    (["experiment.pairs=[[A,Z]]"], "experiment.pairs: ['A', 'Z'] must name two different arms"),
+    (["experiment.yardstick=[[A,H]]"], "A (batch 4) and H (batch 1) are at different batch sizes"),
+    (["experiment.yardstick=[[H,D]]"], "uses the control arm(s) D: a control must never set the margin"),
 ]
 
 

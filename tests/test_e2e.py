@@ -218,8 +218,8 @@ def test_a_budget_the_data_cannot_hold_is_refused_and_a_changed_arm_gets_a_new_r
     [
         ("invariant_adam", ["S16", "S4", "S1", "V16", "V4", "V1"]),
         ("seesaw", ["SD", "SS", "C"]),
-        ("linear_vs_sqrt", ["A", "H", "C", "CB"]),
-        ("weight_decay", ["A", "H", "T"]),
+        ("linear_vs_sqrt", ["A", "H", "C", "CB", "B", "J"]),
+        ("weight_decay", ["A", "H", "T", "B", "J"]),
         ("per_example_adam", ["A", "M", "V", "Q"]),
         ("sign_placement", ["E16", "S16", "M16", "E4", "S4", "M4"]),
     ],

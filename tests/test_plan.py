@@ -135,7 +135,8 @@ def test_sqrt_rule_arms_follow_the_seed_relations(tmp_path):
         and j["beta2"] == pytest.approx(0.95)
     )
     assert len({row["token_budget"] for row in rows.values()}) == 1  # matched budgets
-    assert plan.pairs == [["A", "H"], ["J", "B"], ["A", "D"]]
+    assert plan.pairs == [["A", "H"], ["J", "B"]] and plan.controls == [["A", "D"]]
+    assert plan.yardstick == [["A", "J"], ["H", "B"]]  # the README's yardstick: same batch, other point
 
 
 def test_sqrt_rule_holds_the_full_seed_matrix(tmp_path):
@@ -371,3 +372,25 @@ def test_the_prepare_job_asks_slurm_for_cpus_and_the_arms_for_gpus(tmp_path):
         32,
     )
     assert (arm["gpus_per_node"], arm["ntasks_per_node"], arm["cpus_per_task"]) == (8, 8, 8)
+
+
+def test_a_rerun_that_redoes_the_warmup_is_refused_where_it_would_break_a_pair(tmp_path, monkeypatch):
+    """The sweep recorded A, H, D from one warmup; rerunning A alone with a config that changes the
+    warmup (ops.base.lr) would leave A-H and A-D comparing runs from different weights: refused,
+    naming both. Rerunning A with H (and D) is fine; status marks an arm left on the old warmup."""
+    from sweep import status
+    from sweep.launch import branch_conflicts
+    from sweep.manifest import read_manifest, record_plan
+
+    record_plan(_plan(["+experiment=sqrt_rule"], ["A", "H", "D"], tmp_path))
+    changed = ["+experiment=sqrt_rule", "ops.base.lr=0.004"]
+    alone = branch_conflicts(_plan(changed, ["A"], tmp_path))
+    assert len(alone) == 2 and all(m.startswith("A would start from warmup:") for m in alone)
+    assert "but H (pair A-H) started from warmup:" in alone[0] and "(pair A-D)" in alone[1]
+    assert branch_conflicts(_plan(changed, ["A", "H", "D"], tmp_path)) == []
+    record_plan(_plan(changed, ["A", "H"], tmp_path))  # D stays on the old warmup
+    manifest = read_manifest(tmp_path / "sqrt_rule")
+    monkeypatch.setattr(status, "squeue_states", lambda: None)
+    notes = {row["job"]: row["note"] for row in status.sweep_rows(tmp_path / "sqrt_rule")}
+    assert "started from an older warmup" in notes["D"] and "older warmup" not in notes["H"]
+    assert manifest["jobs"]["D"]["derived"]["branch"] != manifest["jobs"]["H"]["derived"]["branch"]
