@@ -107,6 +107,7 @@ def _run_config(
     """The run of one job, checked and named; `spec` (arms only) adds its optimizer, precision,
     schedule and lr scale. Raises PlanError with every problem of the run."""
     spec = spec or ArmSpec(batch_size=batch_size)
+    lr_scale = cfg.experiment.lr_scale if kind == "arm" else 1.0  # every arm's lr; never the warmup's
     schedule = (
         ScheduleConfig()  # the warmup is a plain constant-lr run
         if kind == "warmup"
@@ -120,7 +121,7 @@ def _run_config(
         data_dir=str(data_dir_for(cfg.data)),
         model=cfg.model,
         optimizer=OptimizerConfig(
-            **{**point.hyperparameters(), "lr": point.lr * spec.lr_scale}, name=spec.optimizer
+            **{**point.hyperparameters(), "lr": point.lr * spec.lr_scale * lr_scale}, name=spec.optimizer
         ),
         batch_size=batch_size,
         token_budget=budget,

@@ -80,6 +80,9 @@ class ExperimentConfig:
     cbs: CbsSpec = field(default_factory=CbsSpec)  # the `cbs` preset's ladder; empty elsewhere
     rewarmup_tokens: int = 0  # arms ramp their lr linearly over this many tokens (0: none)
     skip_tokens: int = 0  # the analysis leaves out this many tokens after the branch (its transient)
+    # Multiplies every arm's lr (after its rule and its own lr_scale), never the warmup's: swept
+    # (experiment.lr_scale=0.25,0.5,1) it runs the whole study at smaller lrs from one branch point.
+    lr_scale: float = 1.0
 
 
 @dataclass
