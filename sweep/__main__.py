@@ -60,9 +60,12 @@ def _multirun_flag_first(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """`python -m sweep` and the `bss-sweep` console script."""
-    from sweep.compose import yaml_problems
+    from sweep.compose import override_problems, yaml_problems
+    from sweep.schema import Config
 
-    problems = yaml_problems(sys.argv[1:], config_dir())
+    problems = yaml_problems(sys.argv[1:], config_dir()) or override_problems(
+        sys.argv[1:], Config, config_dir()
+    )
     if problems:
         sys.exit("error: " + "; ".join(problems))
     sys.argv[1:] = _multirun_flag_first(sys.argv[1:])

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import shutil
 import tempfile
+import types
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -65,6 +66,56 @@ def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
             for name in map(str, value):  # a dict of dataclasses (ops, rules, arms)
                 out += unknown_keys(value._get_node(name), args[-1], f"{path}.{name}.")
     return out
+
+
+def override_problems(argv: list[str], schema: Any, config_dir: str) -> list[str]:
+    """Plain overrides (`key=value`) whose key the schema does not have, each with the closest key
+    it does have: found before Hydra, whose own message would advise `+key=value` first, which the
+    schema then refuses. Config groups (`model=tiny`, `op@ops.base=...`), `hydra.*` keys and
+    `+`/`~` overrides are left to Hydra and to `to_config`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return []  # Hydra says what is wrong with the syntax itself
+    groups = {p.relative_to(config_dir).as_posix() for p in Path(config_dir).rglob("*") if p.is_dir()}
+    problems = []
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.is_force_add() or override.package:
+            continue
+        if key in groups or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        problem = _schema_path_problem(schema, key.split("."))
+        if problem:
+            problems.append(f"{key}: {problem}")
+    return problems
+
+
+def _schema_path_problem(schema: Any, parts: list[str]) -> str:
+    """Why `parts` is no key of the dataclass `schema` ("" if it is one), with a suggestion."""
+    node: Any = schema
+    for i, part in enumerate(parts):
+        origin = typing.get_origin(node)
+        if origin is dict:  # a dict of dataclasses (ops, rules, arms): any name, then its fields
+            node = typing.get_args(node)[-1]
+            continue
+        if origin in (list, tuple) or not dataclasses.is_dataclass(node):
+            return ""  # an element of a list or a leaf's value: Hydra checks the rest
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            where = ".".join(parts[:i])
+            close = difflib.get_close_matches(part, list(hints), n=1)
+            hint = f" (did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])}?)" if close else ""
+            return f"no such key{' in ' + where if where else ''}{hint}"
+        node = hints[part]
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if typing.get_origin(node) in (typing.Union, types.UnionType) and len(args) == 1:
+            node = args[0]  # Optional[X]
+    return ""
 
 
 @contextlib.contextmanager

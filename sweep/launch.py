@@ -76,7 +76,7 @@ def _execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
             "error: " + "\n  ".join(["arms compared in a pair must start from the same weights:", *mixed])
         )
     try:
-        manifest = record_plan(plan)
+        manifest = record_plan(plan, executor=opts.executor)
     except (OSError, ValueError) as exc:  # a full disk, a damaged manifest: say it, do not crash
         raise SystemExit(f"error: cannot record the sweep in {plan.dir}: {exc}") from None
     known = sweep_states(manifest, queue)
@@ -270,7 +270,7 @@ class _LocalRun:
                 print(f"{job.name}: already running elsewhere ({owner}): not started again", flush=True)
                 self.pending.remove(job)
             elif not blocked:
-                share = max(self.tasks, free // max(1, min(ready, self.max_parallel - len(self.running))))
+                share = cpu_share(free, ready, self.max_parallel - len(self.running), self.tasks)
                 ready -= 1
                 self.given[job.name] = share
                 stage = replace(job.stage, threads=max(1, share // self.tasks))
@@ -328,6 +328,13 @@ class _LocalRun:
             dynamic_ncols=True,
             disable=None,
         )
+
+
+def cpu_share(free: int, ready: int, slots: int, tasks: int) -> int:
+    """CPUs for a job starting now: an equal share of the `free` ones among the jobs that can start
+    now (`ready`, at most `slots` more), at least one per task. The warmup, alone, gets them all;
+    five arms ready after it on 2 cores run two at a time with one each."""
+    return max(tasks, free // max(1, min(ready, slots)))
 
 
 def _finished_state(job: Job, handle: Any) -> RunState:
@@ -420,7 +427,7 @@ def _submit_slurm(plan: SweepPlan, todo: list[Job], in_flight: dict[str, str]) -
                 handles = [executor.submit(job.stage) for job in group]
             for job, handle in zip(group, handles, strict=True):
                 submitted[job.name] = handle.job_id
-    record_plan(plan, submitted)
+    record_plan(plan, submitted, executor="slurm")
     for name, job_id in submitted.items():
         print(f"submitted {name}: job {job_id}")
     print(f"sweep dir: {plan.dir}\nwatch it:  python -m sweep.status {plan.dir}")

@@ -94,8 +94,11 @@ def sweep_dir_of(args: argparse.Namespace) -> Path:
     return given if (given / MANIFEST).exists() else Path(args.root) / args.sweep
 
 
-def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[str, Any]:
-    """Merge the plan (and new job ids) into the manifest; returns what was written."""
+def record_plan(
+    plan: SweepPlan, job_ids: dict[str, str] | None = None, executor: str = "local"
+) -> dict[str, Any]:
+    """Merge the plan (and new job ids) into the manifest; returns what was written. `executor`
+    (local | slurm) is where its jobs run: `sweep.resubmit` and `sweep.cancel` follow it."""
     from slurm.job import git_state
 
     plan.dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +114,7 @@ def record_plan(plan: SweepPlan, job_ids: dict[str, str] | None = None) -> dict[
             arms=plan.experiment_arms,
             cbs=plan.cbs,
             skip_tokens=plan.skip_tokens,
+            executor=executor,
             ops={k: asdict(v) for k, v in plan.ops.items()},
             resources=asdict(plan.resources),
             git=git_state(),

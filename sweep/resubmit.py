@@ -1,9 +1,12 @@
-"""`python -m sweep.resubmit <sweep dir | experiment> [--arms A,H] [--failed] [--local]`: resubmit explicitly.
+"""`python -m sweep.resubmit <sweep dir | experiment> [--arms A,H] [--failed] [--local | --slurm]`.
+
+Resubmits explicitly.
 
 Without --arms it does what re-running the sweep command does (failed, timeout and lost jobs are
 resubmitted; completed, queued and running ones are left alone); --arms also reruns named arms
 that diverged; --failed restricts to jobs in a failed state. Jobs resume from their newest
-checkpoint. It reads the manifest, so it needs no config and resubmits exactly what was planned.
+checkpoint. It reads the manifest, so it needs no config and resubmits exactly what was planned,
+where the sweep ran (its manifest's executor) unless --local or --slurm says otherwise.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         "--arms", default="", help="comma-separated arm names (default: every job that needs it)"
     )
     parser.add_argument("--failed", action="store_true", help="only jobs that failed, timed out or were lost")
-    parser.add_argument(
-        "--local", action="store_true", help="run here with the local executor instead of SLURM"
-    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run here (default for a sweep that ran here)")
+    where.add_argument("--slurm", action="store_true", help="submit to SLURM (default for a SLURM sweep)")
     args = parser.parse_args(argv)
     try:
         plan = plan_from_manifest(sweep_dir_of(args))
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: no job(s) {', '.join(unknown)} in {plan.dir}", file=sys.stderr)
         return 2
-    executor = "local" if args.local else "slurm"
+    recorded = read_manifest(plan.dir).get("executor", "slurm")
+    executor = "local" if args.local else "slurm" if args.slurm else recorded
     if args.failed:
         states = sweep_states(read_manifest(plan.dir), squeue_states() if executor == "slurm" else None)
         failed = [n for n, s in states.items() if s.state in RESUBMIT]

@@ -152,6 +152,29 @@ def test_ctrl_c_stops_the_arms_at_a_checkpoint_and_the_rerun_resumes(data_cache,
     assert _steps(h) == list(range(1, 513))
 
 
+def test_cancel_stops_a_local_sweep_at_a_checkpoint_and_resubmit_resumes_it_here(data_cache, tmp_path):
+    """`sweep.cancel` on a sweep that runs here stops its launcher and its arms (checkpointed);
+    `sweep.resubmit` without flags runs them here again, as the manifest says the sweep ran."""
+    first = _start(tmp_path, data_cache)
+    sweep_dir = tmp_path / "sqrt_rule"
+    _wait_for(lambda: _h_is_training(sweep_dir), "arm H to train")
+    cancel = subprocess.run(
+        [sys.executable, "-m", "sweep.cancel", str(sweep_dir)], cwd=REPO, capture_output=True, text=True
+    )
+    assert cancel.returncode == 0 and "stopping the launcher" in cancel.stdout, cancel.stderr[-2000:]
+    assert "stopping H (pid" in cancel.stdout
+    first.communicate(timeout=300)
+    h = _run_dir(sweep_dir, "H")
+    _wait_for(lambda: claimed_by(h) is None, "arm H to stop")
+    assert json.loads((h / "status.json").read_text())["state"] == "stopped"
+    again = subprocess.run(
+        [sys.executable, "-m", "sweep.resubmit", str(sweep_dir)], cwd=REPO, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _steps(h) == list(range(1, 513))
+    assert json.loads((h / "status.json").read_text())["state"] == "completed"
+
+
 def test_a_copied_sweep_dir_acts_on_its_own_runs(data_cache, tmp_path):
     root = tmp_path / "original"
     done = subprocess.run(_sweep_cmd(root, data_cache, "arm=A,H"), cwd=REPO, capture_output=True, text=True)

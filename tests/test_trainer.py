@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, tiny_run
+from tests.wandb_standin import ENTITY, WandbStandin, offline_history
 from train.checkpoint import load_latest_checkpoint
 from train.config import OptimizerConfig, RunConfig, WandbConfig
 
@@ -194,9 +195,14 @@ def test_sigkill_at_any_step_then_resume_logs_the_identical_run(reference, tmp_p
     assert code == 0, err[-3000:]
     got = _trace(tmp_path / "run")
     assert got == expected, f"killed after step {killed_at}"  # bit-identical, nothing missing or repeated
-    # One W&B run across the restart: every offline segment carries the same run id.
-    segments = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(segments) == 2 and {p.name for p in segments} == {f"run-{cfg.signature}.wandb"}
+    # One W&B run across the restart: the resumed attempt's offline dir holds the whole history,
+    # one row per optimizer step; the first attempt's dir is kept aside, never synced with it.
+    current = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    kept = list((tmp_path / "run" / "wandb" / "superseded").glob("offline-run-*/run-*.wandb"))
+    assert len(current) == len(kept) == 1 and current[0].name == f"run-{cfg.signature}.wandb"
+    history = offline_history(current[0])
+    assert [h["_step"] for h in history] == list(range(25))
+    assert [(h["_step"], h["loss"]) for h in history if "loss" in h] == [t[:2] for t in expected[:24]]
 
 
 @pytest.mark.slow
@@ -382,6 +388,40 @@ def test_wandb_service_killed_mid_run_is_a_warning_not_a_failure(prepared_data, 
     assert "W&B" in err
 
 
+def test_a_resumed_offline_run_syncs_as_one_continuous_wandb_run(prepared_data, tmp_path):
+    """A run stopped (SLURM's warning) and resumed, offline: `wandb sync` of its run dir's offline
+    run sends every step once, in order, with the logged values (to the protocol stand-in, which
+    keeps history lines by offset as the server does)."""
+    cfg = tiny_run(
+        prepared_data,
+        tmp_path / "run",
+        token_budget=8 * 32 * 12,
+        checkpoint_every_tokens=8 * 32 * 4,
+        val_every_tokens=8 * 32 * 6,
+        wandb=WandbConfig(mode="offline"),
+    )
+    stop_after(cfg, 6)
+    code, err = finish(start(cfg))
+    assert code == 0, err[-3000:]
+    logged = rows(tmp_path / "run")
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    with WandbStandin() as standin:
+        env = {**os.environ, "WANDB_BASE_URL": standin.base_url, "WANDB_API_KEY": "standin-key-" + "0" * 40}
+        sync = [str(Path(sys.executable).parent / "wandb"), "sync", "--entity", ENTITY]
+        out = subprocess.run(
+            [*sync, "--project", standin.project, *map(str, offline)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        history = list(standin.runs[cfg.signature].rows)
+    assert [h["_step"] for h in history] == list(range(13))
+    assert [(h["step"], h["tokens"], h["loss"]) for h in history[1:]] == [
+        (r["step"], r["tokens"], r["loss"]) for r in logged
+    ]
+    assert [h["step"] for h in history if "val_loss" in h] == [
+        r["step"] for r in rows(tmp_path / "run", "val_loss")
+    ]
+
+
 def test_a_corrupt_final_warmup_checkpoint_says_how_to_recover(prepared_data, tmp_path):
     from train.loop import train
 
@@ -397,3 +437,59 @@ def test_a_corrupt_final_warmup_checkpoint_says_how_to_recover(prepared_data, tm
     assert (
         f"python -m sweep.resubmit {tmp_path / 'sweep'} --arms warmup" in status(Path(arm.run_dir))["error"]
     )
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_the_thread_count_never_changes_a_result(prepared_data, tmp_path):
+    """The embedded model's shape (64 wide, 4 heads, 2 KV heads) trained as a job with 1 and with 2
+    intra-op threads: every logged loss, gradient norm and validation loss is bit-identical, so the
+    launcher may give a job whatever CPUs are free (the thread count is not part of a run's identity)."""
+    from train.config import ModelConfig
+
+    model = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2)
+    traces = {}
+    for threads in (1, 2):
+        cfg = tiny_run(prepared_data, tmp_path / f"run{threads}", model=model, token_budget=8 * 32 * 8)
+        path = tmp_path / f"run{threads}.json"
+        path.write_text(json.dumps(asdict(cfg)))
+        script = (
+            "import json, sys; from slurm.job import StageJob; from train.config import RunConfig, from_dict;"
+            "run = from_dict(RunConfig, json.load(open(sys.argv[1])));"
+            "StageJob('train', run=run, threads=int(sys.argv[2]))()"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path), str(threads)], cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert status(tmp_path / f"run{threads}")["launch"]["threads"] == threads
+        traces[threads] = _trace(tmp_path / f"run{threads}")
+    assert traces[1] == traces[2]
+
+
+@pytest.mark.parametrize(
+    ("env", "affinity", "threads"),
+    [
+        ({}, 2, 2),  # a job alone here: every CPU it may run on
+        ({"LOCAL_WORLD_SIZE": "2"}, 2, 1),  # two ranks of one job share them
+        ({"LOCAL_WORLD_SIZE": "4"}, 2, 1),  # never fewer than one
+        ({"SLURM_CPUS_PER_TASK": "8", "LOCAL_WORLD_SIZE": "8"}, 64, 8),  # SLURM says per task
+        ({"SLURM_CPUS_PER_TASK": "8"}, 4, 4),  # but not more than the task may run on
+    ],
+)
+def test_a_job_takes_the_threads_of_the_cpus_it_was_given(env, affinity, threads):
+    from slurm.job import job_threads
+
+    assert job_threads(env, affinity) == threads
+
+
+def test_the_local_launcher_shares_the_free_cpus_among_the_jobs_ready():
+    from sweep.launch import cpu_share
+
+    assert cpu_share(free=2, ready=1, slots=2, tasks=1) == 2  # the warmup alone: both cores
+    assert cpu_share(free=2, ready=5, slots=2, tasks=1) == 1  # five arms: two at a time, one each
+    assert cpu_share(free=1, ready=4, slots=1, tasks=1) == 1
+    assert cpu_share(free=2, ready=5, slots=1, tasks=1) == 2  # max_parallel=1: one job, every core
+    assert cpu_share(free=16, ready=3, slots=16, tasks=2) == 5  # a 2-rank job: 5 CPUs, 2 threads a rank
+    assert cpu_share(free=1, ready=1, slots=1, tasks=2) == 2  # at least a CPU per rank

@@ -8,7 +8,15 @@ client (`wandb` 0.31 and its `wandb-core` service) sends, dispatched on the Grap
   `RunHistoryKeys` (a run's last step), `HistoryPage` (rows by step range: the live tail);
 - `RunParquetHistory`: a run's history export, as the URL of one parquet file this server serves
   (`GET /history/<run id>.parquet`), plus `liveData`: the rows logged since that export;
-- telemetry posts (`/sdk/otel/...`) are accepted and ignored.
+- telemetry posts (`/sdk/otel/...`) are accepted and ignored;
+- what `wandb sync` of an offline run sends (the `wandb-core` client): `RunResumeStatus`,
+  `UpsertBucket` (the run, its group and config), `CreateRunFiles` with uploads (`PUT /upload/...`,
+  kept in `files`), and the file stream (`POST /files/<entity>/<project>/<run>/file_stream`), whose
+  `wandb-history.jsonl` lines are written at the offsets they name: a second sync of the same run
+  from offset 0 replaces the history, as the real server does (wandb/wandb#3841).
+
+`offline_history` reads an offline run's transaction log (`run-<id>.wandb`) the way `wandb sync`
+does: its history records, for tests of what a sync would send.
 
 It is not a W&B server: no auth check beyond the header's presence, no query parsing beyond the
 operation name. Tests use `requests` (the log of what was asked) to check cache reuse, and
@@ -20,11 +28,13 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -85,6 +95,7 @@ class WandbStandin:
         self.runs: dict[str, StandinRun] = {}
         self.requests: list[Request] = []
         self.throttled: Counter[str] = Counter()  # op -> how many more requests get a 429
+        self.files: dict[tuple[str, str], bytes] = {}  # (run id, file name) -> what a sync uploaded
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -167,6 +178,8 @@ class WandbStandin:
             return {"viewer": viewer}, None
         if op == "Runs":
             return self._runs_page(variables), None
+        if op in ("RunResumeStatus", "UpsertBucket", "CreateRunFiles"):
+            return self._sync_answer(op, variables)
         run_id = variables.get("name") or variables.get("runName") or variables.get("run")
         run = self.runs.get(str(run_id))
         if run is None:
@@ -183,6 +196,53 @@ class WandbStandin:
             page = [json.dumps(row) for row in run.steps(lo, min(hi, lo + size))]
             return {"project": {"run": {"history": page}}}, run.id
         raise KeyError(f"the W&B stand-in does not answer GraphQL operation {op!r}")
+
+    def _sync_answer(self, op: str, variables: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """The three GraphQL calls of `wandb sync` (see the module doc)."""
+        project = {"id": "1", "name": self.project, "entity": {"id": "e1", "name": ENTITY}}
+        name = str(variables.get("name") or variables.get("run"))
+        run = self.runs.get(name)
+        if op == "RunResumeStatus":
+            bucket = None
+            if run is not None:
+                bucket = {"id": f"run-{name}", "name": name, "summaryMetrics": "{}", "displayName": run.name}
+                bucket |= {"logLineCount": 0, "historyLineCount": len(run.rows), "eventsLineCount": 0}
+                bucket |= {"historyTail": "[]", "eventsTail": "[]", "config": "{}", "tags": [], "notes": None}
+                bucket |= {"wandbConfig": "{}"}
+            return {"model": {**project, "bucket": bucket}}, name
+        if op == "UpsertBucket":
+            with self._lock:
+                run = self.runs.setdefault(name, StandinRun(id=name, name=name, group="", rows=[]))
+                run.name = variables.get("displayName") or run.name
+                run.group = variables.get("groupName") or run.group
+                run.job_type = variables.get("jobType") or run.job_type
+                config = json.loads(variables.get("config") or "{}")
+                run.config |= {k: v.get("value") for k, v in config.items() if isinstance(v, dict)}
+            bucket = {"id": f"run-{name}", "name": name, "displayName": run.name, "description": None}
+            bucket |= {
+                "config": "{}",
+                "sweepName": None,
+                "project": project,
+                "historyLineCount": len(run.rows),
+            }
+            return {"upsertBucket": {"bucket": bucket, "inserted": True}}, name
+        files = [{"name": f, "uploadUrl": f"{self.base_url}/upload/{name}/{f}"} for f in variables["files"]]
+        return {"createRunFiles": {"runID": f"run-{name}", "uploadHeaders": [], "files": files}}, name
+
+    def _stream(self, run_id: str, body: dict[str, Any]) -> None:
+        """A file-stream post: history lines written at their offsets (a resent line replaces)."""
+        history = body.get("files", {}).get("wandb-history.jsonl")
+        with self._lock:
+            run = self.runs.setdefault(run_id, StandinRun(id=run_id, name=run_id, group="", rows=[]))
+            if history:
+                rows = (
+                    list(run.rows) if not isinstance(run.rows, pd.DataFrame) else run.rows.to_dict("records")
+                )
+                offset = int(history["offset"])
+                new = [json.loads(line) for line in history["content"]]
+                run.rows = rows[:offset] + new + rows[offset + len(new) :]
+            if body.get("complete"):
+                run.state = "finished" if not body.get("exitcode") else "failed"
 
     # -- HTTP ------------------------------------------------------------------------------------
 
@@ -217,6 +277,12 @@ class WandbStandin:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                stream = re.fullmatch(r"/files/[^/]+/[^/]+/([^/]+)/file_stream", self.path)
+                if stream:
+                    standin._stream(stream.group(1), json.loads(body))
+                    standin._record("file_stream", stream.group(1), 200)
+                    self._send(200, b"{}")
+                    return
                 if self.path != "/graphql":
                     self._send(200, b"")  # telemetry
                     return
@@ -235,6 +301,15 @@ class WandbStandin:
                     return
                 standin._record(op, run, 200)
                 self._send(200, json.dumps({"data": data}).encode())
+
+            def do_PUT(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                match = re.fullmatch(r"/upload/([^/]+)/(.+)", self.path)
+                if match:
+                    with standin._lock:
+                        standin.files[(match.group(1), match.group(2))] = body
+                standin._record("PUT upload", match.group(1) if match else None, 200 if match else 404)
+                self._send(200 if match else 404, b"")
 
             def do_GET(self) -> None:
                 match = re.fullmatch(r"/history/(.+)\.parquet", self.path)
@@ -272,3 +347,31 @@ def _matches(run: StandinRun, key: str, want: Any) -> bool:
             value = value.get(part) if isinstance(value, dict) else None
         return bool(value == want)
     raise KeyError(f"the W&B stand-in does not filter on {key!r}")
+
+
+def offline_history(path: str | Path) -> list[dict[str, Any]]:
+    """The history rows of an offline run's transaction log (`run-<id>.wandb`), in order, values
+    decoded. The log is W&B's record format: a 7-byte header (`:W&B`, magic, version), then
+    32 KiB blocks of chunks, each with a 7-byte header (CRC, length, type: full, first, middle,
+    last), holding serialized `Record` protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B transaction log")
+    block, pos, record, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        record = chunk if kind in (1, 2) else record + chunk
+        if kind not in (1, 4):  # the record goes on in the next chunk (or an empty chunk: padding)
+            continue
+        parsed = pb.Record()
+        parsed.ParseFromString(record)
+        if parsed.WhichOneof("record_type") == "history":
+            items = parsed.history.item
+            rows.append({(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in items})
+    return rows

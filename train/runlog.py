@@ -76,6 +76,8 @@ class RunLog:
         truncate_metrics(self.run_dir, resume_step)
         self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115 - line-buffered
         self._wandb: Any = self._start_wandb()
+        if self._wandb is not None and cfg.wandb.mode == "offline":
+            self._continue_offline_history()
 
     @property
     def wandb_id(self) -> str:
@@ -129,10 +131,37 @@ class RunLog:
             warnings.warn(f"W&B {what} failed, continuing with {METRICS_FILE} only: {exc}", stacklevel=3)
             self._wandb = None
 
+    def _continue_offline_history(self) -> None:
+        """Make this attempt's offline W&B dir hold the run's whole history, so that syncing it
+        alone gives one continuous run.
+
+        Every attempt of an offline run writes its own `offline-run-<time>-<id>` dir, and `wandb
+        sync` of several dirs of one id keeps only the last one's history (wandb/wandb#3841,
+        #5865). So the rows up to the checkpoint resumed from (from `metrics.jsonl`, the source of
+        truth; none when starting over) are logged again here at their own steps, and the earlier
+        attempts' dirs are moved to `wandb/superseded/` (kept, never synced by `wandb sync <run
+        dir>/wandb/offline-run-*`)."""
+        for line in (self.run_dir / METRICS_FILE).read_text().splitlines():
+            try:
+                self._wandb_log(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        current = Path(self._wandb.dir).parent if self._wandb is not None else None
+        superseded = self.run_dir / "wandb" / "superseded"
+        for old in sorted((self.run_dir / "wandb").glob(f"offline-run-*-{self.wandb_id}")):
+            if old != current:
+                superseded.mkdir(exist_ok=True)
+                os.replace(old, superseded / old.name)
+
     def log(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(row) + "\n")
+        self._wandb_log(row)
+
+    def _wandb_log(self, row: dict[str, Any]) -> None:
+        """One row to W&B at its optimizer step (its `_step`), so that a resumed run's rows land
+        on the steps they belong to: W&B keeps a step's first row and drops a repeat."""
         scalars = {k: v for k, v in row.items() if k != VAL_SEQUENCES}
-        self._wandb_call("log", lambda run: run.log(scalars))
+        self._wandb_call("log", lambda run: run.log(scalars, step=int(row["step"])))
 
     def update(self, force: bool = False, **fields: Any) -> None:
         """Merge `fields` into status.json; rewritten at most every HEARTBEAT_S unless forced."""

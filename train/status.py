@@ -140,6 +140,12 @@ class RunClaim:
 def claimed_by(run_dir: str | Path) -> str | None:
     """Who trains `run_dir` right now (pid, host, job), or None when nobody holds its claim."""
     path = Path(run_dir) / RunClaim.FILE
+    return owner_text(path) if claimant(run_dir) is not None else None
+
+
+def claimant(run_dir: str | Path) -> dict[str, Any] | None:
+    """The claim of the process that trains `run_dir` right now (pid, host, job id), or None."""
+    path = Path(run_dir) / RunClaim.FILE
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -147,7 +153,11 @@ def claimed_by(run_dir: str | Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return owner_text(path)
+        try:
+            info = json.loads(path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            info = {}
+        return info if isinstance(info, dict) else {}
     except OSError:
         return None
     finally:
