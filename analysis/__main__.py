@@ -33,10 +33,10 @@ def main(cfg: DictConfig) -> None:
     # From run dirs the sweep's manifest says what its experiment declares; from W&B the config does.
     declared = cfg.source == "wandb"
     pairs: list[list[str]] = [list(p) for p in exp.pairs or []] if declared else []
-    pairs += [list(p) for p in a.pairs if list(p) not in pairs]
+    extra = [list(p) for p in a.pairs]
     controls = [list(p) for p in exp.controls or []] if declared else []
     yardstick = [list(p) for p in a.yardstick or (exp.yardstick if declared else []) or []]
-    bad = [p for p in [*pairs, *controls, *yardstick] if len(p) != 2]
+    bad = [p for p in [*pairs, *extra, *controls, *yardstick] if len(p) != 2]
     if bad:
         _fail(f"a pair names two arms, got {bad}")
     # skip_tokens null: the experiment's declared transient (recorded in the sweep's manifest), else 0.
@@ -53,6 +53,7 @@ def main(cfg: DictConfig) -> None:
         margin,
         controls=controls,
         yardstick=yardstick,
+        extra=extra,
         ladder=list(ladder.get("ladder", [])),
         epsilon=float(ladder.get("epsilon", 0.01)),
         targets=[float(t) for t in ladder.get("targets", [])],

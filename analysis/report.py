@@ -79,7 +79,7 @@ B_noise; otherwise beyond it. arms.csv also has b_simple, the median of the trai
 class Comparison:
     """What to compare and how: pairs, binning, margin, and a title for tables and plots."""
 
-    pairs: list[list[str]]  # the questions: declared pairs, then extra ones
+    pairs: list[list[str]]  # the questions the experiment declares
     spec: BinSpec = field(default_factory=BinSpec)
     margin: Margin = field(default_factory=Margin)
     title: str = "comparison"
@@ -92,11 +92,16 @@ class Comparison:
     controls: list[list[str]] = field(default_factory=list)
     # the operating-point pairs whose spread sets δ (analysis/tables.py); empty: the experiment's
     yardstick: list[list[str]] = field(default_factory=list)
+    extra: list[list[str]] = field(default_factory=list)  # pairs asked for on top (analysis.pairs)
 
     @property
     def compared(self) -> list[list[str]]:
-        """Every pair that gets a verdict: the questions, then the controls."""
-        return [*self.pairs, *(p for p in self.controls if p not in self.pairs)]
+        """Every pair that gets a verdict: the questions, the controls, then the extra pairs."""
+        out: list[list[str]] = []
+        for pair in [*self.pairs, *self.controls, *self.extra]:
+            if list(pair) not in out:
+                out.append(list(pair))
+        return out
 
 
 def fmt(v: Any) -> str:
@@ -456,7 +461,7 @@ def draw(out: Path, cmp: Comparison, tables: dict[str, Any], labels: dict[str, s
     """curves.png, equivalence.png (training-loss gaps) and pairing.png."""
     if len(tables["bins"]):
         title = f"{cmp.title}: loss vs tokens"
-        plot.curves(tables["bins"], tables["arms"], cmp.pairs, labels, out / "curves.png", title)
+        plot.curves(tables["bins"], tables["arms"], cmp.compared, labels, out / "curves.png", title)
     gaps, pairs = tables["gaps"], tables["pairs"]
     if len(gaps) and (gaps["metric"] == "train").any():
         plot.equivalence(
@@ -487,7 +492,7 @@ def sweep_arms(sweep_dir: Path) -> tuple[dict[str, Any], list[ArmRows], list[str
 
 
 def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Compare a sweep's arms from its run dirs: the manifest's pairs plus `cmp.pairs`."""
+    """Compare a sweep's arms from its run dirs: the manifest's pairs and controls, then `cmp`'s."""
     sweep_dir = Path(sweep_dir)
     manifest, found, missing, labels = sweep_arms(sweep_dir)
     cmp = cmp or Comparison(pairs=[], experiment_skip=True)
@@ -516,10 +521,9 @@ def live_verdicts(sweep_dir: str | Path, cmp: Comparison | None = None) -> pd.Da
 def _declared(manifest: dict[str, Any], cmp: Comparison) -> Comparison:
     """`cmp` with what the sweep's experiment declares: its pairs (then `cmp`'s extra ones), its
     controls, its yardstick (unless `cmp` names one), its batch ladder and its branch transient."""
-    declared = [list(p) for p in manifest.get("pairs", [])]
     ladder = manifest.get("cbs") or {}  # a batch ladder the experiment declared (the cbs preset)
     full = Comparison(
-        declared + [list(p) for p in cmp.pairs if list(p) not in declared],
+        [list(p) for p in manifest.get("pairs", [])],
         _spec_for(manifest, cmp),
         cmp.margin,
         cmp.title,
@@ -528,6 +532,7 @@ def _declared(manifest: dict[str, Any], cmp: Comparison) -> Comparison:
         cmp.targets or [float(t) for t in ladder.get("targets", [])],
         controls=[list(p) for p in manifest.get("controls", [])],
         yardstick=cmp.yardstick or [list(p) for p in manifest.get("yardstick", [])],
+        extra=[*cmp.pairs, *cmp.extra],
     )
     if full.ladder and not full.margin.nats:  # the ladder's pairs are judged against epsilon
         full.margin = replace(full.margin, nats=full.epsilon)

@@ -422,7 +422,7 @@ def pair_rows(
         name = _pair_name([a, b], variant)
         runs = _replicate_pairs(arms, a, b, variant)
         if not runs:
-            skipped.append(_why_not_compared(arms, a, b, name))
+            skipped.append(_why_not_compared(arms, a, b, name, variant))
             continue
         apart = _branch_apart(runs)
         if apart:
@@ -466,16 +466,15 @@ def pair_rows(
     return table, frames, list(dict.fromkeys(skipped))
 
 
-def _why_not_compared(arms: dict[str, Arm], a: str, b: str, name: str) -> str:
+def _why_not_compared(arms: dict[str, Arm], a: str, b: str, name: str, variant: str) -> str:
     """Why a pair has no run of both arms to compare (said in the report, never silently dropped)."""
     absent = [x for x in (a, b) if not any(x in (arm.base, arm.name) for arm in arms.values())]
     if absent:
         return f"{a}-{b}: not compared: arm {' and '.join(absent)} logged no rows yet"
-
-    def runs(x: str) -> str:
-        return ", ".join(sorted(arm.name for arm in arms.values() if x in (arm.base, arm.name)))
-
-    return f"{name}: not compared: {a} and {b} share no sweep variant and data order ({runs(a)}; {runs(b)})"
+    here = [x for x in (a, b) if not any(arm.base == x and arm.variant == variant for arm in arms.values())]
+    if here:
+        return f"{name}: not compared: {' and '.join(here)} did not run in this sweep variant"
+    return f"{name}: not compared: {a} and {b} share no data-order replicate"
 
 
 def _regime_columns(runs: list[tuple[Arm, Arm]]) -> dict[str, Any]:

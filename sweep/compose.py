@@ -76,7 +76,14 @@ def override_problems(argv: list[str], schema: Any, config_dir: str) -> list[str
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    # Hydra's flags that take a value (`-sc install=bash`, `-cn NAME`): the value is no override.
+    valued = {"-sc", "--shell-completion", "-cn", "--config-name", "-cp", "--config-path"}
+    valued |= {"-cd", "--config-dir", "--experimental-rerun", "-p", "--package", "-c", "--cfg"}
+    candidates = [
+        a
+        for i, a in enumerate(argv)
+        if "=" in a and not a.startswith("-") and (i == 0 or argv[i - 1] not in valued)
+    ]
     try:
         parsed = OverridesParser.create().parse_overrides(candidates)
     except HydraException:

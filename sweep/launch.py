@@ -70,12 +70,11 @@ def _execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
     # The queue as it is now that this command holds the sweep: another command may just have
     # submitted jobs that the manifest now names.
     queue = squeue_states() if opts.executor == "slurm" else None
-    mixed = branch_conflicts(plan)
-    if mixed:
-        raise SystemExit(
-            "error: " + "\n  ".join(["arms compared in a pair must start from the same weights:", *mixed])
-        )
     try:
+        mixed = branch_conflicts(plan)
+        if mixed:
+            head = "arms compared in a pair must start from the same weights:"
+            raise SystemExit("error: " + "\n  ".join([head, *mixed]))
         manifest = record_plan(plan, executor=opts.executor)
     except (OSError, ValueError) as exc:  # a full disk, a damaged manifest: say it, do not crash
         raise SystemExit(f"error: cannot record the sweep in {plan.dir}: {exc}") from None

@@ -20,7 +20,9 @@ from sweep.plan import format_table, tokens_text
 from sweep.state import latest_job_id, squeue_states, sweep_states
 from train.status import BAD, IN_FLIGHT, RunState
 
-COLUMNS = ["job", "state", "id", "done", "loss", "tok/s", "eta", "note"]
+# `val loss`: the last evaluation, on the validation sequences every arm shares (one step's training
+# loss is one batch's: at batch 1 its noise hides a gap of a tenth of a nat).
+COLUMNS = ["job", "state", "id", "done", "val loss", "tok/s", "eta", "note"]
 WIDE = ["replicate", "requeues", "wandb"]
 WIDTH = 100  # the default table fits a terminal this wide: the note is cut to what is left
 
@@ -82,7 +84,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "done": f"{tokens_text(tokens)}/{tokens_text(budget)}"
                 if tokens is not None and budget
                 else "",
-                "loss": f"{status['loss']:.4f}" if status.get("loss") is not None else "",
+                "val loss": f"{status['val_loss']:.4f}" if status.get("val_loss") is not None else "",
                 "tok/s": f"{status['tokens_per_s']:.0f}" if status.get("tokens_per_s") else "",
                 "eta": _duration(_eta(status, budget)) if running else "",
                 "note": "; ".join(n for n in (state.reason, _branch_note(manifest, job)) if n),

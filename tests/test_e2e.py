@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,14 @@ def test_every_arm_completes_with_metrics_and_wandb_files(sweep_run):
     sweep_dir, _ = sweep_run
     manifest = read_manifest(sweep_dir)
     arms = {n: j for n, j in manifest["jobs"].items() if j["kind"] == "arm"}
+    # The warmup ran alone with every CPU; the arms side by side, sharing them (one each on 2 cores).
+    cpus = len(os.sched_getaffinity(0))
+    threads = {
+        n: json.loads((Path(j["run_dir"]) / "status.json").read_text())["launch"]["threads"]
+        for n, j in arms.items()
+    }
+    warmup = json.loads((Path(manifest["jobs"]["warmup"]["run_dir"]) / "status.json").read_text())
+    assert warmup["launch"]["threads"] == cpus and max(threads.values()) <= max(1, cpus // 2)
     assert sorted(arms) == sorted(MATRIX)
     for name, job in arms.items():
         run_dir = Path(job["run_dir"])
@@ -176,6 +185,12 @@ def test_status_fits_a_terminal_and_tails_a_log(sweep_run):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and max(len(line) for line in out.stdout.splitlines()) <= 100, out.stdout
     assert out.stdout.splitlines()[-1].startswith("13 jobs: 13 completed")
+    # Each arm's last validation loss (the sequences every arm shares), not one step's training loss.
+    for arm in ("A", "D"):
+        rows = (Path(read_manifest(sweep_dir)["jobs"][arm]["run_dir"]) / "metrics.jsonl").read_text()
+        last = [json.loads(line)["val_loss"] for line in rows.splitlines() if '"val_loss"' in line][-1]
+        line = next(x for x in out.stdout.splitlines() if x.startswith(f"{arm} "))
+        assert f" {last:.4f} " in line, line
     tail = subprocess.run([*cmd, "--tail", "H", "--lines", "5"], cwd=REPO, capture_output=True, text=True)
     assert tail.returncode == 0 and tail.stdout.startswith("==> ") and "_log.err <==" in tail.stdout
 
@@ -211,6 +226,17 @@ def test_a_budget_the_data_cannot_hold_is_refused_and_a_changed_arm_gets_a_new_r
     assert Path(old_h["run_dir"], "status.json").exists()  # the old run is kept
     code, states = sweep_status(sweep_dir)
     assert code == 0 and states["H"] == "completed"
+
+
+def test_a_rerun_whose_config_redoes_the_warmup_is_refused_for_one_arm(sweep_run):
+    """A alone with another base lr (which the warmup uses too) would branch from a new warmup
+    while H, D, J stay on the old one: refused before anything runs or is recorded."""
+    sweep_dir, _ = sweep_run
+    before = (sweep_dir / "manifest.json").read_text()
+    out = _sweep(sweep_dir.parent, "arm=A", "ops.base.lr=0.004")
+    assert out.returncode == 1 and "arms compared in a pair must start from the same weights" in out.stderr
+    assert "but H (pair A-H) started from warmup:" in out.stderr and "Traceback" not in out.stderr
+    assert (sweep_dir / "manifest.json").read_text() == before
 
 
 @pytest.mark.parametrize(

@@ -625,6 +625,8 @@ class Trainer:
             self.log.log(
                 {"step": step, "tokens": self.state.tokens, "val_loss": val_loss, VAL_SEQUENCES: sequences}
             )
+            # For `sweep.status`: the same sequences for every arm, unlike one step's training loss.
+            self.log.update(val_loss=val_loss, val_tokens=self.state.tokens)
         if not math.isfinite(val_loss) or val_loss <= 0:
             raise BadValidation(f"validation loss {val_loss} at step {step}: the measurement is broken")
         if self.previous_val and val_loss == self.previous_val[-1]:
