@@ -379,7 +379,11 @@ def yardstick_spreads(arms: dict[str, Arm], yardstick: list[list[str]], spec: Bi
             bad += [apart] if (apart := _branch_apart(runs)) else []
             gap = [mean_gap(a.steps, b.steps, spec.skip_tokens, spec.until_tokens) for a, b in runs]
             gap = [g for g in gap if math.isfinite(g)]
-            if bad or not gap:
+            if not runs:
+                missing.append(
+                    _why_not_compared(arms, x, y, f"{x}-{y}", variant).replace(": not compared", "")
+                )
+            elif bad or not gap:
                 why = ", ".join(bad) if bad else "no rows of both arms in the compared range"
                 missing.append(f"{x}-{y} ({why})")
             else:
@@ -698,7 +702,7 @@ def verdict_line(row: dict[str, Any]) -> str:
             "(more tokens or data-order replicates would decide)"
         )
     elif verdict_ == "no verdict: no margin":
-        head = "no verdict: no margin (no operating-point spread at these batch sizes; set analysis.margin)"
+        head = "no verdict: no margin (no yardstick pair measured: see above; or set analysis.margin)"
     else:
         head = verdict_
     return f"{row['pair']} ({row['metric']}): {head}; {facts}."
