@@ -17,7 +17,7 @@ SWEEP = [sys.executable, "-m", "sweep", "+experiment=sqrt_rule", "-m", "arm=A,H"
 
 # (overrides, what the message must say)
 SWEEP_CASES = [
-    (["experiment.arms.H.lr_scale=-2"], "optimizer.lr=-0.005: expected a positive lr"),
+    (["experiment.arms.H.lr_scale=-2"], "optimizer.lr=-0.00125: expected a positive lr"),
     (["experiment.arms.H.lr_scale=0"], "optimizer.lr=0.0: expected a positive lr"),
     (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0: expected a positive norm"),
     (["ops.base.weight_decay=-0.5"], "optimizer.weight_decay=-0.5: expected 0 or more"),
