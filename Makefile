@@ -1,5 +1,5 @@
 # Two commands for a new user: `make demo` (run the embedded study) and `make test`.
-# `make test-fast` is the developer's loop: lint and every test but the end-to-end, SLURM and 0.5B-scale ones.
+# `make test-fast` is the developer's loop: lint and every test but the end-to-end, SLURM, slow and 0.5B-scale ones.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel of these machines; on a GPU
 # machine use e.g. `make demo TORCH_SPEC=torch` for the normal (CUDA) wheel.
 PYTHON ?= python3
@@ -41,15 +41,15 @@ test: lint
 	$(PYTEST)
 
 test-fast: lint
-	$(PYTEST) -m "not e2e and not slurm and not scale"
+	$(PYTEST) -m "not e2e and not slurm and not scale and not slow"
 
-# The GPU proof (benchmarks/gpu_check.py): correctness of the trainer on CUDA against the CPU, and
-# the 0.5B model's throughput. It runs on the machine's own PyTorch (GPU_PYTHON, default this venv's
+# The GPU proof (python -m benchmarks.gpu_check): correctness of the trainer on CUDA against the
+# CPU, and the 0.5B model's throughput. It runs on the machine's own PyTorch (GPU_PYTHON, default this venv's
 # python where there is one, else python3) without installing anything; without CUDA it runs what
 # the CPU can and says what it skipped. Results: benchmarks/results/gpu_check_<device>.{json,md}.
 GPU_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo python3)
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py
+	$(GPU_PYTHON) -m benchmarks.gpu_check
 
 # git hooks running ruff and mypy before each commit (.pre-commit-config.yaml)
 hooks: install

@@ -4,7 +4,7 @@ Branched (Merrill et al. 2025, "Critical batch size revisited", arXiv 2505.23971
 branch point, arms at batch k B (k = 1, 2, 4, ...) with the lr moved by a rule run a fixed token
 window; the critical batch at that point is the largest batch whose loss at the window's end
 stays within epsilon of the smallest batch's. "At the window's end" is the pair's last verdict
-segment (the paired gap on the samples both consumed, with its robust CI: analysis/tables.py),
+segment (the paired gap on the samples both consumed, with its robust CI: analysis/pairs.py),
 so the critical batch comes with an interval: its low end is the largest batch (with every
 smaller one) whose CI lies below epsilon, its high end the batch before the first whose CI lies
 entirely above it. Several branch points are the ladder swept over warmups of several lengths

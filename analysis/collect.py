@@ -4,23 +4,19 @@ Every source (run dirs here, the W&B API in `analysis.wandb_source`) yields, per
 rows in the order they were logged, possibly in several segments (a requeued or resumed run logs
 again from its last checkpoint, so tokens repeat). `long_table` turns them into the one schema the
 tables read: one row per (arm, kind, tokens), the later row winning, `kind` = train or val.
-Nothing here imports the trainer: run files are read through `train.status` (the status file's
-own reader), which needs no torch.
+Nothing here imports the trainer: run files are read through `records/`, which needs no torch.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from train.status import read_status
-
-VAL_SEQUENCES = "val_sequence_loss"  # the trainer's key (train/runlog.py) for per-sequence losses
+from records.metrics import FIELDS, VAL_SEQUENCES, read_metrics
+from records.run_status import read_status
 
 COLUMNS = [
     "arm",
@@ -41,11 +37,8 @@ COLUMNS = [
     "tokens_per_s",
     "gpu_hours",
 ]
-# b_simple: the trainer's smoothed B_simple (sequences); grad_sq, noise_trace: one step's own
-# unbiased |G|^2 and tr(Sigma), on the steps that measured them (the analysis sums them per window);
-# *_exact: the same from every sequence's gradient (trainer.per_example_stats), preferred where logged
-LOGGED = ["step", "tokens", "loss", "val_loss", "lr", "b_simple", "grad_sq", "noise_trace", "tokens_per_s"]
-LOGGED += ["gpu_hours", "grad_sq_exact", "noise_trace_exact"]
+# The logged keys the analysis reads (records/metrics.py marks them), but the per-sequence list.
+LOGGED = [key for key, f in FIELDS.items() if f.read and key != VAL_SEQUENCES]
 
 
 @dataclass
@@ -93,20 +86,6 @@ def val_sequences(rows: list[dict[str, Any]]) -> dict[int, np.ndarray]:
     return {
         int(r["tokens"]): np.asarray(r[VAL_SEQUENCES], dtype=np.float64) for r in rows if VAL_SEQUENCES in r
     }
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of a run's metrics file; a torn last line (a killed writer) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _last_per_token(tokens: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from analysis.robust import MIN_N, Estimate, long_run_variance, robust_mean
 
 
 @dataclass(frozen=True)
-class Steps:
+class LoggedSteps:
     """One arm's logged training steps in token order: where each step's samples start and end
     (in tokens; NaN start where the previous step was not logged) and its loss over them."""
 
@@ -34,7 +34,7 @@ class Steps:
     loss: np.ndarray
 
     @classmethod
-    def of(cls, step: np.ndarray, tokens: np.ndarray, loss: np.ndarray) -> Steps:
+    def of(cls, step: np.ndarray, tokens: np.ndarray, loss: np.ndarray) -> LoggedSteps:
         start = np.full(len(tokens), np.nan)
         if len(tokens):
             start[0] = 0.0 if step[0] == 1 else np.nan
@@ -83,7 +83,7 @@ class Windows:
         return Windows(self.start[keep], self.end[keep], self.a[keep], self.b[keep])
 
 
-def _window_means(s: Steps, bounds: np.ndarray) -> np.ndarray:
+def _window_means(s: LoggedSteps, bounds: np.ndarray) -> np.ndarray:
     """Token-weighted mean loss of `s` over each window (bounds[j], bounds[j+1]]; NaN where a step of
     the window was not logged. Every bound is 0 or one of the arm's step ends."""
     known = np.isfinite(s.start)
@@ -105,7 +105,7 @@ def _shared(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return x[y[at] == x] if len(y) else x[:0]
 
 
-def matched_windows(a: Steps, b: Steps) -> Windows:
+def matched_windows(a: LoggedSteps, b: LoggedSteps) -> Windows:
     """The windows both arms ended steps around, with both arms' mean losses (complete windows only)."""
     bounds = np.concatenate([[0], _shared(a.end, b.end)])
     if len(bounds) < 2:
@@ -116,7 +116,7 @@ def matched_windows(a: Steps, b: Steps) -> Windows:
     return Windows(bounds[:-1][keep], bounds[1:][keep], mean_a[keep], mean_b[keep])
 
 
-def mean_gap(a: Steps, b: Steps, skip_tokens: int, until_tokens: int) -> float:
+def mean_gap(a: LoggedSteps, b: LoggedSteps, skip_tokens: int, until_tokens: int) -> float:
     """The token-weighted mean gap a - b over the matched windows in range, from running sums (a
     few binary searches: the yardstick compares every arm with many others). NaN when no window."""
     if not (len(a.end) and len(b.end)):

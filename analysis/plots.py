@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.verdict import Verdict
+
 FIGURES = ("curves.png", "equivalence.png", "pairing.png", "regime.png", "cbs.png", "cbs_fit.png")
 
 
@@ -182,7 +184,10 @@ def pairing(pairs: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-VERDICT_MARKERS = {"equivalent": ("o", "tab:green"), "not equivalent": ("X", "tab:red")}
+VERDICT_MARKERS: dict[Verdict, tuple[str, str]] = {
+    Verdict.EQUIVALENT: ("o", "tab:green"),
+    Verdict.NOT_EQUIVALENT: ("X", "tab:red"),
+}
 
 
 def regime(pairs: pd.DataFrame, edges: tuple[float, float], path: Path, title: str) -> None:
@@ -207,7 +212,7 @@ def regime(pairs: pd.DataFrame, edges: tuple[float, float], path: Path, title: s
     )
     ax.axvline(1.0, color="tab:orange", lw=1)
     for i in np.flatnonzero(shown):
-        verdict = str(pairs["verdict"].iloc[i])
+        verdict = Verdict(str(pairs["verdict"].iloc[i]))
         marker, colour = VERDICT_MARKERS.get(verdict, ("s", "tab:gray"))
         ax.errorbar(
             x[i], y[i], yerr=[[y[i] - low[i]], [high[i] - y[i]]], fmt=marker, color=colour, ms=7, capsize=3
@@ -215,7 +220,7 @@ def regime(pairs: pd.DataFrame, edges: tuple[float, float], path: Path, title: s
         ax.annotate(
             str(pairs["pair"].iloc[i]), (x[i], y[i]), textcoords="offset points", xytext=(6, 4), fontsize=7
         )
-    for verdict, (marker, colour) in [*VERDICT_MARKERS.items(), ("inconclusive", ("s", "tab:gray"))]:
+    for verdict, (marker, colour) in [*VERDICT_MARKERS.items(), (Verdict.INCONCLUSIVE, ("s", "tab:gray"))]:
         ax.plot([], [], marker, color=colour, label=verdict)
     if "delta" in pairs and np.isfinite(spread).any():
         margin = float(np.nanmedian(pairs["delta"].to_numpy(np.float64) / spread))

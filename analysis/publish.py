@@ -9,9 +9,10 @@ from typing import Any
 import pandas as pd
 
 from analysis.plots import FIGURES as IMAGES
+from analysis.report import Tables
 
 
-def publish(tables: dict[str, Any], out: Path, project: str, entity: str, group: str, mode: str) -> str:
+def publish(tables: Tables, out: Path, project: str, entity: str, group: str, mode: str) -> str:
     """Tables as `wandb.Table`, plots as images, verdicts in the summary; returns the run's path or dir."""
     import wandb
 
@@ -29,14 +30,14 @@ def publish(tables: dict[str, Any], out: Path, project: str, entity: str, group:
     try:
         logged: dict[str, Any] = {}
         for name in ("pairs", "arms", "bins"):
-            df: pd.DataFrame = tables[name]
+            df: pd.DataFrame = getattr(tables, name)
             if len(df):
                 logged[name] = wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
         for image in IMAGES:
             if (out / image).exists():
                 logged[image.removesuffix(".png")] = wandb.Image(str(out / image))
         run.log(logged)
-        for row in tables["pairs"].to_dict("records"):
+        for row in tables.pairs.to_dict("records"):
             run.summary[f"{row['metric']}/{row['pair']}/verdict"] = row["verdict"]
             run.summary[f"{row['metric']}/{row['pair']}/mean_gap"] = row["mean_gap"]
         where = run.path if mode == "online" else str(Path(run.dir).parent)

@@ -21,22 +21,13 @@ import pandas as pd
 
 from analysis import cbs
 from analysis import plots as plot
+from analysis.arms import REGIME_EDGES, arm_context, arms_of, curve_bins
 from analysis.collect import ArmRows, long_table, run_dir_arms
-from analysis.tables import (
-    REGIME_EDGES,
-    BinSpec,
-    Margin,
-    Spread,
-    arm_context,
-    arms_of,
-    curve_bins,
-    pair_rows,
-    ranking,
-    verdict_line,
-    yardstick_spreads,
-)
-from sweep.manifest import read_manifest
-from train.status import write_json_atomic
+from analysis.options import BinSpec, Margin
+from analysis.pairs import Spread, pair_rows, ranking, yardstick_spreads
+from analysis.verdict import verdict_line
+from records.atomic import write_json_atomic
+from records.manifest import read_manifest
 
 SUMMARY_COLUMNS = ["pair", "metric", "verdict", "mean_gap", "ci_low", "ci_high", "reach", "delta"]
 DETAIL_COLUMNS = ["pair", "metric", "batch_a", "batch_b", "replicates", "windows", "segments", "from_tokens"]
@@ -90,7 +81,7 @@ class Comparison:
     experiment_skip: bool = False  # skip the tokens the experiment declares (its branch transient)
     # pairs that must NOT match (the instrument discriminates): compared, marked, never in δ
     controls: list[list[str]] = field(default_factory=list)
-    # the operating-point pairs whose spread sets δ (analysis/tables.py); empty: the experiment's
+    # the operating-point pairs whose spread sets δ (analysis/pairs.py); empty: the experiment's
     yardstick: list[list[str]] = field(default_factory=list)
     extra: list[list[str]] = field(default_factory=list)  # pairs asked for on top (analysis.pairs)
 
@@ -159,9 +150,28 @@ def check_pairs(pairs: list[list[str]], found: list[ArmRows], known: set[str]) -
         )
 
 
-def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = None) -> dict[str, Any]:
-    """Every table of a comparison (nothing written): `pairs`, `gaps`, `bins`, `arms`, `runs` (the
-    merged long table of `found`, made here unless given)."""
+@dataclass
+class Tables:
+    """Every table of a comparison; `report` adds where it wrote them and, with a batch ladder, the
+    critical batch size."""
+
+    pairs: pd.DataFrame  # one row per pair and metric: the verdict and its numbers (pairs.csv)
+    not_compared: list[str]  # declared pairs that could not be compared, each with why
+    yardstick: pd.DataFrame  # the yardstick's pairs and the margin they give (yardstick.csv)
+    gaps: pd.DataFrame  # per pair: display bins, verdict segments, evaluations (gaps.csv)
+    bins: pd.DataFrame  # every arm's training loss per bin (bins.csv)
+    arms: pd.DataFrame  # per arm run: regime and context (arms.csv)
+    ranking: pd.DataFrame  # arms by final validation loss (ranking.csv)
+    runs: pd.DataFrame  # the merged long table (runs.parquet)
+    cbs: pd.DataFrame | None = None  # the branched critical batch (cbs.csv)
+    cbs_fit: pd.DataFrame | None = None  # the McCandlish fit (cbs_fit.csv)
+    out: Path | None = None
+    title: str = ""
+
+
+def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = None) -> Tables:
+    """Every table of a comparison (nothing written); `runs`, the merged long table of `found`, is
+    made here unless given."""
     runs = long_table(found) if runs is None else runs
     arms = arms_of(runs, cmp.spec, {a.arm: a for a in found})
     spreads = yardstick_spreads(arms, cmp.yardstick, cmp.spec)
@@ -170,16 +180,17 @@ def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = N
         pairs = pd.DataFrame(
             columns=list(dict.fromkeys([*SUMMARY_COLUMNS, *DETAIL_COLUMNS, "alpha", "role"]))
         )
-    return {
-        "pairs": pairs,
-        "not_compared": skipped,
-        "yardstick": yardstick_table(spreads, cmp),
-        "gaps": gaps,
-        "bins": curve_bins(arms, cmp.spec),
-        "arms": arm_context(arms),
-        "ranking": ranking(arms, pairs),
-        "runs": runs,
-    }
+    return Tables(
+        pairs,
+        skipped,
+        yardstick_table(spreads, cmp),
+        gaps,
+        curve_bins(arms, cmp.spec),
+        arm_context(arms),
+        ranking(arms, pairs),
+        runs,
+        title=cmp.title,
+    )
 
 
 def report(
@@ -189,8 +200,8 @@ def report(
     missing: list[str] | None = None,
     plots: bool = True,
     labels: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Compute every table, write every file, print `pairs.md`; returns the tables by name (and `out`).
+) -> Tables:
+    """Compute every table, write every file, print `pairs.md`; returns the tables and where.
 
     `labels`: per arm run, its legend text in the curves plot (arm, batch, rule)."""
     if not cmp.compared:
@@ -204,18 +215,18 @@ def report(
     background = ThreadPoolExecutor(max_workers=1)
     writer = background.submit(runs.to_parquet, out / "runs.parquet", index=False)
     tables = compare(found, cmp, runs)
-    pairs, context = tables["pairs"], tables["arms"]
+    pairs, context = tables.pairs, tables.arms
     pairs.to_csv(out / "pairs.csv", index=False)
-    tables["gaps"].to_csv(out / "gaps.csv", index=False)
-    tables["bins"].to_csv(out / "bins.csv", index=False)
+    tables.gaps.to_csv(out / "gaps.csv", index=False)
+    tables.bins.to_csv(out / "bins.csv", index=False)
     context.to_csv(out / "arms.csv", index=False)
-    tables["ranking"].to_csv(out / "ranking.csv", index=False)
+    tables.ranking.to_csv(out / "ranking.csv", index=False)
     (out / "pairs.tex").write_text(to_latex(pairs, cmp.title))
-    tables["yardstick"].to_csv(out / "yardstick.csv", index=False)
+    tables.yardstick.to_csv(out / "yardstick.csv", index=False)
     text = markdown(tables, cmp, missing or [])
     if cmp.ladder:
-        tables |= critical_batch(tables, cmp, out, plots)
-        text += cbs_markdown(tables["cbs"], tables["cbs_fit"])
+        tables.cbs, tables.cbs_fit = critical_batch(tables, cmp, out, plots)
+        text += cbs_markdown(tables.cbs, tables.cbs_fit)
     (out / "pairs.md").write_text(text)
     if plots:
         draw(out, cmp, tables, labels or {})
@@ -231,7 +242,8 @@ def report(
     for name in plot.FIGURES:
         if (out / name).exists():
             print(f"wrote {out / name}")
-    return {**tables, "out": out, "title": cmp.title}
+    tables.out = out
+    return tables
 
 
 OPTIONS_FILE = "analysis.json"  # the options an analysis in `out` was made with
@@ -262,18 +274,20 @@ def keep_other_analysis(out: Path, cmp: Comparison) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def critical_batch(tables: dict[str, Any], cmp: Comparison, out: Path, plots: bool) -> dict[str, Any]:
+def critical_batch(
+    tables: Tables, cmp: Comparison, out: Path, plots: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """cbs.csv / cbs.png (branched) and cbs_fit.csv / cbs_fit.png (McCandlish) of the ladder."""
-    found = tables["pairs"]
+    found = tables.pairs
     level = 1 - 2 * float(found["alpha"].iloc[0]) if len(found) and "alpha" in found else 0.9
-    branch = cbs.branched(found, tables["gaps"], tables["arms"], cmp.ladder, cmp.epsilon)
-    fit = cbs.mccandlish(tables["bins"], tables["arms"], cmp.ladder, cmp.targets, level)
+    branch = cbs.branched(found, tables.gaps, tables.arms, cmp.ladder, cmp.epsilon)
+    fit = cbs.mccandlish(tables.bins, tables.arms, cmp.ladder, cmp.targets, level)
     branch.to_csv(out / "cbs.csv", index=False)
     fit.to_csv(out / "cbs_fit.csv", index=False)
     if plots:
         plot.critical_batch(branch, fit, out / "cbs.png", f"{cmp.title}: critical batch size")
         plot.mccandlish(fit, out / "cbs_fit.png", f"{cmp.title}: steps and samples to target loss")
-    return {"cbs": branch, "cbs_fit": fit}
+    return branch, fit
 
 
 def cbs_markdown(branch: pd.DataFrame, fit: pd.DataFrame) -> str:
@@ -397,9 +411,9 @@ def ranking_table(table: pd.DataFrame) -> str:
     return to_markdown(rows, list(rows.columns))
 
 
-def markdown(tables: dict[str, Any], cmp: Comparison, missing: list[str]) -> str:
+def markdown(tables: Tables, cmp: Comparison, missing: list[str]) -> str:
     """pairs.md: the verdicts first, at 100 columns, then the detail."""
-    pairs, context, ranked = tables["pairs"], tables["arms"], tables["ranking"]
+    pairs, context, ranked = tables.pairs, tables.arms, tables.ranking
     spec = cmp.spec
     window = f"tokens > {spec.skip_tokens:,}" + (
         f" and <= {spec.until_tokens:,}" if spec.until_tokens else ""
@@ -411,7 +425,7 @@ def markdown(tables: dict[str, Any], cmp: Comparison, missing: list[str]) -> str
         "",
     ]
     text += ["## verdicts", "", verdict_table(pairs), ""]
-    for line in [*margin_text(cmp, tables["yardstick"]), *tables["not_compared"]]:
+    for line in [*margin_text(cmp, tables.yardstick), *tables.not_compared]:
         text += [*textwrap.wrap(line, 100), ""]
     if pairs.empty:
         reached = int(context["tokens"].max()) if len(context) else 0
@@ -457,12 +471,12 @@ def markdown(tables: dict[str, Any], cmp: Comparison, missing: list[str]) -> str
     return "\n".join(text)
 
 
-def draw(out: Path, cmp: Comparison, tables: dict[str, Any], labels: dict[str, str]) -> None:
+def draw(out: Path, cmp: Comparison, tables: Tables, labels: dict[str, str]) -> None:
     """curves.png, equivalence.png (training-loss gaps) and pairing.png."""
-    if len(tables["bins"]):
+    if len(tables.bins):
         title = f"{cmp.title}: loss vs tokens"
-        plot.curves(tables["bins"], tables["arms"], cmp.compared, labels, out / "curves.png", title)
-    gaps, pairs = tables["gaps"], tables["pairs"]
+        plot.curves(tables.bins, tables.arms, cmp.compared, labels, out / "curves.png", title)
+    gaps, pairs = tables.gaps, tables.pairs
     if len(gaps) and (gaps["metric"] == "train").any():
         plot.equivalence(
             gaps[gaps["metric"] == "train"],
@@ -491,7 +505,7 @@ def sweep_arms(sweep_dir: Path) -> tuple[dict[str, Any], list[ArmRows], list[str
     return manifest, found, missing, labels
 
 
-def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | None = None) -> dict[str, Any]:
+def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | None = None) -> Tables:
     """Compare a sweep's arms from its run dirs: the manifest's pairs and controls, then `cmp`'s."""
     sweep_dir = Path(sweep_dir)
     manifest, found, missing, labels = sweep_arms(sweep_dir)
@@ -515,7 +529,7 @@ def live_verdicts(sweep_dir: str | Path, cmp: Comparison | None = None) -> pd.Da
     full = _declared(manifest, cmp or Comparison([], experiment_skip=True))
     if not found or not full.compared:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    return compare(found, full)["pairs"]
+    return compare(found, full).pairs
 
 
 def _declared(manifest: dict[str, Any], cmp: Comparison) -> Comparison:

@@ -1,7 +1,7 @@
 """How long from W&B runs to every table: 100 runs x 100k rows, cold (through the W&B client and the
 protocol stand-in server of tests/) and warm (from the per-run parquet cache). Run by hand:
 
-    .venv/bin/python benchmarks/analysis_speed.py [--runs 100] [--rows 100000] [--workers 8]
+    .venv/bin/python -m benchmarks.analysis_speed [--runs 100] [--rows 100000] [--workers 8]
 
 Prints each phase's seconds and the warm total against the 10 s goal. The runs come in pairs of a
 batch-16 arm and a batch-4 arm (50 pairs), each with a validation row every 1000 steps.
@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from wandb_standin import ENTITY, StandinRun, WandbStandin  # noqa: E402
-
-from analysis.report import Comparison, report  # noqa: E402
-from analysis.wandb_source import WandbSelection, collect_wandb  # noqa: E402
+from analysis.report import Comparison, report
+from analysis.wandb_source import WandbSelection, collect_wandb
+from tests.wandb_standin import ENTITY, StandinRun, WandbStandin
 
 
 def history(rows: int, batch: int, seed: int) -> pd.DataFrame:

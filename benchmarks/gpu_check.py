@@ -1,4 +1,4 @@
-"""The GPU proof, one command: `make gpu-check` (or `python benchmarks/gpu_check.py` from the
+"""The GPU proof, one command: `make gpu-check` (or `python -m benchmarks.gpu_check` from the
 repository root). In under 10 minutes on one CUDA GPU, with the machine's own PyTorch and
 transformers (no hydra, submitit, wandb or datasets needed), through the real trainer
 (`train.loop.train`, W&B disabled):
@@ -43,14 +43,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the trainer and tests/fineweb_files.py, without an install
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from trainer_speed import step_times, stepping_trainer  # noqa: E402  # benchmarks/: the script's directory
-
-from train.config import (  # noqa: E402
+from benchmarks.trainer_speed import step_times, stepping_trainer
+from train.config import (
     DataConfig,
     ModelConfig,
     OptimizerConfig,
@@ -60,10 +57,11 @@ from train.config import (  # noqa: E402
     TrainerConfig,
     WandbConfig,
 )
-from train.data import prepare  # noqa: E402
-from train.loop import train  # noqa: E402
-from train.throughput import peak_flops  # noqa: E402
+from train.data import prepare
+from train.loop import train
+from train.throughput import peak_flops
 
+REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 
 
@@ -485,7 +483,7 @@ def markdown(device: str, outcomes: list[Outcome], seconds: float) -> str:
     lines = [
         f"# gpu_check on {device}",
         "",
-        f"`python benchmarks/gpu_check.py`, {time.strftime('%Y-%m-%d')}, {seconds:.0f} s, "
+        f"`python -m benchmarks.gpu_check`, {time.strftime('%Y-%m-%d')}, {seconds:.0f} s, "
         f"torch {torch.__version__}",
         "",
     ]

@@ -1,8 +1,8 @@
 """What does measuring B_simple cost an arm with one batch size per step? Run by hand:
 
-    python benchmarks/noise_probe_cost.py                  # the demo's large arm: batch 16
-    python benchmarks/noise_probe_cost.py --batch 1        # the demo's small arms
-    python benchmarks/noise_probe_cost.py --model qwen2_5_0_5b --seq-len 2048 --batch 8 \\
+    python -m benchmarks.noise_probe_cost                  # the demo's large arm: batch 16
+    python -m benchmarks.noise_probe_cost --batch 1        # the demo's small arms
+    python -m benchmarks.noise_probe_cost --model qwen2_5_0_5b --seq-len 2048 --batch 8 \\
         --precision bf16 --loss-chunk 4096                 # one GPU, the 0.5B model's micro-batch
 
 One process, no accumulation: the trainer measures the noise scale with a probe (one extra
@@ -19,8 +19,8 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from trainer_speed import run_config, step_times, stepping_trainer  # benchmarks/: the script's directory
 
+from benchmarks.trainer_speed import run_config, step_times, stepping_trainer
 from train.config import TrainerConfig
 
 

@@ -1,7 +1,7 @@
 """What do per-example gradient statistics cost a step? Run by hand:
 
-    python benchmarks/per_example_cost.py                   # CPU, tiny model, batch 8: micro 1, 4, 8
-    python benchmarks/per_example_cost.py --model qwen2_5_0_5b --seq-len 2048 --batch 8 \\
+    python -m benchmarks.per_example_cost                   # CPU, tiny model, batch 8: micro 1, 4, 8
+    python -m benchmarks.per_example_cost --model qwen2_5_0_5b --seq-len 2048 --batch 8 \\
         --micro 1 --precision bf16                          # one GPU, the 0.5B model
 
 For each micro-batch size it builds the real trainer (`train.loop.Trainer`, AdamW) and times its
@@ -21,8 +21,8 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from trainer_speed import run_config, step_times, stepping_trainer  # benchmarks/: the script's directory
 
+from benchmarks.trainer_speed import run_config, step_times, stepping_trainer
 from train.loop import Units
 from train.per_example import UnitGradients, per_example_gradients
 

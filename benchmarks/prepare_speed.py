@@ -1,7 +1,7 @@
 """How fast does `prepare` tokenize FineWeb-Edu-shaped shards, and how does it scale? Run by hand:
 
-    python benchmarks/prepare_speed.py                       # 20000 documents, 1 and 2 processes
-    python benchmarks/prepare_speed.py --procs 1,2,4,8 --docs 80000
+    python -m benchmarks.prepare_speed                       # 20000 documents, 1 and 2 processes
+    python -m benchmarks.prepare_speed --procs 1,2,4,8 --docs 80000
 
 It writes parquet shards in FineWeb-Edu's schema (the tests' generator, tests/fineweb_files.py:
 documents of ~1000 tokens) and a Qwen2-format fast tokenizer trained on them, then times the real
@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/fineweb_files.py
-
-from tests.fineweb_files import documents, save_qwen2_tokenizer, write_shards  # noqa: E402
-from train.config import DataConfig, SplitConfig, TokenizerConfig  # noqa: E402
-from train.data import SPLITS, prepare  # noqa: E402
+from tests.fineweb_files import documents, save_qwen2_tokenizer, write_shards
+from train.config import DataConfig, SplitConfig, TokenizerConfig
+from train.data import SPLITS, prepare
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """How fast is the login-node side? Run by hand on a machine with a SLURM controller
-(`bash slurm/cluster.sh up`): `python benchmarks/sweep_scale.py [--arms 100]`.
+(`bash slurm/cluster.sh up`): `python -m benchmarks.sweep_scale [--arms 100]`.
 
 Measures, as whole commands a user types:
   1. `import sweep` (plan, launch, status): must not import torch; goal <= 1 s;

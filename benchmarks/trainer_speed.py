@@ -1,9 +1,9 @@
 """Is our trainer as fast as a bare training loop? Run by hand:
 
-    python benchmarks/trainer_speed.py                      # CPU, tiny model (goal: ratio >= 0.97)
-    python benchmarks/trainer_speed.py --micro-batch 2 --optimizer invariant_adam
+    python -m benchmarks.trainer_speed                      # CPU, tiny model (goal: ratio >= 0.97)
+    python -m benchmarks.trainer_speed --micro-batch 2 --optimizer invariant_adam
                                                             # the cost of batch-size-invariant Adam
-    python benchmarks/trainer_speed.py --model qwen2_5_0_5b --seq-len 2048 --batch 8 \\
+    python -m benchmarks.trainer_speed --model qwen2_5_0_5b --seq-len 2048 --batch 8 \\
         --precision bf16 --loss-chunk 4096 [--compile]      # one GPU (goal: MFU >= 45% on an H100)
 
 In one process it trains the same model (built from `conf/model/<model>.yaml`) on the same token

@@ -2,7 +2,7 @@
 sqrt(bins) as SE, TOST on bins - 1 df) against the paired, autocorrelation-robust one, on simulated
 pairs whose truth is known. Run by hand:
 
-    .venv/bin/python benchmarks/verdict_calibration.py [--reps 2000] [--windows 512]
+    .venv/bin/python -m benchmarks.verdict_calibration [--reps 2000] [--windows 512]
 
 Per lag-1 autocorrelation of the step noise it prints, for each method: the share of 'NOT
 equivalent' verdicts when the curves are identical (should be <= alpha = 5%), the coverage of the
@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from test_calibration import SPEC, pair  # noqa: E402
-
-from analysis.tables import fit_pair, verdict  # noqa: E402
+from analysis.options import BinSpec
+from analysis.pairs import fit_pair
+from analysis.verdict import verdict
+from tests.harness import simulated_pair
 
 ALPHA = 0.05
+SPEC = BinSpec(bins=20, segments=4)  # the analysis's defaults
 
 
 def before(a_loss: np.ndarray, b_loss: np.ndarray, delta: float) -> tuple[str, tuple[float, float]]:
@@ -51,15 +49,12 @@ def main() -> None:
     print(f"{args.reps} pairs of {n} windows, per-window noise {noise}, margin {delta} nats, alpha {ALPHA}")
     head = f"{'rho':>4}  {'method':<7} {'NOT equiv. at gap 0':>20} {'90% CI coverage':>16}"
     print(head + f" {'equiv. at gap=delta':>20}")
-    import test_calibration
-
-    test_calibration.WINDOWS = n
     for rho in (0.0, 0.3, 0.5, 0.7, 0.9):
         rng = np.random.default_rng(int(rho * 100))
         counts = {m: [0, 0, 0] for m in ("before", "now")}
         for _ in range(args.reps):
             for gap, column in ((0.0, 0), (delta, 2)):
-                a, b = pair(rng, np.full(n, gap), rho, noise)
+                a, b = simulated_pair(rng, np.full(n, gap), rho, noise, windows=n)
                 old_verdict, (lo, hi) = before(a.steps.loss, b.steps.loss, 1e-12 if gap == 0 else delta)
                 fit = fit_pair([(a, b)], SPEC)
                 new_verdict = verdict(fit.segments, 1e-12 if gap == 0 else delta, ALPHA)

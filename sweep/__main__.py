@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sweep import config_dir
+from records import config_dir
 from sweep.compose import ConfigError, to_config
 from sweep.schema import register
 
@@ -18,9 +18,9 @@ register()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Single-arm mode: run the arm (and the stages it needs that are not done) in the foreground."""
+    from records.run_status import RunState
+    from sweep.job_states import job_state
     from sweep.plan import PlanError, arm_table, build_plan
-    from sweep.state import job_state
-    from train.status import RunState
 
     if cfg.arm is None:
         sys.exit("error: choose an arm (arm=NAME), or run the whole sweep with -m")
@@ -60,7 +60,7 @@ def _multirun_flag_first(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """`python -m sweep` and the `bss-sweep` console script."""
-    from sweep.compose import override_problems, yaml_problems
+    from records.config_check import override_problems, yaml_problems
     from sweep.schema import Config
 
     problems = yaml_problems(sys.argv[1:], config_dir()) or override_problems(

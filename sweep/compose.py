@@ -9,18 +9,16 @@ import dataclasses
 import difflib
 import shutil
 import tempfile
-import types
 import typing
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from records.run_status import NOT_DONE
 from sweep.schema import Config
-from train.status import NOT_DONE
 
 
 class ConfigError(ValueError):
@@ -68,63 +66,6 @@ def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def override_problems(argv: list[str], schema: Any, config_dir: str) -> list[str]:
-    """Plain overrides (`key=value`) whose key the schema does not have, each with the closest key
-    it does have: found before Hydra, whose own message would advise `+key=value` first, which the
-    schema then refuses. Config groups (`model=tiny`, `op@ops.base=...`), `hydra.*` keys and
-    `+`/`~` overrides are left to Hydra and to `to_config`."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    # Hydra's flags that take a value (`-sc install=bash`, `-cn NAME`): the value is no override.
-    valued = {"-sc", "--shell-completion", "-cn", "--config-name", "-cp", "--config-path"}
-    valued |= {"-cd", "--config-dir", "--experimental-rerun", "-p", "--package", "-c", "--cfg"}
-    candidates = [
-        a
-        for i, a in enumerate(argv)
-        if "=" in a and not a.startswith("-") and (i == 0 or argv[i - 1] not in valued)
-    ]
-    try:
-        parsed = OverridesParser.create().parse_overrides(candidates)
-    except HydraException:
-        return []  # Hydra says what is wrong with the syntax itself
-    groups = {p.relative_to(config_dir).as_posix() for p in Path(config_dir).rglob("*") if p.is_dir()}
-    problems = []
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.is_force_add() or override.package:
-            continue
-        if key in groups or key.split(".")[0].split("/")[0] == "hydra":
-            continue
-        problem = _schema_path_problem(schema, key.split("."))
-        if problem:
-            problems.append(f"{key}: {problem}")
-    return problems
-
-
-def _schema_path_problem(schema: Any, parts: list[str]) -> str:
-    """Why `parts` is no key of the dataclass `schema` ("" if it is one), with a suggestion."""
-    node: Any = schema
-    for i, part in enumerate(parts):
-        origin = typing.get_origin(node)
-        if origin is dict:  # a dict of dataclasses (ops, rules, arms): any name, then its fields
-            node = typing.get_args(node)[-1]
-            continue
-        if origin in (list, tuple) or not dataclasses.is_dataclass(node):
-            return ""  # an element of a list or a leaf's value: Hydra checks the rest
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            where = ".".join(parts[:i])
-            close = difflib.get_close_matches(part, list(hints), n=1)
-            hint = f" (did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])}?)" if close else ""
-            return f"no such key{' in ' + where if where else ''}{hint}"
-        node = hints[part]
-        args = [a for a in typing.get_args(node) if a is not type(None)]
-        if typing.get_origin(node) in (typing.Union, types.UnionType) and len(args) == 1:
-            node = args[0]  # Optional[X]
-    return ""
-
-
 @contextlib.contextmanager
 def scratch_sweep_dir(config: DictConfig) -> Iterator[None]:
     """Point Hydra's sweep dir (where it saves multirun.yaml before any job is composed) at a
@@ -136,38 +77,6 @@ def scratch_sweep_dir(config: DictConfig) -> Iterator[None]:
         yield
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def yaml_problems(argv: list[str], config_dir: str) -> list[str]:
-    """YAML errors in the config files a command will compose (the project's conf/ and any
-    `hydra.searchpath` dir on the command line), found before Hydra would print a traceback for
-    them. A key twice in one mapping (an arm defined twice) is one: YAML would keep the last."""
-    import yaml
-
-    class Strict(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    mark = key_node.start_mark
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    dirs = [config_dir]
-    for arg in argv:
-        if arg.lstrip("+").startswith("hydra.searchpath="):
-            dirs += [p.removeprefix("file://") for p in arg.split("=", 1)[1].strip("[]").split(",") if p]
-    problems = []
-    for path in sorted(p for d in dirs for p in Path(d).rglob("*.yaml")):
-        try:
-            yaml.load(path.read_text(), Loader=Strict)  # noqa: S506 - a SafeLoader subclass
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-            line = f" line {where.line + 1}" if where else ""
-            problems.append(f"{path}{line}: {getattr(exc, 'problem', None) or exc}")
-    return problems
 
 
 def compose_jobs(

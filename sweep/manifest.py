@@ -1,13 +1,8 @@
-"""`<sweep dir>/manifest.json`: what a sweep is made of and every job id each part has had.
+"""Writing `<sweep dir>/manifest.json` (its reader and format: records/manifest.py).
 
 Written atomically under a file lock, so two invocations cannot tear or interleave it. An arm
 whose signature changed keeps its old entries under `previous` (its old run dir stays on disk).
-Reading it needs nothing heavy: `analysis/` reads manifests through `read_manifest` too.
-
-Paths inside the sweep dir are stored relative to it and resolved against the dir the manifest is
-read from, so a sweep dir copied or moved (`cp -r`, another file system) acts on its own runs,
-never on the original's. Manifests written before paths were relative hold absolute ones: those
-under the dir they were recorded in are rebased onto the dir they are read from.
+Paths inside the sweep dir are stored relative to it (records/manifest.py says why).
 """
 
 from __future__ import annotations
@@ -21,63 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from train.status import write_json_atomic
+from records.atomic import write_json_atomic
+from records.manifest import MANIFEST, map_paths, read_manifest
 
 if TYPE_CHECKING:
     from sweep.plan import SweepPlan
-
-MANIFEST = "manifest.json"
-
-
-# Where a job entry holds paths (the prepare job's are the data cache's, outside the sweep dir).
-PATH_FIELDS = (
-    ("run_dir",),
-    ("stage", "run", "run_dir"),
-    ("stage", "run", "init_checkpoint"),
-    ("stage", "run", "data_dir"),
-    ("stage", "data", "cache_dir"),
-)
-
-
-def _map_paths(manifest: dict[str, Any], change: Any) -> dict[str, Any]:
-    """`manifest` with `change(path)` applied to every non-empty path of every job entry."""
-    for entry in manifest.get("jobs", {}).values():
-        for record in [entry, *entry.get("previous", [])]:
-            for fields in PATH_FIELDS:
-                node = record
-                for key in fields[:-1]:
-                    node = node.get(key) or {}
-                if node.get(fields[-1]):
-                    node[fields[-1]] = str(change(Path(node[fields[-1]])))
-    return manifest
-
-
-def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
-    """The manifest of `sweep_dir`, its paths absolute and in this dir (see the module doc)."""
-    here = Path(sweep_dir).absolute()
-    path = here / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{sweep_dir} holds no {MANIFEST}: not a sweep dir (run the sweep first)")
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-        recorded = Path(manifest.get("sweep_dir") or here)
-        manifest["jobs"]  # noqa: B018 - a manifest without jobs is not one
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"{path} is damaged ({exc}); it is written atomically, so something else changed it: "
-            "restore it from a backup, or move it away and run the sweep command again (it records a "
-            "new one; finished runs are found by their signatures)"
-        ) from None
-
-    def resolve(p: Path) -> Path:
-        if not p.is_absolute():
-            return here / p
-        if recorded != here and p.is_relative_to(recorded):  # an old manifest of a moved sweep dir
-            return here / p.relative_to(recorded)
-        return p
-
-    manifest["sweep_dir"] = str(here)
-    return _map_paths(manifest, resolve)
 
 
 def sweep_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -99,7 +42,7 @@ def record_plan(
 ) -> dict[str, Any]:
     """Merge the plan (and new job ids) into the manifest; returns what was written. `executor`
     (local | slurm) is where its jobs run: `sweep.resubmit` and `sweep.cancel` follow it."""
-    from slurm.job import git_state
+    from slurm.environment import git_state
 
     plan.dir.mkdir(parents=True, exist_ok=True)
     path = plan.dir / MANIFEST
@@ -150,7 +93,7 @@ def record_plan(
                 "job_ids": [],
             }
         here = plan.dir.absolute()
-        portable = _map_paths(
+        portable = map_paths(
             json.loads(json.dumps(manifest)), lambda p: p.relative_to(here) if p.is_relative_to(here) else p
         )
         write_json_atomic(path, portable)
@@ -168,9 +111,9 @@ def add_job_id(sweep_dir: Path, name: str, job_id: str) -> None:
 
 def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
     """The sweep as last recorded, rebuilt without recomposing its config (for resubmit and cancel)."""
-    from slurm.job import StageJob
     from sweep.plan import Job, SweepPlan
     from sweep.schema import ResourcesConfig
+    from sweep.stage import StageJob
     from train.config import from_dict
     from train.rules import OperatingPoint
 

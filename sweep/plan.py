@@ -17,9 +17,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from slurm.job import StageJob
 from sweep.identity import DEFAULT_SPLIT, run_signature
 from sweep.schema import ArmSpec, Config, ResourcesConfig
+from sweep.stage import StageJob
 from train.config import DataConfig, InvalidRun, OptimizerConfig, RunConfig, Steps
 from train.data import data_dir_for, data_problems, data_signature, prepared_problems
 from train.rules import OperatingPoint, RuleError, apply_rule, half_life, weight_decay_timescale
@@ -436,7 +436,7 @@ def _arm_job(
     run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"]
     op = spec.op or f"arm {spec.from_arm}"
     row = _row(name, op, spec.rule, run, steps, cfg.arm, variant)
-    # The weights it starts from: arms compared in a pair must share them (analysis/tables.py).
+    # The weights it starts from: arms compared in a pair must share them (analysis/pairs.py).
     row["branch"] = f"warmup:{init.signature}" if init else f"init_seed:{run.trainer.init_seed}"
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(

@@ -11,24 +11,31 @@ where the sweep ran (its manifest's executor) unless --local or --slurm says oth
 
 from __future__ import annotations
 
+import argparse
 import sys
 
+from records.manifest import read_manifest
+from records.run_status import RESUBMIT
+from sweep.job_states import squeue_states, sweep_states
 from sweep.launch import LauncherOptions, execute
-from sweep.manifest import plan_from_manifest, read_manifest, sweep_dir_of, sweep_parser
-from sweep.state import squeue_states, sweep_states
-from train.status import RESUBMIT
+from sweep.manifest import plan_from_manifest, sweep_dir_of, sweep_parser
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs.py parses every documented use with it)."""
+    cli = sweep_parser("python -m sweep.resubmit", __doc__)
+    cli.add_argument(
+        "--arms", default="", help="comma-separated arm names (default: every job that needs it)"
+    )
+    cli.add_argument("--failed", action="store_true", help="only jobs that failed, timed out or were lost")
+    where = cli.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run here (default for a sweep that ran here)")
+    where.add_argument("--slurm", action="store_true", help="submit to SLURM (default for a SLURM sweep)")
+    return cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = sweep_parser("python -m sweep.resubmit", __doc__)
-    parser.add_argument(
-        "--arms", default="", help="comma-separated arm names (default: every job that needs it)"
-    )
-    parser.add_argument("--failed", action="store_true", help="only jobs that failed, timed out or were lost")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--local", action="store_true", help="run here (default for a sweep that ran here)")
-    where.add_argument("--slurm", action="store_true", help="submit to SLURM (default for a SLURM sweep)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         plan = plan_from_manifest(sweep_dir_of(args))
     except (FileNotFoundError, ValueError) as exc:

@@ -10,15 +10,17 @@ job failed, diverged, timed out or was lost.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from sweep.manifest import read_manifest, sweep_dir_of, sweep_parser
+from records.manifest import read_manifest
+from records.run_status import BAD, IN_FLIGHT, RunState
+from sweep.job_states import latest_job_id, squeue_states, sweep_states
+from sweep.manifest import sweep_dir_of, sweep_parser
 from sweep.plan import format_table, tokens_text
-from sweep.state import latest_job_id, squeue_states, sweep_states
-from train.status import BAD, IN_FLIGHT, RunState
 
 # `val loss`: the last evaluation, on the validation sequences every arm shares (one step's training
 # loss is one batch's: at batch 1 its noise hides a gap of a tenth of a nat).
@@ -135,8 +137,8 @@ def tail(sweep_dir: Path, job: str, lines: int) -> str:
 
 def _verdicts(sweep_dir: Path, skip_tokens: int | None) -> str:
     """The declared pairs' verdicts now, from what the arms logged so far (defaults of the analysis)."""
+    from analysis.options import BinSpec
     from analysis.report import Comparison, live_verdicts, verdict_table
-    from analysis.tables import BinSpec
 
     cmp = Comparison([], BinSpec(skip_tokens=skip_tokens or 0), experiment_skip=skip_tokens is None)
     pairs = live_verdicts(sweep_dir, cmp)
@@ -147,25 +149,30 @@ def _verdicts(sweep_dir: Path, skip_tokens: int | None) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = sweep_parser("python -m sweep.status", __doc__)
-    parser.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until all jobs end")
-    parser.add_argument("--wide", action="store_true", help="every column in full (replicate, requeues, W&B)")
-    parser.add_argument("--tail", metavar="JOB", help="print the end of JOB's log instead of the table")
-    parser.add_argument("--lines", type=int, default=30, help="with --tail: how many lines (default 30)")
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs.py parses every documented use with it)."""
+    cli = sweep_parser("python -m sweep.status", __doc__)
+    cli.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until all jobs end")
+    cli.add_argument("--wide", action="store_true", help="every column in full (replicate, requeues, W&B)")
+    cli.add_argument("--tail", metavar="JOB", help="print the end of JOB's log instead of the table")
+    cli.add_argument("--lines", type=int, default=30, help="with --tail: how many lines (default 30)")
+    cli.add_argument(
         "--verdicts",
         action="store_true",
         help="also each declared pair's verdict from the rows logged so far (python -m analysis's method)",
     )
-    parser.add_argument(
+    cli.add_argument(
         "--skip-tokens",
         type=int,
         default=None,
         metavar="N",
         help="with --verdicts: leave out the first N tokens (default: the experiment's branch transient)",
     )
-    args = parser.parse_args(argv)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     sweep_dir = sweep_dir_of(args)
     while True:
         try:

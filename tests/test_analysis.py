@@ -14,15 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from wandb_standin import ENTITY, StandinRun, WandbStandin
 
-from analysis.collect import ArmRows, long_table, read_metrics
-from analysis.paired import Steps, matched_windows
+from analysis.collect import ArmRows, long_table
+from analysis.options import BinSpec, Margin
+from analysis.paired import LoggedSteps, matched_windows
 from analysis.report import Comparison, analyze
 from analysis.robust import Estimate
-from analysis.tables import BinSpec, Margin, verdict
+from analysis.verdict import verdict
 from analysis.wandb_source import WandbSelection, collect_wandb
-from sweep.manifest import read_manifest
+from records.manifest import read_manifest
+from records.metrics import read_metrics
+from tests.wandb_standin import ENTITY, StandinRun, WandbStandin
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 128
@@ -92,34 +94,36 @@ def exact_sweep(tmp_path: Path) -> Path:
 def test_matched_windows_average_the_small_batch_over_the_same_samples():
     """Batch 4 vs batch 1 (ratio 4), batch 3 vs 2 (windows of 6 samples), a Seesaw-like ramp, and a
     missing step (log_every_steps > 1): each window holds exactly the samples both arms consumed."""
-    small = Steps.of(np.arange(1, 9), np.arange(1, 9) * SEQ, np.arange(8.0))  # losses 0..7
-    large = Steps.of(np.arange(1, 3), np.array([4, 8]) * SEQ, np.array([10.0, 20.0]))
+    small = LoggedSteps.of(np.arange(1, 9), np.arange(1, 9) * SEQ, np.arange(8.0))  # losses 0..7
+    large = LoggedSteps.of(np.arange(1, 3), np.array([4, 8]) * SEQ, np.array([10.0, 20.0]))
     w = matched_windows(large, small)
     assert list(w.start) == [0, 4 * SEQ] and list(w.end) == [4 * SEQ, 8 * SEQ]
     assert list(w.a) == [10.0, 20.0] and list(w.b) == [1.5, 5.5]  # means of 0..3 and 4..7
-    three = Steps.of(np.arange(1, 5), np.arange(1, 5) * 3 * SEQ, np.array([1.0, 2.0, 3.0, 4.0]))
-    two = Steps.of(np.arange(1, 7), np.arange(1, 7) * 2 * SEQ, np.arange(6.0))
+    three = LoggedSteps.of(np.arange(1, 5), np.arange(1, 5) * 3 * SEQ, np.array([1.0, 2.0, 3.0, 4.0]))
+    two = LoggedSteps.of(np.arange(1, 7), np.arange(1, 7) * 2 * SEQ, np.arange(6.0))
     w = matched_windows(three, two)
     assert list(w.end) == [6 * SEQ, 12 * SEQ] and list(w.a) == [1.5, 3.5] and list(w.b) == [1.0, 4.0]
-    ramp = Steps.of(np.arange(1, 4), np.array([2, 4, 8]) * SEQ, np.array([1.0, 2.0, 3.0]))  # batch 2, 2, 4
+    # batch 2, 2, 4
+    ramp = LoggedSteps.of(np.arange(1, 4), np.array([2, 4, 8]) * SEQ, np.array([1.0, 2.0, 3.0]))
     w = matched_windows(ramp, small)
     assert list(w.end) == [2 * SEQ, 4 * SEQ, 8 * SEQ] and list(w.b) == [0.5, 2.5, 5.5]
-    sparse = Steps.of(np.array([1, 2, 4, 5]), np.array([1, 2, 4, 5]) * SEQ, np.arange(4.0))  # step 3 missing
+    # step 3 missing
+    sparse = LoggedSteps.of(np.array([1, 2, 4, 5]), np.array([1, 2, 4, 5]) * SEQ, np.arange(4.0))
     w = matched_windows(sparse, small)
     assert list(w.end) == [1 * SEQ, 2 * SEQ, 5 * SEQ]  # the window with step 3 in it is left out
 
 
 def test_exact_gaps_segments_and_spread(exact_sweep: Path):
     tables = analyze(exact_sweep, Comparison([], BinSpec(bins=20, segments=4), Margin(fraction=0.5)))
-    pairs = tables["pairs"].set_index(["metric", "pair"])
+    pairs = tables.pairs.set_index(["metric", "pair"])
     row = pairs.loc[("train", "A-H")]
     # 400 windows (A's steps), H averaged over each window's 16 steps: the gap is GAPS per bin exactly.
     assert row["windows"] == 400 and row["segments"] == 4
     assert row["mean_gap"] == pytest.approx(0.010, abs=1e-12)
-    segments = tables["gaps"].query("pair == 'A-H' and unit == 'segment'")["gap"]
+    segments = tables.gaps.query("pair == 'A-H' and unit == 'segment'")["gap"]
     # Each segment holds 5 bins: gaps 0.006/0.014 alternating, so 0.0092 and 0.0108 alternately.
     assert list(segments) == pytest.approx([0.0092, 0.0108, 0.0092, 0.0108], abs=1e-12)
-    bins = tables["gaps"].query("pair == 'A-H' and unit == 'bin'")
+    bins = tables.gaps.query("pair == 'A-H' and unit == 'bin'")
     assert list(bins["gap"]) == pytest.approx(list(GAPS), abs=1e-12) and set(bins["windows"]) == {20}
     # Spread: |A - J| = 0.05 and |H - B| = 0.05 + mean gap 0.01 = 0.06, so 0.055; margin half of it.
     assert row["op_spread"] == pytest.approx(0.055, abs=1e-12)
@@ -140,7 +144,7 @@ def test_the_yardstick_is_what_the_experiment_declares(tmp_path: Path, capsys):
     }
     sweep = write_sweep(tmp_path / "s", arms, [["SD", "SS"]], yardstick=[["SD", "C"]])
     tables = analyze(sweep, Comparison([], BinSpec(bins=20)))
-    row = tables["pairs"].set_index("metric").loc["train"]
+    row = tables.pairs.set_index("metric").loc["train"]
     assert row["op_spread"] == pytest.approx(0.05, abs=1e-12)  # |SD - C| only: SS, under test, is not in it
     assert row["mean_gap"] == pytest.approx(-0.002, abs=1e-12) and row["verdict"] == "equivalent"
     assert "δ = 0.25 × mean(|SD-C| 0.05) = 0.0125 nats" in capsys.readouterr().out
@@ -151,10 +155,10 @@ def test_no_yardstick_no_margin_and_the_report_says_what_to_give(tmp_path: Path,
     zero = np.zeros(20)
     arms = {"A": (16, curve(16, zero), "completed"), "M": (16, curve(16, zero + 0.01), "completed")}
     tables = analyze(write_sweep(tmp_path / "s", arms, [["A", "M"]]), Comparison([], BinSpec(bins=20)))
-    train = tables["pairs"].set_index("metric").loc["train"]
+    train = tables.pairs.set_index("metric").loc["train"]
     assert train["verdict"] == "no verdict: no margin"
     assert "declares no yardstick" in capsys.readouterr().out
-    again = analyze(tmp_path / "s", Comparison([], BinSpec(bins=20), Margin(nats=0.05)))["pairs"]
+    again = analyze(tmp_path / "s", Comparison([], BinSpec(bins=20), Margin(nats=0.05))).pairs
     assert again.set_index("metric").loc["train", "verdict"] == "equivalent"
 
 
@@ -169,7 +173,7 @@ def _yardstick_sweep(root: Path, control_gap: float, pairs: list[list[str]]) -> 
         "D": (1, curve(1, zero + control_gap), "completed"),
     }
     sweep = write_sweep(root, arms, pairs, yardstick=[["A", "J"], ["H", "B"]], controls=[["A", "D"]])
-    table = analyze(sweep, Comparison([], BinSpec(bins=20)))["pairs"]
+    table = analyze(sweep, Comparison([], BinSpec(bins=20))).pairs
     return table[table["metric"] == "train"].set_index("pair")
 
 
@@ -207,7 +211,7 @@ def test_pairs_not_compared_are_named_with_why(tmp_path: Path, capsys):
     manifest["arms"] = ["A", "H", "J", "B"]
     (sweep / "manifest.json").write_text(json.dumps(manifest))
     tables = analyze(sweep, Comparison([], BinSpec(bins=20)))
-    assert tables["pairs"].empty
+    assert tables.pairs.empty
     out = capsys.readouterr().out
     assert "A-H: not compared: A started from warmup:new but H from warmup:old" in out.replace("\n", " ")
     assert "J-B: not compared: arm B logged no rows yet" in out
@@ -244,12 +248,12 @@ def test_paired_validation_uses_the_per_sequence_losses(tmp_path: Path):
     tables = analyze(
         write_sweep(tmp_path / "s", arms, [["A", "B"]]), Comparison([], margin=Margin(nats=0.05))
     )
-    val = tables["gaps"].query("metric == 'val'")
+    val = tables.gaps.query("metric == 'val'")
     assert val["gap"].to_numpy() == pytest.approx(np.full(len(val), diffs.mean()), abs=1e-12)
     assert val["gap_se"].to_numpy() == pytest.approx(
         np.full(len(val), diffs.std(ddof=1) / math.sqrt(8)), rel=1e-9
     )
-    assert tables["pairs"].set_index("metric").loc["val", "verdict"] == "equivalent"
+    assert tables.pairs.set_index("metric").loc["val", "verdict"] == "equivalent"
 
 
 def test_arm_noise_on_known_noise_and_no_runtime_warnings(tmp_path: Path):
@@ -263,11 +267,11 @@ def test_arm_noise_on_known_noise_and_no_runtime_warnings(tmp_path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         tables = analyze(write_sweep(tmp_path / "s", arms, [["A", "H"]]), Comparison([], BinSpec(bins=20)))
-    context = tables["arms"].set_index("arm")
+    context = tables.arms.set_index("arm")
     # The std estimate from m successive differences has relative SE ~ 1/sqrt(m); 4 SE tolerances.
     assert context.loc["A", "loss_std"] == pytest.approx(0.1, rel=4 / math.sqrt(400))
     assert context.loc["H", "loss_std"] == pytest.approx(0.4, rel=4 / math.sqrt(6400))
-    row = tables["pairs"].set_index("metric").loc["train"]
+    row = tables.pairs.set_index("metric").loc["train"]
     # Same noise model, no real gap: the mean gap lies within 4 of its SEs of zero.
     assert abs(row["mean_gap"]) < 4 * row["gap_se"]
     # Paired over 16 small steps per window: the window's noise is the two arms' own, 0.1 each.
@@ -301,8 +305,8 @@ def test_outputs_are_written_and_printed(exact_sweep: Path, capsys):
 
 def test_pairs_given_on_the_command_line_leave_the_declared_ones_alone(exact_sweep: Path):
     """analysis.pairs=[[H,B]] adds a pair; A-H keeps its yardstick and its verdict."""
-    plain = analyze(exact_sweep, Comparison([], BinSpec(bins=20), Margin(fraction=0.5)))["pairs"]
-    more = analyze(exact_sweep, Comparison([["H", "B"]], BinSpec(bins=20), Margin(fraction=0.5)))["pairs"]
+    plain = analyze(exact_sweep, Comparison([], BinSpec(bins=20), Margin(fraction=0.5))).pairs
+    more = analyze(exact_sweep, Comparison([["H", "B"]], BinSpec(bins=20), Margin(fraction=0.5))).pairs
     key = ["metric", "pair", "op_spread", "delta", "verdict"]
     assert more.set_index(["metric", "pair"]).loc[("train", "A-H"), key[2:]].tolist() == (
         plain.set_index(["metric", "pair"]).loc[("train", "A-H"), key[2:]].tolist()
@@ -330,9 +334,9 @@ def test_crashed_arm_is_compared_up_to_where_it_stopped(tmp_path: Path, capsys):
     zero = np.zeros(20)
     arms = {"A": (16, curve(16, zero), "completed"), "H": (1, curve(1, zero, steps=2000), "failed")}
     tables = analyze(write_sweep(tmp_path / "s", arms, [["A", "H"]]), Comparison([], BinSpec(bins=10)))
-    row = tables["pairs"].set_index("metric").loc["train"]
+    row = tables.pairs.set_index("metric").loc["train"]
     assert row["to_tokens"] == 2000 * SEQ and row["windows"] == 125
-    assert tables["gaps"].query("unit == 'bin'")["bin_end"].max() == 2000 * SEQ
+    assert tables.gaps.query("unit == 'bin'")["bin_end"].max() == 2000 * SEQ
     out = capsys.readouterr().out
     assert "Arm H is failed at 256,000 tokens: its pairs are compared up to where both arms got" in out
 
@@ -530,7 +534,7 @@ def test_a_ratio_sweep_is_compared_per_ratio_and_a_shared_run_counts_for_both(tm
         "derived": {**jobs["A4"]["derived"], "variant": "experiment.ratio=16"},
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
-    pairs = analyze(root, Comparison([], margin=Margin(nats=0.05)))["pairs"].set_index(["metric", "pair"])
+    pairs = analyze(root, Comparison([], margin=Margin(nats=0.05))).pairs.set_index(["metric", "pair"])
     assert pairs.loc[("train", "A-H[experiment.ratio=4]"), "mean_gap"] == pytest.approx(-0.01, abs=1e-9)
     assert pairs.loc[("train", "A-H[experiment.ratio=16]"), "mean_gap"] == pytest.approx(0.02, abs=1e-9)
 
@@ -562,7 +566,7 @@ def test_regime_map_from_the_logged_noise_scale(tmp_path: Path, capsys):
     assert arms.loc["H", "b_noise_tokens"] == pytest.approx(8.0 * SEQ, rel=1e-9)
     assert arms.loc["A", "b_over_noise"] == pytest.approx(2.0) and arms.loc["A", "regime"] == "beyond B_noise"
     assert arms.loc["H", "regime"] == "noise-dominated"
-    row = tables["pairs"].set_index("metric").loc["train"]
+    row = tables.pairs.set_index("metric").loc["train"]
     assert (row["regime_a"], row["regime_b"]) == ("beyond B_noise", "noise-dominated")
     assert row["b_over_noise_b"] == pytest.approx(1 / 8)
     assert (sweep / "results" / "regime.png").read_bytes()[:4] == b"\x89PNG"
@@ -573,7 +577,7 @@ def test_a_skip_past_every_arm_says_so_instead_of_failing(exact_sweep: Path, cap
     """The experiment's declared transient (or analysis.skip_tokens) beyond what the arms reached:
     empty tables and a line that says why and what to do, not an error."""
     tables = analyze(exact_sweep, Comparison([], BinSpec(skip_tokens=10**9), Margin(nats=0.03)))
-    assert tables["pairs"].empty and (exact_sweep / "results" / "pairs.csv").exists()
+    assert tables.pairs.empty and (exact_sweep / "results" / "pairs.csv").exists()
     printed = capsys.readouterr().out
     assert "No pair has samples to compare after skip_tokens=1,000,000,000" in printed
     assert "the arms reached 819,200 tokens" in printed

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.harness import REPO
 
 SWEEP = [sys.executable, "-m", "sweep", "+experiment=sqrt_rule", "-m", "arm=A,H"]
 

@@ -14,57 +14,16 @@ import math
 import numpy as np
 import pytest
 
-from analysis.paired import Steps, bin_edges, in_range, matched_windows
+from analysis.options import BinSpec
+from analysis.paired import bin_edges, in_range, matched_windows
+from analysis.pairs import fit_pair
 from analysis.robust import long_run_variance, robust_mean
-from analysis.tables import Arm, BinSpec, fit_pair, verdict
+from analysis.verdict import verdict
+from tests.harness import SEQ, ar1, sim_arm, simulated_pair
 
-SEQ = 128
 WINDOWS = 512  # the demo's budget: 2^20 tokens in steps of 16 x 128 tokens
 ALPHA = 0.05
 REPS = 2000
-
-
-def ar1(rng: np.random.Generator, n: int, rho: float, sd: float) -> np.ndarray:
-    """A stationary AR(1) series with marginal standard deviation `sd`."""
-    e = rng.standard_normal(n) * sd * math.sqrt(1 - rho**2)
-    x = np.empty(n)
-    x[0] = rng.standard_normal() * sd
-    for t in range(1, n):
-        x[t] = rho * x[t - 1] + e[t]
-    return x
-
-
-def arm(name: str, batch: int, loss: np.ndarray) -> Arm:
-    """An arm whose step k (batch sequences of SEQ tokens) logged loss[k]."""
-    steps = len(loss)
-    tokens = (np.arange(steps) + 1) * batch * SEQ
-    return Arm(
-        name=name,
-        base=name,
-        variant="",
-        replicate="",
-        batch=batch,
-        state="completed",
-        tokens=int(tokens[-1]),
-        steps=Steps.of(np.arange(1, steps + 1), tokens, loss),
-        val_tokens=np.empty(0, dtype=np.int64),
-        val_loss=np.empty(0),
-    )
-
-
-def pair(
-    rng: np.random.Generator, gap: np.ndarray, rho: float, noise: float, ratio: int = 1, shared: float = 0.1
-) -> tuple[Arm, Arm]:
-    """Arm a (batch 16) and arm b (batch 16 / ratio) over WINDOWS windows; a - b = `gap` per window
-    plus each arm's own AR(1) noise of sd `noise` / sqrt(2) per step (so the paired gap per window
-    has noise sd `noise` at ratio 1), plus `shared` sample noise common to both."""
-    n_b = WINDOWS * ratio
-    curve = 3.0 - np.linspace(0, 0.5, n_b)
-    samples = rng.standard_normal(n_b) * shared * math.sqrt(ratio)  # per small step; averages to `shared`
-    loss_b = curve + samples + ar1(rng, n_b, rho, noise / math.sqrt(2))
-    window_samples = samples.reshape(WINDOWS, ratio).mean(1)
-    loss_a = curve[ratio - 1 :: ratio] + window_samples + gap + ar1(rng, WINDOWS, rho, noise / math.sqrt(2))
-    return arm("a", 16, loss_a), arm("b", 16 // ratio, loss_b)
 
 
 SPEC = BinSpec(bins=20, segments=4)
@@ -78,7 +37,7 @@ def test_null_calibration_false_verdicts_and_coverage(rho):
     rng = np.random.default_rng(int(rho * 10))
     not_equivalent, covered, segment_covered = 0, 0, []
     for _ in range(REPS):
-        fit = fit_pair([pair(rng, np.zeros(WINDOWS), rho, 0.03)], SPEC)
+        fit = fit_pair([simulated_pair(rng, np.zeros(WINDOWS), rho, 0.03)], SPEC)
         not_equivalent += verdict(fit.segments, 1e-12, ALPHA) == "not equivalent"
         lo, hi = fit.summary.ci(1 - 2 * ALPHA)
         covered += lo < 0 < hi
@@ -94,7 +53,9 @@ def test_a_gap_at_the_margin_is_called_equivalent_at_most_alpha_of_the_time(rho)
     rng = np.random.default_rng(100 + int(rho * 10))
     delta = 0.01
     equivalent = sum(
-        verdict(fit_pair([pair(rng, np.full(WINDOWS, delta), rho, 0.03)], SPEC).segments, delta, ALPHA)
+        verdict(
+            fit_pair([simulated_pair(rng, np.full(WINDOWS, delta), rho, 0.03)], SPEC).segments, delta, ALPHA
+        )
         == "equivalent"
         for _ in range(REPS // 2)
     )
@@ -115,7 +76,7 @@ def test_crossing_curves_are_not_equivalent():
     rng = np.random.default_rng(3)
     delta = 0.01
     gap = np.where(np.arange(WINDOWS) < WINDOWS // 2, 2 * delta, -2 * delta)
-    fit = fit_pair([pair(rng, gap, 0.5, 0.01)], SPEC)
+    fit = fit_pair([simulated_pair(rng, gap, 0.5, 0.01)], SPEC)
     assert abs(fit.summary.mean) < delta / 2  # the old mean-gap TOST would call this equivalent
     assert verdict(fit.segments, delta, ALPHA) == "not equivalent"
 
@@ -125,7 +86,7 @@ def test_the_verdict_does_not_depend_on_the_display_bins():
     mean gap's SE are the same at 5 to 80 display bins; the bins' SEs scale as 1/sqrt(windows)."""
     rng = np.random.default_rng(11)
     gap = 0.002 + 0.02 * np.exp(-np.arange(WINDOWS) / 40)
-    runs = [pair(rng, gap, 0.5, 0.03, ratio=16)]
+    runs = [simulated_pair(rng, gap, 0.5, 0.03, ratio=16)]
     fits = {
         bins: fit_pair(runs, BinSpec(bins=bins, skip_tokens=128 * 16 * SEQ)) for bins in (5, 10, 20, 40, 80)
     }
@@ -141,7 +102,7 @@ def test_the_verdict_does_not_depend_on_the_display_bins():
 def test_pairing_removes_the_shared_sample_noise():
     """Ratio 16 with sample noise 10x the arms' own: the paired SE is far below the unpaired one."""
     rng = np.random.default_rng(5)
-    a, b = pair(rng, np.zeros(WINDOWS), 0.0, 0.01, ratio=16, shared=0.1)
+    a, b = simulated_pair(rng, np.zeros(WINDOWS), 0.0, 0.01, ratio=16, shared=0.1)
     w = matched_windows(a.steps, b.steps)
     paired = robust_mean(w.gap).se
     unpaired = math.sqrt(robust_mean(w.a).se ** 2 + robust_mean(w.b).se ** 2)
@@ -152,9 +113,9 @@ def test_rows_on_bin_edges_and_bins_never_past_the_common_end():
     """Edges are exact integers on window boundaries; a window ending on an edge belongs to the bin
     below it (edge < end <= next edge); with bin_tokens the last bin ends at the common end."""
     rng = np.random.default_rng(0)
-    a, b = pair(rng, np.zeros(WINDOWS), 0.0, 0.01)
+    a, b = simulated_pair(rng, np.zeros(WINDOWS), 0.0, 0.01)
     step = 16 * SEQ
-    short_b = arm("b", 16, b.steps.loss[:300])  # b stopped at 300 windows
+    short_b = sim_arm("b", 16, b.steps.loss[:300])  # b stopped at 300 windows
     w = in_range(matched_windows(a.steps, short_b.steps), 262144, 0)
     assert w.start[0] == 262144 and w.end[-1] == 300 * step
     edges = bin_edges(w, 0, 100_000)
@@ -174,7 +135,7 @@ PAIRED_NOISE, UNPAIRED_NOISE, DEMO_RHO = 0.0287, 0.130, 0.17
 def windows_verdict(rng: np.random.Generator, gap: float, delta: float, n: int, noise: float) -> str:
     """The verdict on n windows whose paired gap is `gap` plus AR(1) noise of sd `noise`."""
     loss_b = np.full(n, 3.0)
-    a, b = arm("a", 16, loss_b + gap + ar1(rng, n, DEMO_RHO, noise)), arm("b", 16, loss_b)
+    a, b = sim_arm("a", 16, loss_b + gap + ar1(rng, n, DEMO_RHO, noise)), sim_arm("b", 16, loss_b)
     return verdict(fit_pair([(a, b)], SPEC).segments, delta, ALPHA)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DRY_RUN, REPO
+from tests.harness import DRY_RUN, REPO
 
 BIN = Path(sys.executable).parent
 

@@ -15,19 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sweep.manifest import read_manifest
-from tests.conftest import REPO, sweep_status
+from records.manifest import read_manifest
+from tests.harness import REPO, TINY, sweep_status
 
 pytestmark = pytest.mark.e2e
-
-TINY = [
-    "experiment.token_budget=16384",
-    "experiment.warmup.token_budget=8192",
-    "trainer.val_every_tokens=8192",
-    "experiment.warmup.lr_warmup_tokens=0",
-    "experiment.skip_tokens=4096",  # sqrt_rule's declared transient (262144) is past this budget
-    "trainer.noise_probe_every=8",  # B_noise measured often enough in 32-step arms
-]
 
 
 MATRIX = ["A", "H", "I", "G", "B", "M", "D", "J", "K05", "K2", "L"]  # the seed study's arms, in sweep order

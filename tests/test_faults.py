@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from sweep.manifest import read_manifest
-from tests.conftest import REPO, sweep_status, tiny_run
-from train.status import claimed_by
+from records.manifest import read_manifest
+from records.run_status import claimed_by
+from tests.harness import REPO, sweep_status, tiny_run
 
 pytestmark = pytest.mark.e2e
 

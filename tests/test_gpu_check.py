@@ -7,14 +7,14 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.harness import REPO
 
 NEEDS_CUDA = ["cuda_fp32_vs_cpu", "cuda_bf16_vs_cpu", "cuda_fp16_scaler", "fused_vs_foreach"]
 NEEDS_CUDA += ["compile_vs_eager", "invariant_adam", "throughput_0_5b"]
 
 
 def test_the_gpu_check_runs_on_a_cpu_and_says_what_it_skipped(tmp_path):
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--quick", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--out", str(tmp_path)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check_cpu.json").read_text())

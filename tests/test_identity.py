@@ -12,7 +12,7 @@ import pytest
 
 from sweep.identity import EXCLUDED, IDENTITY, SPLIT_NODES, run_signature
 from sweep.plan import build_plan
-from tests.conftest import REPO, compose
+from tests.harness import REPO, compose
 from train.config import ModelConfig, OptimizerConfig, RunConfig, TrainerConfig
 from train.schedule import ScheduleConfig
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_run
-from tests.test_trainer import _run_world, rows
+from tests.harness import rows, run_world, tiny_run
 from train.adam_variants import VariantAdam
 from train.config import OptimizerConfig
 from train.loop import train
@@ -123,8 +122,8 @@ def test_two_ranks_reduce_the_squared_micro_gradients_like_one_rank(prepared_dat
     opt = OptimizerConfig(name="invariant_adam", lr=3e-3)
     one = tiny_run(prepared_data, tmp_path / "one", token_budget=budget, micro_batch_size=2, optimizer=opt)
     two = tiny_run(prepared_data, tmp_path / "two", token_budget=budget, micro_batch_size=2, optimizer=opt)
-    _run_world(one, 1, tmp_path / "g1.pt")
-    _run_world(two, 2, tmp_path / "g2.pt")
+    run_world(one, 1, tmp_path / "g1.pt")
+    run_world(two, 2, tmp_path / "g2.pt")
     losses = [[r["loss"] for r in rows(Path(c.run_dir))] for c in (one, two)]
     assert len(losses[0]) == 5
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)

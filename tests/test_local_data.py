@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, sweep_status
+from tests.harness import REPO, sweep_status
 from train.config import DataConfig, SplitConfig, TokenizerConfig
 from train.data import SPLITS, data_problems, prepare
 

@@ -11,7 +11,7 @@ import pytest
 
 from sweep.manifest import plan_from_manifest, record_plan
 from sweep.plan import build_plan
-from tests.conftest import REPO, compose
+from tests.harness import REPO, compose
 
 
 def _recorded(tmp_path):

@@ -9,8 +9,7 @@ import torch
 import yaml
 from transformers import Qwen2ForCausalLM
 
-from tests.conftest import REPO, tiny_run
-from tests.test_trainer import rows
+from tests.harness import REPO, rows, tiny_run
 from train.config import ModelConfig
 from train.model import TokenLoss, build_model, matmul_params, qwen2_config
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_run
+from tests.harness import tiny_run
 from train.checkpoint import load_latest_checkpoint
 from train.data import TokenStream, load_split
 from train.model import TokenLoss, build_model
@@ -55,7 +55,7 @@ def test_the_probe_recovers_a_known_noise_scale_while_training(batch):
     over 4000 steps is about 3%. The update is the one without a probe, bit for bit."""
     from train.batching import BatchPlan
     from train.loop import LocalGradNorm, Network, Placement, train_step
-    from train.state import Counters, TrainState
+    from train.train_state import Counters, TrainState
 
     def run(probe: bool) -> tuple[NoiseScale, list[float], torch.Tensor]:
         gen = torch.Generator().manual_seed(1)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.paired import Steps, matched_windows, successive_noise
-from tests.conftest import prepare_texts, tiny_run
+from analysis.paired import LoggedSteps, matched_windows, successive_noise
+from records.metrics import VAL_SEQUENCES
+from tests.harness import prepare_texts, tiny_run
 from train.loop import train
-from train.runlog import VAL_SEQUENCES
 
 
 def _logged(run_dir: Path) -> list[dict]:
@@ -59,7 +59,7 @@ def test_the_paired_gap_of_real_arms_is_far_less_noisy_than_the_unpaired_one(mix
         )
         train(cfg)
         rows = [r for r in _logged(tmp_path / f"b{batch}") if "loss" in r]
-        runs[batch] = Steps.of(
+        runs[batch] = LoggedSteps.of(
             np.array([r["step"] for r in rows]),
             np.array([r["tokens"] for r in rows]),
             np.array([r["loss"] for r in rows]),

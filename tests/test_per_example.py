@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_run
-from tests.test_trainer import _run_world, rows
+from tests.harness import rows, run_world, tiny_run
 from train.adam_variants import VariantAdam, second_moment_input
 from train.batching import plan_batches
 from train.config import ModelConfig, OptimizerConfig
@@ -212,15 +211,15 @@ def test_two_ranks_with_accumulation_log_the_statistics_of_one_rank(prepared_dat
     kw = {"token_budget": budget, "micro_batch_size": 2, "per_example_stats": True}
     one = tiny_run(prepared_data, tmp_path / "one", **kw)
     two = tiny_run(prepared_data, tmp_path / "two", **kw)
-    _run_world(one, 1, tmp_path / "g1.pt")
-    _run_world(two, 2, tmp_path / "g2.pt")
+    run_world(one, 1, tmp_path / "g1.pt")
+    run_world(two, 2, tmp_path / "g2.pt")
     logged = [rows(Path(c.run_dir)) for c in (one, two)]
     keys = ["loss", "pe_norm_mean", "pe_norm_std", "noise_trace_exact", "grad_sq_exact", "snr_mlp"]
     for a, b in zip(*logged, strict=True):
         for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
     plain = tiny_run(prepared_data, tmp_path / "plain", token_budget=budget, micro_batch_size=2)
-    _run_world(plain, 1, tmp_path / "g3.pt")
+    run_world(plain, 1, tmp_path / "g3.pt")
     assert [r["loss"] for r in rows(tmp_path / "plain")] == pytest.approx(
         [r["loss"] for r in logged[0]], rel=1e-5
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sweep.plan import PlanError, build_plan
-from tests.conftest import DRY_RUN, REPO, compose
+from tests.harness import DRY_RUN, REPO, compose
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -215,6 +215,7 @@ def test_seed_scale_override_line(tmp_path):
             "model=qwen2_5_0_5b",
             "op@ops.base=seed_baseline",
             "experiment.ratio=16",
+            "experiment.lr_scale=1",  # the embedded study runs sqrt_rule's arms at lr/4
             "experiment.token_budget=1048576000",
         ],
         ["A", "H", "J"],
@@ -356,13 +357,17 @@ def test_the_analysis_composes_every_preset(experiment):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from analysis.schema import register
+
+    register()  # the analysis's typed nodes, as `python -m analysis` registers them
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="analysis", overrides=[f"+experiment={experiment}"])
     assert cfg.experiment.name == experiment and cfg.experiment.pairs
+    assert cfg.analysis.segments == 4 and cfg.wandb.workers == 8  # the schema's defaults
 
 
 def test_the_prepare_job_asks_slurm_for_cpus_and_the_arms_for_gpus(tmp_path):
-    from sweep.launch import slurm_parameters
+    from sweep.slurm_backend import slurm_parameters
 
     plan = _plan(["+experiment=sqrt_rule", "study=seed", "resources.prepare_cpus=32"], ["A"], tmp_path)
     jobs = {j.kind: j for j in plan.jobs}
@@ -378,9 +383,10 @@ def test_a_rerun_that_redoes_the_warmup_is_refused_where_it_would_break_a_pair(t
     """The sweep recorded A, H, D from one warmup; rerunning A alone with a config that changes the
     warmup (ops.base.lr) would leave A-H and A-D comparing runs from different weights: refused,
     naming both. Rerunning A with H (and D) is fine; status marks an arm left on the old warmup."""
+    from records.manifest import read_manifest
     from sweep import status
     from sweep.launch import branch_conflicts
-    from sweep.manifest import read_manifest, record_plan
+    from sweep.manifest import record_plan
 
     record_plan(_plan(["+experiment=sqrt_rule"], ["A", "H", "D"], tmp_path))
     changed = ["+experiment=sqrt_rule", "ops.base.lr=0.004"]

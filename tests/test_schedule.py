@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_run
-from tests.test_trainer import _trace, finish, rows, start, wait_for_rows
+from tests.harness import finish, rows, start, tiny_run, trace, wait_for_rows
 from train.checkpoint import load_latest_checkpoint
 from train.data import TokenStream
 from train.loop import train
@@ -88,7 +87,7 @@ def test_a_run_killed_mid_ramp_resumes_exactly(prepared_data, tmp_path_factory):
     )  # fmt: skip
     code, err = finish(start(cfg))
     assert code == 0, err[-3000:]
-    expected = _trace(Path(cfg.run_dir))
+    expected = trace(Path(cfg.run_dir))
     assert len(rows(Path(cfg.run_dir))) == 22
 
     killed = replace(cfg, run_dir=str(tmp_path_factory.mktemp("killed") / "run"))
@@ -101,4 +100,4 @@ def test_a_run_killed_mid_ramp_resumes_exactly(prepared_data, tmp_path_factory):
     assert checkpoint["samples"] == checkpoint["tokens"] // SEQ
     code, err = finish(start(killed))
     assert code == 0, err[-3000:]
-    assert _trace(Path(killed.run_dir)) == expected
+    assert trace(Path(killed.run_dir)) == expected

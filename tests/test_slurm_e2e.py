@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sweep.manifest import read_manifest
-from tests.conftest import REPO, compose, sweep_status
-from tests.test_e2e import TINY
+from records.manifest import read_manifest
+from tests.harness import REPO, TINY, compose, sweep_status
 from train.data import prepare
 
 # Under xdist (make test) this module runs on one worker (--dist loadscope): its tests share one

@@ -7,10 +7,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,115 +16,23 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_run
+from tests.harness import (
+    REPO,
+    finish,
+    rows,
+    run_world,
+    start,
+    status,
+    stop_after,
+    tiny_run,
+    trace,
+    wait_for_rows,
+)
 from tests.wandb_standin import ENTITY, WandbStandin, offline_history
 from train.checkpoint import load_latest_checkpoint
-from train.config import OptimizerConfig, RunConfig, WandbConfig
-
-RUN_SCRIPT = (
-    "import json, sys; from train.config import RunConfig, from_dict; from train.loop import train; "
-    "train(from_dict(RunConfig, json.load(open(sys.argv[1]))))"
-)
-
-
-def rows(run_dir: Path, key: str = "loss") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if key in r]
-
-
-def status(run_dir: Path) -> dict:
-    return json.loads((run_dir / "status.json").read_text())
-
-
-def start(cfg: RunConfig, **env: str) -> subprocess.Popen[str]:
-    """`train(cfg)` in its own process, as a job would run it."""
-    path = Path(cfg.run_dir).with_suffix(".json")
-    path.write_text(json.dumps(asdict(cfg)))
-    return subprocess.Popen(
-        [sys.executable, "-c", RUN_SCRIPT, str(path)],
-        cwd=REPO,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
-
-
-def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen[str]) -> None:
-    while proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= n:
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"run ended before logging {n} steps: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-
+from train.config import OptimizerConfig, WandbConfig
 
 # ----------------------------------------------------------------------------- DDP parity
-
-
-def stop_after(cfg: RunConfig, n: int) -> None:
-    """Start `cfg`, send SLURM's warning signal once it logged `n` rows; it must stop, checkpointed."""
-    proc = start(cfg)
-    wait_for_rows(Path(cfg.run_dir), n, proc)
-    proc.send_signal(signal.SIGUSR2)
-    code, err = finish(proc)
-    assert code != 0 and "Stopped" in err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ddp_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path) -> None:
-    """One rank: step-0 gradients through the trainer's own accumulation, then `train(cfg)`."""
-    import torch.distributed as dist
-
-    from train.batching import plan_batches
-    from train.data import TokenStream, load_split
-    from train.loop import accumulate_gradients, train
-    from train.model import TokenLoss, build_model
-
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo")
-    t = cfg.trainer
-    plan = plan_batches(cfg.batch_size, t.micro_batch_size, world, t.seq_len, cfg.token_budget)
-    stream = TokenStream(load_split(cfg.data_dir, cfg.split), t.seq_len, t.data_seed)
-    lm = build_model(cfg.model, t.init_seed)
-    net: torch.nn.Module = TokenLoss(lm)
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net)
-    batch = torch.from_numpy(stream.rank_slice(0, cfg.batch_size, rank, world))
-    accumulate_gradients(net, batch, plan, world > 1, lambda: torch.autocast("cpu", enabled=False))
-    if rank == 0:
-        torch.save({n: p.grad for n, p in lm.named_parameters()}, out)
-    train(cfg)
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def _run_world(cfg: RunConfig, world: int, out: Path) -> None:
-    ctx = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, cfg, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0] * world
 
 
 @pytest.mark.slow
@@ -136,8 +42,8 @@ def test_two_rank_ddp_with_accumulation_matches_one_rank_with_the_whole_batch(pr
     two = tiny_run(
         prepared_data, tmp_path / "two", token_budget=budget, micro_batch_size=2
     )  # 2 ranks x 2 micro
-    _run_world(one, 1, tmp_path / "g1.pt")
-    _run_world(two, 2, tmp_path / "g2.pt")
+    run_world(one, 1, tmp_path / "g1.pt")
+    run_world(two, 2, tmp_path / "g2.pt")
     g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
     for name, grad in g1.items():
         # fp32 sums in another order: relative differences of a few 1e-7 at most.
@@ -152,14 +58,6 @@ def test_two_rank_ddp_with_accumulation_matches_one_rank_with_the_whole_batch(pr
 
 
 # ----------------------------------------------------------------------------- exact resume
-
-
-def _trace(run_dir: Path) -> list[tuple]:
-    """What must be bit-identical between an interrupted and an uninterrupted run."""
-    train = [
-        (r["step"], r["loss"], r["grad_norm"], r.get("b_simple"), r["clip_fraction"]) for r in rows(run_dir)
-    ]
-    return train + [(r["step"], r["val_loss"]) for r in rows(run_dir, "val_loss")]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +76,7 @@ def reference(prepared_data, tmp_path_factory):
     )
     code, err = finish(start(cfg))
     assert code == 0, err[-3000:]
-    return cfg, _trace(run_dir)
+    return cfg, trace(run_dir)
 
 
 @pytest.mark.slow
@@ -193,7 +91,7 @@ def test_sigkill_at_any_step_then_resume_logs_the_identical_run(reference, tmp_p
     killed_at = len(rows(tmp_path / "run"))
     code, err = finish(start(cfg))
     assert code == 0, err[-3000:]
-    got = _trace(tmp_path / "run")
+    got = trace(tmp_path / "run")
     assert got == expected, f"killed after step {killed_at}"  # bit-identical, nothing missing or repeated
     # One W&B run across the restart: the resumed attempt's offline dir holds the whole history,
     # one row per optimizer step; the first attempt's dir is kept aside, never synced with it.
@@ -217,7 +115,7 @@ def test_stop_signal_checkpoints_at_a_step_boundary_and_resumes_exactly(referenc
     )  # the stop step, not an older one
     code, err = finish(start(cfg))
     assert code == 0, err[-3000:]
-    assert _trace(tmp_path / "run") == expected
+    assert trace(tmp_path / "run") == expected
 
 
 @pytest.mark.slow
@@ -237,7 +135,7 @@ def test_resume_is_exact_with_noise_probes(prepared_data, tmp_path):
     assert [r["step"] for r in probed] == [3, 6, 9, 12, 15]  # not the last step: nothing after it to probe
 
     def trace(run_dir: Path) -> list[tuple]:
-        return _trace(run_dir) + [
+        return trace(run_dir) + [
             (r["step"], r["grad_sq"], r["noise_trace"]) for r in rows(run_dir, "grad_sq")
         ]
 
@@ -455,7 +353,8 @@ def test_the_thread_count_never_changes_a_result(prepared_data, tmp_path):
         path = tmp_path / f"run{threads}.json"
         path.write_text(json.dumps(asdict(cfg)))
         script = (
-            "import json, sys; from slurm.job import StageJob; from train.config import RunConfig, from_dict;"
+            "import json, sys; from sweep.stage import StageJob;"
+            "from train.config import RunConfig, from_dict;"
             "run = from_dict(RunConfig, json.load(open(sys.argv[1])));"
             "StageJob('train', run=run, threads=int(sys.argv[2]))()"
         )
@@ -464,7 +363,7 @@ def test_the_thread_count_never_changes_a_result(prepared_data, tmp_path):
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert status(tmp_path / f"run{threads}")["launch"]["threads"] == threads
-        traces[threads] = _trace(tmp_path / f"run{threads}")
+        traces[threads] = trace(tmp_path / f"run{threads}")
     assert traces[1] == traces[2]
 
 
@@ -479,13 +378,13 @@ def test_the_thread_count_never_changes_a_result(prepared_data, tmp_path):
     ],
 )
 def test_a_job_takes_the_threads_of_the_cpus_it_was_given(env, affinity, threads):
-    from slurm.job import job_threads
+    from slurm.environment import job_threads
 
     assert job_threads(env, affinity) == threads
 
 
 def test_the_local_launcher_shares_the_free_cpus_among_the_jobs_ready():
-    from sweep.launch import cpu_share
+    from sweep.local_backend import cpu_share
 
     assert cpu_share(free=2, ready=1, slots=2, tasks=1) == 2  # the warmup alone: both cores
     assert cpu_share(free=2, ready=5, slots=2, tasks=1) == 1  # five arms: two at a time, one each

@@ -51,11 +51,10 @@ from typing import Any
 
 import torch
 
-from train.config import MOMENT_OPTIMIZERS, OPTIMIZERS, TWO_SEQUENCE_OPTIMIZERS
+from train.config import OPTIMIZERS
 from train.per_example import Moments
 
-VARIANTS = OPTIMIZERS[1:]  # all but torch's AdamW
-ADAM_VARIANTS = ("invariant_adam", "micro_adam", "micro_adam_var", "micro_adam_msq")
+VARIANTS = [name for name in OPTIMIZERS if name != "adamw"]  # all but torch's AdamW
 
 
 def second_moment_input(variant: str, mean: torch.Tensor, mean_sq: torch.Tensor, units: int) -> torch.Tensor:
@@ -86,6 +85,7 @@ class VariantAdam(torch.optim.Optimizer):
             raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.variant = variant
+        self.spec = OPTIMIZERS[variant]
         # This step's moments: set by `feed`, used once by `step`; never optimizer state, so they
         # stay out of checkpoints.
         self._moments: Moments | None = None
@@ -93,19 +93,21 @@ class VariantAdam(torch.optim.Optimizer):
     @property
     def needs_moments(self) -> bool:
         """Whether `step` needs `feed(moments)` first: all but the two that sign the mean."""
-        return self.variant in MOMENT_OPTIMIZERS
+        return bool(self.spec.unit)
 
     @property
     def needs_squares(self) -> bool:
-        return self.variant in ADAM_VARIANTS
+        return self.spec.squares
 
     @property
     def needs_signs(self) -> bool:
-        return self.variant == "sign_example"
+        return self.spec.signs
 
     def feed(self, moments: Moments) -> None:
-        if self.variant in TWO_SEQUENCE_OPTIMIZERS and moments.units < 2:
-            raise ValueError(f"{self.variant} needs at least two sequences per step, got {moments.units}")
+        if moments.units < self.spec.min_units:
+            raise ValueError(
+                f"{self.variant} needs at least {self.spec.min_units} sequences per step, got {moments.units}"
+            )
         self._moments = moments
 
     def _params(self) -> list[torch.Tensor]:

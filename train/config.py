@@ -103,22 +103,28 @@ class DataConfig:
     num_proc: int = 0
 
 
-# adamw: torch's; the rest: train/adam_variants.py (second moment or sign from per-unit moments)
-OPTIMIZERS = (
-    "adamw",
-    "invariant_adam",
-    "micro_adam",
-    "micro_adam_var",
-    "micro_adam_msq",
-    "sign_example",
-    "sign_mean",
-    "sign_ema",
-)
-# fed per-unit moments (train/per_example.py): micro-batches for invariant_adam, sequences for the rest;
-# sign_mean and sign_ema step on the mean gradient alone
-MOMENT_OPTIMIZERS = ("invariant_adam", "micro_adam", "micro_adam_var", "micro_adam_msq", "sign_example")
-PER_EXAMPLE_OPTIMIZERS = MOMENT_OPTIMIZERS[1:]
-TWO_SEQUENCE_OPTIMIZERS = ("micro_adam_var", "micro_adam_msq")  # unbiased estimators: divide by B - 1
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What an optimizer needs from a step (train/per_example.py forms it; train/adam_variants.py
+    has each one's formula and source)."""
+
+    unit: str = ""  # its per-unit moments are over "micro-batch"es or "sequence"s; "": it steps on the mean
+    squares: bool = False  # its second moment is fed a mean of squared per-unit gradients
+    signs: bool = False  # it steps on the mean of the per-unit gradients' signs
+    min_units: int = 1  # units a step needs: an unbiased variance estimate divides by units - 1
+
+
+# Every optimizer an arm may name: torch's AdamW, then the variants of train/adam_variants.py.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(),
+    "invariant_adam": OptimizerSpec("micro-batch", squares=True),
+    "micro_adam": OptimizerSpec("sequence", squares=True),
+    "micro_adam_var": OptimizerSpec("sequence", squares=True, min_units=2),
+    "micro_adam_msq": OptimizerSpec("sequence", squares=True, min_units=2),
+    "sign_example": OptimizerSpec("sequence", signs=True),
+    "sign_mean": OptimizerSpec(),
+    "sign_ema": OptimizerSpec(),
+}
 PRECISIONS = ("fp32", "bf16", "fp16")
 WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
 WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
@@ -240,12 +246,17 @@ class RunConfig:
     @property
     def per_example(self) -> bool:
         """Whether steps form per-sequence gradients (for the statistics or the optimizer)."""
-        return self.trainer.per_example_stats or self.optimizer.name in PER_EXAMPLE_OPTIMIZERS
+        return self.trainer.per_example_stats or self.spec.unit == "sequence"
 
     @property
     def unit_moments(self) -> bool:
         """Whether steps keep per-unit gradient sums (train/per_example.py) at all."""
-        return self.optimizer.name in MOMENT_OPTIMIZERS or self.per_example
+        return bool(self.spec.unit) or self.per_example
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        """The optimizer's needs (an unknown name is refused by `validate`: then plain AdamW's)."""
+        return OPTIMIZERS.get(self.optimizer.name, OptimizerSpec())
 
     def validate(self, world_size: int) -> Steps:
         """Every check that needs no data, made once for the planner (before anything is queued)
@@ -265,10 +276,10 @@ class RunConfig:
             )
         if self.per_example and t.compile:
             problems.append(f"{what} runs the model through torch.func.vmap: set trainer.compile=false")
-        if self.optimizer.name in TWO_SEQUENCE_OPTIMIZERS and self.batch_size < 2:
+        if self.batch_size < self.spec.min_units:
             problems.append(
-                f"{self.optimizer.name} estimates a per-sequence variance: it needs batch_size >= 2, "
-                f"got {self.batch_size}"
+                f"{self.optimizer.name} estimates a per-sequence variance: it needs batch_size >= "
+                f"{self.spec.min_units}, got {self.batch_size}"
             )
         if t.seq_len > self.model.max_position_embeddings:
             problems.append(
@@ -318,7 +329,7 @@ def _at_least(low: float) -> Any:
     return lambda v: isinstance(v, int | float) and math.isfinite(v) and v >= low
 
 
-def _one_of(options: tuple[str, ...]) -> Any:
+def _one_of(options: tuple[str, ...] | dict[str, Any]) -> Any:
     return lambda v: v in options
 
 

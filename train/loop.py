@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from records.metrics import VAL_SEQUENCES
+from records.run_status import RunClaim, RunInUse, RunState, mark_failed, read_status
 from train.adam_variants import VariantAdam
 from train.batching import BatchPlan
 from train.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
@@ -34,10 +36,9 @@ from train.data import TokenStream, load_meta, load_split, prepared_problems, va
 from train.model import TokenLoss, build_model
 from train.noise import NoiseSample, NoiseScale
 from train.per_example import Moments, UnitGradients, per_example_gradients
-from train.runlog import VAL_SEQUENCES, RunLog
-from train.state import Counters, TrainState, rng_state
-from train.status import RunClaim, RunInUse, RunState, mark_failed, read_status
+from train.runlog import RunLog
 from train.throughput import peak_flops, peak_memory_gb
+from train.train_state import Counters, TrainState, rng_state
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

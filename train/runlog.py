@@ -1,7 +1,7 @@
 """What a run tells the world (rank 0 only): `status.json`, `metrics.jsonl` and its W&B run.
 
-`metrics.jsonl` is the source of truth: one JSON object per logged row, every row carrying
-`tokens`. W&B mirrors it; a W&B failure is a warning, never a reason to stop training.
+`metrics.jsonl` (its format and schema: records/metrics.py) is the source of truth; W&B mirrors
+it, and a W&B failure is a warning, never a reason to stop training.
 """
 
 from __future__ import annotations
@@ -15,31 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
+from records.metrics import METRICS_FILE, VAL_SEQUENCES, truncate_metrics
+from records.run_status import RunState, write_status
 from train.config import RunConfig, WandbMode
-from train.status import RunState, write_status
-
-METRICS_FILE = "metrics.jsonl"
-# Per-sequence validation losses (mean nats per token of each validation sequence, in order): in
-# metrics.jsonl for the paired analysis, not in W&B (a list per row is not a metric it can plot).
-VAL_SEQUENCES = "val_sequence_loss"
-
-
-def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
-    """Drop rows logged after `last_step` (they are superseded by the resumed run's rows)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a row torn by a kill
-            continue
-        if row.get("step", -1) <= last_step:
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 class RunLog:

@@ -5,7 +5,7 @@ raised is `failed`). The queue says whether it is still waiting or running: one 
 call per refresh, and `sacct` only for jobs that left the queue without a final status, and only
 where accounting is enabled.
 
-The states are `train.status.RunState`; this module is the one place that decides them.
+The states are `records.run_status.RunState`; this module is the one place that decides them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.status import FINAL, RunState, claimed_by, read_status
+from records.run_status import FINAL, RunState, claimed_by, read_status
 
 LOST_AFTER_S = 300.0  # a run whose heartbeat is older than this, and whose job left the queue, is lost
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sweep.state import resolve
+from sweep.job_states import resolve
 
 NOW = 1_000_000.0
 

@@ -1,9 +1,9 @@
-"""Run states and `<run_dir>/status.json`, the one file that says how a run stands.
+"""Run states, `<run_dir>/status.json` (the one file that says how a run stands) and the run's claim.
 
 The run writes it (rank 0: `RunLog`, `mark_failed`; the job wrapper: `set_state` before a
-requeue); `sweep/` reads it and combines it with the scheduler's view (`sweep.state.resolve`),
+requeue); `sweep/` reads it and combines it with the scheduler's view (`sweep.job_states`),
 because SLURM's COMPLETED alone does not say a run succeeded (a Python exception can end a job as
-COMPLETED). No torch here: the login node and the analysis read this module too.
+COMPLETED); the analysis reads a run's final state from it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from records.atomic import write_json_atomic
 
 STATUS_FILE = "status.json"
 
@@ -51,13 +53,6 @@ RESUBMIT = frozenset({RunState.FAILED, RunState.TIMEOUT, RunState.LOST, RunState
 # `sweep.status` exits 1 when any job is in one of these (a stopped run checkpointed: not bad).
 BAD = frozenset({RunState.FAILED, RunState.TIMEOUT, RunState.LOST, RunState.DIVERGED})
 NOT_DONE = BAD | {RunState.SKIPPED, RunState.STOPPED}  # the sweep command exits 1 on any of these
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name and rename it: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any] | None:
