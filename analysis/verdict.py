@@ -106,7 +106,7 @@ def verdict_line(row: dict[str, Any]) -> str:
         head = f"NOT equivalent: in some {unit[:-1]} {a} is off {b} by more than ±{delta:.3g} nats"
     elif verdict_ == Verdict.INCONCLUSIVE:
         head = (
-            f"inconclusive: a {unit[:-1]}'s {level} CI reaches {row['reach']:.3g} past ±{delta:.3g} nats "
+            f"inconclusive: {'an' if unit[0] in 'aeiou' else 'a'} {unit[:-1]}'s {level} CI reaches {row['reach']:.3g} past ±{delta:.3g} nats "
             "(more tokens or data-order replicates would decide)"
         )
     elif verdict_ == Verdict.NO_MARGIN:

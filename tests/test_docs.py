@@ -100,3 +100,27 @@ def test_the_metrics_reference_is_the_schemas_table():
     from records.metrics import markdown_table
 
     assert markdown_table() in (REPO / "docs" / "metrics.md").read_text()
+
+
+def _declared_in_docs(experiment: str) -> tuple[list[list[str]], list[list[str]]]:
+    """(yardstick, controls) as docs/studies.md's section of `experiment` states them."""
+    text = (REPO / "docs" / "studies.md").read_text()
+    section = text.split(f"### `{experiment}`", 1)[1].split("\n### ", 1)[0]
+
+    def pairs(label: str) -> list[list[str]]:
+        found = re.search(rf"\*\*{label}:\*\* ([^.(]*)", section)
+        named = found.group(1).strip() if found else "none"
+        return [] if named.startswith("none") else [p.strip().split("↔") for p in named.split(",")]
+
+    return pairs("Yardstick"), pairs("Controls")
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_each_presets_yardstick_is_what_its_section_says(experiment):
+    from tests.harness import compose
+
+    exp = compose([f"+experiment={experiment}"]).experiment
+    assert _declared_in_docs(experiment) == (
+        [list(p) for p in exp.yardstick],
+        [list(p) for p in exp.controls],
+    )

@@ -194,6 +194,29 @@ def test_mfu_is_logged_against_a_given_peak(prepared_data, tmp_path):
     assert row["mfu"] == pytest.approx(flops * row["tokens_per_s"] / 1e11)
 
 
+def test_every_logged_key_is_in_the_metrics_schema_and_every_entry_is_logged(prepared_data, tmp_path):
+    """records/metrics.py's FIELDS is what the trainer writes: every key of every row of an fp16 run
+    with a known peak (loss_scale, mfu), a run with per-example statistics and one with accumulation
+    (the noise scale) is in it, and every entry is written by one of them (snr_head needs an untied
+    LM head, which the tiny model has not)."""
+    from records.metrics import FIELDS
+    from train.loop import train
+
+    budget = 8 * 32 * 2
+    runs = [
+        tiny_run(prepared_data, tmp_path / "fp16", token_budget=budget, precision="fp16", peak_flops=1e11),
+        tiny_run(prepared_data, tmp_path / "pe", token_budget=budget, per_example_stats=True),
+        # accumulation (micro-batches of 4 of 8) measures the noise scale at every step
+        tiny_run(prepared_data, tmp_path / "plain", token_budget=budget, micro_batch_size=4),
+    ]
+    logged: set[str] = set()
+    for cfg in runs:
+        train(cfg)
+        logged |= {key for row in rows(Path(cfg.run_dir), "step") for key in row}
+    assert logged - set(FIELDS) == set()
+    assert set(FIELDS) - logged == {"snr_head"}
+
+
 # ----------------------------------------------------------------------------- guards
 
 
