@@ -105,9 +105,10 @@ def verdict_line(row: dict[str, Any]) -> str:
     elif verdict_ == Verdict.NOT_EQUIVALENT:
         head = f"NOT equivalent: in some {unit[:-1]} {a} is off {b} by more than ±{delta:.3g} nats"
     elif verdict_ == Verdict.INCONCLUSIVE:
+        article = "an" if unit[0] in "aeiou" else "a"
         head = (
-            f"inconclusive: {'an' if unit[0] in 'aeiou' else 'a'} {unit[:-1]}'s {level} CI reaches {row['reach']:.3g} past ±{delta:.3g} nats "
-            "(more tokens or data-order replicates would decide)"
+            f"inconclusive: {article} {unit[:-1]}'s {level} CI reaches {row['reach']:.3g} past "
+            f"±{delta:.3g} nats (more tokens or data-order replicates would decide)"
         )
     elif verdict_ == Verdict.NO_MARGIN:
         head = "no verdict: no margin (no yardstick pair measured: see above; or set analysis.margin)"
