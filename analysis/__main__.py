@@ -95,7 +95,7 @@ def run() -> None:
     argv = sys.argv[1:]
     problems = yaml_problems(argv, config_dir()) or override_problems(argv, AnalysisRoot, config_dir())
     if problems:
-        sys.exit("error: " + "; ".join(problems))
+        _fail("; ".join(problems))
     main()
 
 

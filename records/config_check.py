@@ -74,14 +74,47 @@ def override_problems(argv: list[str], schema: Any, config_dir: str) -> list[str
             continue
         if key in groups or key.split(".")[0].split("/")[0] == "hydra":
             continue
-        problem = _schema_path_problem(schema, key.split("."))
+        problem, leaf = _schema_leaf(schema, key.split("."))
+        if not problem and leaf is not None:
+            problem = _value_problem(override, leaf)
         if problem:
             problems.append(f"{key}: {problem}")
     return problems
 
 
-def _schema_path_problem(schema: Any, parts: list[str]) -> str:
-    """Why `parts` is no key of the dataclass `schema` ("" if it is one), with a suggestion."""
+SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _value_problem(override: Any, leaf: Any) -> str:
+    """Why the override's value (or any value of a sweep over several) cannot be the scalar type
+    `leaf` (Optional[...] also takes null), or ""."""
+    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    args = typing.get_args(leaf)
+    optional = typing.get_origin(leaf) in (typing.Union, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), leaf) if optional else leaf
+    if base not in SCALARS:
+        return ""
+    for value in values:
+        if not (value is None and optional) and not _fits(value, base):
+            return f"{value!r} is not {SCALARS[base]}"
+    return ""
+
+
+def _fits(value: Any, base: type) -> bool:
+    if base is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # a bool is an int to Python, not to a config
+        return False
+    if base is float:
+        return isinstance(value, int | float)
+    if base is int:
+        return isinstance(value, int)
+    return isinstance(value, str | int | float)  # Hydra reads `name=3` as 3: still a fine string
+
+
+def _schema_leaf(schema: Any, parts: list[str]) -> tuple[str, Any]:
+    """(why `parts` is no key of the dataclass `schema`, with a suggestion, or ""; the type of the
+    key's value where it is a field, else None)."""
     node: Any = schema
     for i, part in enumerate(parts):
         origin = typing.get_origin(node)
@@ -89,15 +122,19 @@ def _schema_path_problem(schema: Any, parts: list[str]) -> str:
             node = typing.get_args(node)[-1]
             continue
         if origin in (list, tuple) or not dataclasses.is_dataclass(node):
-            return ""  # an element of a list or a leaf's value: Hydra checks the rest
+            return "", None  # an element of a list or a leaf's value: Hydra checks the rest
         hints = typing.get_type_hints(node)
         if part not in hints:
             where = ".".join(parts[:i])
             close = difflib.get_close_matches(part, list(hints), n=1)
             hint = f" (did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])}?)" if close else ""
-            return f"no such key{' in ' + where if where else ''}{hint}"
+            return f"no such key{' in ' + where if where else ''}{hint}", None
         node = hints[part]
         args = [a for a in typing.get_args(node) if a is not type(None)]
-        if typing.get_origin(node) in (typing.Union, types.UnionType) and len(args) == 1:
-            node = args[0]  # Optional[X]
-    return ""
+        if (
+            i < len(parts) - 1
+            and typing.get_origin(node) in (typing.Union, types.UnionType)
+            and len(args) == 1
+        ):
+            node = args[0]  # Optional[X] on the way down
+    return "", node

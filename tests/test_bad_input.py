@@ -174,6 +174,11 @@ def _fake_sweep(root: Path) -> Path:
         (["analysis.segments=0"], "analysis.segments=0: expected at least 1"),
         (["analysis.skip_tokens=-5"], "analysis.skip_tokens=-5"),
         (["analysis.pairs=[[A,Z]]"], "unknown arm(s) Z; the sweep's arms: A, B, D, H, J"),
+        (["analysis.yardstick=[[A,Z]]"], "unknown arm(s) Z; the sweep's arms: A, B, D, H, J"),
+        (["analysis.yardstick=[[A,J,H]]"], "analysis.yardstick: ['A', 'J', 'H'] does not name two arms"),
+        (["analysis.margin="], "analysis.margin: '' is not a number"),
+        (["analysis.bins=many"], "analysis.bins: 'many' is not an integer"),
+        (["analysis.margn=0.1"], "no such key in analysis (did you mean analysis.margin?)"),
     ],
 )
 def test_bad_analysis_input_is_refused_before_anything_is_written(overrides, message, tmp_path):
