@@ -56,9 +56,11 @@ def test_a_non_editable_install_carries_its_configs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     env = {"PYTHONPATH": str(target), "PATH": str(BIN)}
     where = _run(
-        [sys.executable, "-c", "import sweep; print(sweep.__file__, sweep.config_dir())"], tmp_path, env=env
+        [sys.executable, "-c", "import records; print(records.__file__, records.config_dir())"],
+        tmp_path,
+        env=env,
     )
-    assert where.stdout.split() == [str(target / "sweep" / "__init__.py"), str(target / "sweep" / "conf")]
+    assert where.stdout.split() == [str(target / "records" / "__init__.py"), str(target / "records" / "conf")]
     dry = _run(
         [*DRY_RUN, f"sweep.root={tmp_path}"],
         tmp_path,

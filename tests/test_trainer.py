@@ -134,7 +134,7 @@ def test_resume_is_exact_with_noise_probes(prepared_data, tmp_path):
     probed = [r for r in rows(tmp_path / "ref") if "grad_sq" in r]
     assert [r["step"] for r in probed] == [3, 6, 9, 12, 15]  # not the last step: nothing after it to probe
 
-    def trace(run_dir: Path) -> list[tuple]:
+    def probe_trace(run_dir: Path) -> list[tuple]:
         return trace(run_dir) + [
             (r["step"], r["grad_sq"], r["noise_trace"]) for r in rows(run_dir, "grad_sq")
         ]
@@ -143,7 +143,7 @@ def test_resume_is_exact_with_noise_probes(prepared_data, tmp_path):
     stop_after(again, 7)
     code, err = finish(start(again))
     assert code == 0, err[-3000:]
-    assert trace(tmp_path / "run") == trace(tmp_path / "ref")
+    assert probe_trace(tmp_path / "run") == probe_trace(tmp_path / "ref")
 
 
 def test_checkpoint_holds_everything_resume_needs(reference):
