@@ -36,12 +36,12 @@ class Backend(Protocol):
     def cancel(self, manifest: dict[str, Any], only: set[str]) -> int: ...
 
 
-def backend_for(executor: str, max_parallel: int = 0, poll_s: float = 0.5) -> Backend:
+def backend_for(executor: str, max_parallel: int = 0, poll_s: float = 0.5, threads: int = 1) -> Backend:
     """The backend of `executor` (local | slurm); the local one's options for running side by side."""
     if executor == "local":
         from sweep.local_backend import LocalBackend
 
-        return LocalBackend(max_parallel, poll_s)
+        return LocalBackend(max_parallel, poll_s, threads)
     if executor == "slurm":
         from sweep.slurm_backend import SlurmBackend
 

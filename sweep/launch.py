@@ -31,6 +31,10 @@ from sweep.plan import Job, SweepPlan, arm_table, gpu_hours
 class LauncherOptions:
     executor: str = "local"  # local | slurm (sweep/backend.py)
     max_parallel: int = 0  # local: jobs running at once; 0: as many as this machine has CPUs for
+    # local: threads per task. One each survives a busy machine (two threads of a job that shares
+    # a core with another process wait on each other at every parallel region: 3.6x slower);
+    # 0: an equal share of the CPUs free when the job starts.
+    threads: int = 1
     poll_s: float = 0.5
     analyze: bool = True  # local: print the pairwise tables once the arms are done
     only: list[str] = field(default_factory=list)  # consider only these jobs (resubmit --arms)
@@ -49,7 +53,7 @@ def execute(plan: SweepPlan, opts: LauncherOptions) -> dict[str, RunState]:
         (plan.dir / "plan.json").write_text(json.dumps(rows, indent=2))
         print(f"dry run: wrote {plan.dir / 'plan.json'}; nothing was run")
         return {}
-    backend = backend_for(opts.executor, opts.max_parallel, opts.poll_s)
+    backend = backend_for(opts.executor, opts.max_parallel, opts.poll_s, opts.threads)
     backend.queue()  # a SLURM sweep with no controller answering stops here, before anything is written
     # One sweep command at a time per sweep dir: a local sweep holds it while its jobs run, a SLURM
     # one while it decides and submits (a second waits, then sees the job ids and leaves them be).

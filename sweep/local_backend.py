@@ -26,9 +26,10 @@ class LocalBackend:
     claim_wait_s = 0.0  # a second sweep command leaves at once: this one runs the jobs in the foreground
     waits = True
 
-    def __init__(self, max_parallel: int = 0, poll_s: float = 0.5) -> None:
+    def __init__(self, max_parallel: int = 0, poll_s: float = 0.5, threads: int = 1) -> None:
         self.max_parallel = max_parallel
         self.poll_s = poll_s
+        self.threads = threads
 
     def queue(self) -> dict[str, Any] | None:
         return None  # no scheduler: a run's own status and claim say how it stands
@@ -37,7 +38,7 @@ class LocalBackend:
         self, plan: SweepPlan, todo: list[Job], known: dict[str, JobState], manifest: dict[str, Any]
     ) -> dict[str, RunState]:
         """Run jobs as local submitit processes, dependencies first, with a progress bar per job."""
-        local = _LocalRun(plan, todo, {n: s.state for n, s in known.items()}, self.max_parallel)
+        local = _LocalRun(plan, todo, {n: s.state for n, s in known.items()}, self.max_parallel, self.threads)
         try:
             while local.pending or local.running:
                 local.collect_finished()
@@ -58,7 +59,9 @@ class LocalBackend:
 class _LocalRun:
     """The jobs of a local sweep: waiting (`pending`), running (with their handle and bar), done."""
 
-    def __init__(self, plan: SweepPlan, todo: list[Job], known: dict[str, RunState], max_parallel: int):
+    def __init__(
+        self, plan: SweepPlan, todo: list[Job], known: dict[str, RunState], max_parallel: int, threads: int
+    ):
         import submitit
 
         self.executor = submitit.LocalExecutor(folder=plan.dir / "jobs")
@@ -70,8 +73,9 @@ class _LocalRun:
             signal_delay_s=res.signal_lead_s,
         )
         self.cpus = len(os.sched_getaffinity(0))
-        self.max_parallel = max_parallel or self.cpus
         self.tasks = res.gpus_per_node or res.tasks_per_node
+        self.threads = threads  # per task; 0: an equal share of the free CPUs (`cpu_share`)
+        self.max_parallel = max_parallel or max(1, self.cpus // (self.tasks * max(threads, 1)))
         self.dir = plan.dir
         self.states = {**known, **{j.name: RunState.PENDING for j in todo}}
         self.pending = list(todo)
@@ -97,8 +101,8 @@ class _LocalRun:
 
     def start_ready(self) -> None:
         """Start jobs whose dependencies completed, up to `max_parallel` and the CPUs free; skip
-        those whose failed. Each job gets an equal share of the free CPUs among the jobs ready now
-        (the warmup, alone, gets them all; arms after it one each on 2 cores), as its threads."""
+        those whose failed. Each task runs `threads` threads (or, with 0, its job's equal share of
+        the CPUs free among the jobs ready now)."""
         ready = sum(all(self.states.get(d) == RunState.COMPLETED for d in j.depends_on) for j in self.pending)
         for job in list(self.pending):
             free = self.cpus - sum(self.given.values())
@@ -118,7 +122,10 @@ class _LocalRun:
                 print(f"{job.name}: already running elsewhere ({owner}): not started again", flush=True)
                 self.pending.remove(job)
             elif not blocked:
-                share = cpu_share(free, ready, self.max_parallel - len(self.running), self.tasks)
+                if self.threads:
+                    share = self.threads * self.tasks
+                else:
+                    share = cpu_share(free, ready, self.max_parallel - len(self.running), self.tasks)
                 ready -= 1
                 self.given[job.name] = share
                 stage = replace(job.stage, threads=max(1, share // self.tasks))

@@ -50,14 +50,19 @@ def test_every_arm_completes_with_metrics_and_wandb_files(sweep_run):
     sweep_dir, _ = sweep_run
     manifest = read_manifest(sweep_dir)
     arms = {n: j for n, j in manifest["jobs"].items() if j["kind"] == "arm"}
-    # The warmup ran alone with every CPU; the arms side by side, sharing them (one each on 2 cores).
-    cpus = len(os.sched_getaffinity(0))
+    # Every job ran with one thread (the local default: it survives a busy machine), the arms side by side.
+    jobs = {n: j for n, j in manifest["jobs"].items() if j["kind"] != "prepare"}
     threads = {
         n: json.loads((Path(j["run_dir"]) / "status.json").read_text())["launch"]["threads"]
-        for n, j in arms.items()
+        for n, j in jobs.items()
     }
-    warmup = json.loads((Path(manifest["jobs"]["warmup"]["run_dir"]) / "status.json").read_text())
-    assert warmup["launch"]["threads"] == cpus and max(threads.values()) <= max(1, cpus // 2)
+    assert set(threads.values()) == {1}
+    spans = sorted(
+        (s["started"], s["finished"])
+        for s in (json.loads((Path(j["run_dir"]) / "status.json").read_text()) for j in arms.values())
+    )
+    overlapping = any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+    assert overlapping or len(os.sched_getaffinity(0)) == 1
     assert sorted(arms) == sorted(MATRIX)
     for name, job in arms.items():
         run_dir = Path(job["run_dir"])
