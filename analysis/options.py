@@ -22,3 +22,7 @@ class Margin:
     nats: float = 0.0  # equivalence margin delta in nats; 0 = `fraction` x the operating-point spread
     fraction: float = 0.25
     alpha: float = 0.05  # equivalent when every segment's (1 - 2 alpha) interval lies inside +-delta
+
+    def delta(self, spread: float) -> float:
+        """The margin in nats: `nats`, or `fraction` of the yardstick's `spread` (NaN: none)."""
+        return self.nats or self.fraction * spread

@@ -185,9 +185,7 @@ def yardstick_spreads(arms: dict[str, Arm], yardstick: list[list[str]], spec: Bi
             gap = [mean_gap(a.steps, b.steps, spec.skip_tokens, spec.until_tokens) for a, b in runs]
             gap = [g for g in gap if math.isfinite(g)]
             if not runs:
-                missing.append(
-                    _why_not_compared(arms, x, y, f"{x}-{y}", variant).replace(": not compared", "")
-                )
+                missing.append(f"{x}-{y}: {_no_runs(arms, x, y, variant)[0]}")
             elif bad or not gap:
                 why = ", ".join(bad) if bad else "no rows of both arms in the compared range"
                 missing.append(f"{x}-{y} ({why})")
@@ -231,14 +229,15 @@ def pair_rows(
         name = _pair_name([a, b], variant)
         runs = _replicate_pairs(arms, a, b, variant)
         if not runs:
-            skipped.append(_why_not_compared(arms, a, b, name, variant))
+            why, everywhere = _no_runs(arms, a, b, variant)
+            skipped.append(f"{f'{a}-{b}' if everywhere else name}: not compared: {why}")
             continue
         apart = _branch_apart(runs)
         if apart:
             skipped.append(f"{name}: not compared: {apart}: rerun both with one config")
             continue
         spread = spreads.get(variant, Spread({}, []))
-        delta = margin.nats or margin.fraction * spread.value
+        delta = margin.delta(spread.value)
         common = {
             "pair": name,
             "role": "control" if (a, b) in control else "pair",
@@ -275,15 +274,16 @@ def pair_rows(
     return table, frames, list(dict.fromkeys(skipped))
 
 
-def _why_not_compared(arms: dict[str, Arm], a: str, b: str, name: str, variant: str) -> str:
-    """Why a pair has no run of both arms to compare (said in the report, never silently dropped)."""
+def _no_runs(arms: dict[str, Arm], a: str, b: str, variant: str) -> tuple[str, bool]:
+    """Why a pair has no run of both arms in `variant` (said in the report, never silently
+    dropped), and whether that holds in every variant."""
     absent = [x for x in (a, b) if not any(x in (arm.base, arm.name) for arm in arms.values())]
     if absent:
-        return f"{a}-{b}: not compared: arm {' and '.join(absent)} logged no rows yet"
+        return f"arm {' and '.join(absent)} logged no rows yet", True
     here = [x for x in (a, b) if not any(arm.base == x and arm.variant == variant for arm in arms.values())]
     if here:
-        return f"{name}: not compared: {' and '.join(here)} did not run in this sweep variant"
-    return f"{name}: not compared: {a} and {b} share no data-order replicate"
+        return f"{' and '.join(here)} did not run in this sweep variant", False
+    return f"{a} and {b} share no data-order replicate", False
 
 
 def _regime_columns(runs: list[tuple[Arm, Arm]]) -> dict[str, Any]:

@@ -323,7 +323,7 @@ def yardstick_table(spreads: dict[str, Spread], cmp: Comparison) -> pd.DataFrame
             "pair": pair,
             "abs_gap": gap,
             "spread": spread.value,
-            "delta": cmp.margin.nats or cmp.margin.fraction * spread.value,
+            "delta": cmp.margin.delta(spread.value),
         }
         for variant, spread in spreads.items()
         for pair, gap in [*spread.gaps.items(), *((m, math.nan) for m in spread.missing)]

@@ -134,8 +134,8 @@ class RunClaim:
 
 def claimed_by(run_dir: str | Path) -> str | None:
     """Who trains `run_dir` right now (pid, host, job), or None when nobody holds its claim."""
-    path = Path(run_dir) / RunClaim.FILE
-    return owner_text(path) if claimant(run_dir) is not None else None
+    info = claimant(run_dir)
+    return None if info is None else _describe(info)
 
 
 def claimant(run_dir: str | Path) -> dict[str, Any] | None:
@@ -148,11 +148,7 @@ def claimant(run_dir: str | Path) -> dict[str, Any] | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        try:
-            info = json.loads(path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
-            info = {}
-        return info if isinstance(info, dict) else {}
+        return _claim_info(path)
     except OSError:
         return None
     finally:
@@ -161,9 +157,18 @@ def claimant(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def owner_text(path: Path) -> str:
+    return _describe(_claim_info(path))
+
+
+def _claim_info(path: Path) -> dict[str, Any]:
+    """What a claim file says (pid, host, job id); {} where it is unreadable or torn."""
     try:
         info = json.loads(path.read_text() or "{}")
     except (OSError, json.JSONDecodeError):
-        info = {}
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _describe(info: dict[str, Any]) -> str:
     job = f", job {info['job_id']}" if info.get("job_id") else ""
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{job}"

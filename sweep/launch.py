@@ -80,7 +80,8 @@ def _execute(plan: SweepPlan, opts: LauncherOptions, backend: Backend) -> dict[s
     if not todo:
         print("nothing to run: every job of this sweep is completed, queued or running")
     else:
-        states.update(backend.submit(plan, todo, {n: known[n] for n in known}, manifest))
+        mine = {name: state for name, state in known.items() if name in planned}  # not other sweeps' jobs
+        states.update(backend.submit(plan, todo, mine, manifest))
     if backend.waits and opts.analyze and (plan.pairs or plan.controls):
         from analysis.report import analyze
 

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
-from records.metrics import METRICS_FILE, VAL_SEQUENCES, truncate_metrics
+from records.metrics import METRICS_FILE, VAL_SEQUENCES, read_metrics, truncate_metrics
 from records.run_status import RunState, write_status
 from train.config import RunConfig, WandbMode
 
@@ -119,11 +119,8 @@ class RunLog:
         truth; none when starting over) are logged again here at their own steps, and the earlier
         attempts' dirs are moved to `wandb/superseded/` (kept, never synced by `wandb sync <run
         dir>/wandb/offline-run-*`)."""
-        for line in (self.run_dir / METRICS_FILE).read_text().splitlines():
-            try:
-                self._wandb_log(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        for row in read_metrics(self.run_dir):
+            self._wandb_log(row)
         current = Path(self._wandb.dir).parent if self._wandb is not None else None
         superseded = self.run_dir / "wandb" / "superseded"
         for old in sorted((self.run_dir / "wandb").glob(f"offline-run-*-{self.wandb_id}")):
@@ -137,7 +134,8 @@ class RunLog:
 
     def _wandb_log(self, row: dict[str, Any]) -> None:
         """One row to W&B at its optimizer step (its `_step`), so that a resumed run's rows land
-        on the steps they belong to: W&B keeps a step's first row and drops a repeat."""
+        on the steps they belong to: online, W&B drops a row whose step is below the run's current
+        one, so the rows a resumed attempt logs again (the same: resume is exact) do not repeat."""
         scalars = {k: v for k, v in row.items() if k != VAL_SEQUENCES}
         self._wandb_call("log", lambda run: run.log(scalars, step=int(row["step"])))
 
