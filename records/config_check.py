@@ -1,7 +1,7 @@
 """Checks of a command line against the project's typed configs in `conf/` (which `config_dir()`
-finds), made before Hydra composes anything: YAML that would compose wrongly, and keys the schema
-does not have, each with the closest key it does have. The sweep's and the analysis's command
-lines share them (the analysis may not import the sweep).
+finds), made before Hydra composes anything: YAML that would compose wrongly, keys the schema
+does not have (each with the closest key it does have) and values its scalar keys cannot take.
+The sweep's and the analysis's command lines share them (the analysis may not import the sweep).
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def yaml_problems(argv: list[str], config_dir: str) -> list[str]:
 
 def override_problems(argv: list[str], schema: Any, config_dir: str) -> list[str]:
     """Plain overrides (`key=value`) whose key the schema does not have, each with the closest key
-    it does have: found before Hydra, whose own message would advise `+key=value` first, which the
-    schema then refuses. Config groups (`model=tiny`, `op@ops.base=...`), `hydra.*` keys and
-    `+`/`~` overrides are left to Hydra and to `to_config`."""
+    it does have, or whose value a scalar key cannot take (`analysis.margin=`): found before
+    Hydra, whose own message would advise `+key=value` first, which the schema then refuses.
+    Config groups (`model=tiny`, `op@ops.base=...`), `hydra.*` keys and `+`/`~` overrides are
+    left to Hydra and to `to_config`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 

@@ -1,6 +1,6 @@
-"""`python -m sweep.resubmit <sweep dir | experiment> [--arms A,H] [--failed] [--local | --slurm]`.
+"""`python -m sweep.resubmit <sweep dir | experiment>`: resubmit a sweep's jobs explicitly.
 
-Resubmits explicitly.
+    python -m sweep.resubmit <sweep dir | experiment> [--arms A,H] [--failed] [--local | --slurm]
 
 Without --arms it does what re-running the sweep command does (failed, timeout and lost jobs are
 resubmitted; completed, queued and running ones are left alone); --arms also reruns named arms
@@ -16,7 +16,8 @@ import sys
 
 from records.manifest import read_manifest
 from records.run_status import RESUBMIT
-from sweep.job_states import squeue_states, sweep_states
+from sweep.backend import backend_for
+from sweep.job_states import sweep_states
 from sweep.launch import LauncherOptions, execute
 from sweep.manifest import plan_from_manifest, sweep_dir_of, sweep_parser
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     recorded = read_manifest(plan.dir).get("executor", "slurm")
     executor = "local" if args.local else "slurm" if args.slurm else recorded
     if args.failed:
-        states = sweep_states(read_manifest(plan.dir), squeue_states() if executor == "slurm" else None)
+        states = sweep_states(read_manifest(plan.dir), backend_for(executor).queue())
         failed = [n for n, s in states.items() if s.state in RESUBMIT]
         only = [n for n in (only or failed) if n in failed]
         if not only:
