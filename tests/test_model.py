@@ -102,3 +102,24 @@ def test_the_0_5b_model_trains_two_steps_on_cpu_and_its_checkpoint_round_trips(p
     assert len(moments) == sum(1 for _ in fresh.parameters()) and all(
         s["step"] == 2 for s in moments.values()
     )
+
+
+def test_the_built_model_applies_the_configured_rope_base(monkeypatch):
+    """transformers 4.x ignores `rope_parameters`: the model would train with base 10 000."""
+    import train.model as model_module
+    from train.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    inv_freq = model_module.build_model(cfg, 0).model.rotary_emb.inv_freq.double()
+    half = len(inv_freq)  # frequencies base^(-k/half), k < half
+    assert inv_freq[1] ** -half == pytest.approx(cfg.rope_theta, rel=1e-4)
+    build = model_module.qwen2_config
+
+    def ignoring_rope(*args, **kwargs):  # type: ignore[no-untyped-def]
+        config = build(*args, **kwargs)
+        config.rope_parameters = {"rope_type": "default", "rope_theta": 10_000.0}  # as 4.x would leave it
+        return config
+
+    monkeypatch.setattr(model_module, "qwen2_config", ignoring_rope)
+    with pytest.raises(RuntimeError, match="RoPE base is 10000, not model.rope_theta=1e"):
+        model_module.build_model(cfg, 0)

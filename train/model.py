@@ -3,7 +3,10 @@ wrapped so that its forward pass returns the summed next-token loss."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import transformers
 from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -37,7 +40,21 @@ def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") 
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Qwen2ForCausalLM(qwen2_config(cfg, attn_implementation))
+        model = Qwen2ForCausalLM(qwen2_config(cfg, attn_implementation))
+    base = rotary_base(model)
+    if not math.isclose(base, cfg.rope_theta, rel_tol=1e-3):
+        # transformers 4.x ignores `rope_parameters` and would train with its default base 10 000.
+        raise RuntimeError(
+            f"the built model's RoPE base is {base:.6g}, not model.rope_theta={cfg.rope_theta:.6g}: "
+            f"transformers {transformers.__version__} did not take `rope_parameters` (needs 5.x)"
+        )
+    return model
+
+
+def rotary_base(model: Qwen2ForCausalLM) -> float:
+    """RoPE's base as the built model applies it: its frequencies are base^(-2k/d), k < d/2."""
+    inv_freq = model.model.rotary_emb.inv_freq
+    return float(inv_freq[1].double() ** (-len(inv_freq)))
 
 
 def matmul_params(model: Qwen2ForCausalLM) -> int:
