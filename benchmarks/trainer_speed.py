@@ -38,7 +38,8 @@ import yaml
 
 from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainerConfig, WandbConfig
 from train.data import TokenStream, load_split, prepare
-from train.loop import DTYPES, StopFlag, Trainer, _init_distributed, train
+from train.distributed import init_distributed
+from train.loop import DTYPES, StopFlag, Trainer, train
 from train.model import build_model
 from train.throughput import peak_flops
 
@@ -145,7 +146,7 @@ def stepping_trainer(cfg: RunConfig, steps: int) -> Iterator[Trainer]:
     )
     try:
         with StopFlag() as stop:
-            yield Trainer(cfg, _init_distributed(cfg.trainer.device), stop)
+            yield Trainer(cfg, init_distributed(cfg.trainer.device), stop)
     finally:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
 

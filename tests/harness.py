@@ -244,6 +244,89 @@ def run_world(cfg: RunConfig, world: int, out: Path) -> None:
     assert [p.exitcode for p in procs] == [0] * world
 
 
+def submitit_env(rank: int, world: int, job_id: str) -> dict[str, str]:
+    """What SLURM gives task `rank` of a one-node job of `world` tasks, with the submitit job
+    marker: `slurm.environment.export_distributed_env` turns it into the torch variables (the
+    port from the job id, as submitit derives it: see `submitit_job_id`)."""
+    return {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": job_id,
+        "SLURM_NTASKS": str(world),
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+    }
+
+
+def submitit_job_id() -> str:
+    """A job id whose MASTER_PORT (submitit draws it from 20000-60000 seeded by the job id) is free."""
+    import random
+
+    for job in random.sample(range(1000, 1000000), 1000):
+        port = random.Random(str(job)).randint(20000, 60000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return str(job)
+    raise AssertionError("no free port")
+
+
+def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fault: str) -> None:
+    """One rank of `train(cfg)` with a fault injected (its time written to `out/fault`):
+
+    - `stop`: rank 1 gets SLURM's warning signal at its 3rd step; rank 0's checkpoint writes
+      take 2 s (each rank writes the time it left `train` to `out/exit-<rank>`);
+    - `raise`: rank 1 raises at its 3rd step, then stays alive, as a rank whose peers cannot tell
+      it failed (a dead NCCL peer);
+    - `disk_full`: rank 0's first checkpoint write fails with ENOSPC, then rank 0 stays alive (as
+      while it finishes its W&B run)."""
+    import errno
+
+    import torch
+
+    import train.loop as loop
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    step, save = loop.train_step, loop.save_checkpoint
+    calls = [0]
+
+    def faulty_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            (out / "fault").write_text(str(time.time()))
+            if fault == "stop":
+                os.kill(os.getpid(), signal.SIGUSR2)
+            elif fault == "raise":
+                raise RuntimeError("injected fault on rank 1")
+        return step(*args, **kwargs)
+
+    def faulty_save(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if fault == "stop":
+            time.sleep(2.0)
+        elif fault == "disk_full":
+            (out / "fault").write_text(str(time.time()))
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return save(*args, **kwargs)
+
+    loop.train_step = faulty_step
+    if rank == 0:
+        loop.save_checkpoint = faulty_save
+    try:
+        loop.train(cfg)
+    except Exception:
+        if (fault, rank) in (("raise", 1), ("disk_full", 0)):
+            time.sleep(120)  # alive, not in any collective
+        raise
+    finally:
+        (out / f"exit-{rank}").write_text(str(time.time()))
+
+
 # -- simulated pairs with a known truth (the verdict's calibration) -----------------------
 
 SEQ = 128

@@ -54,7 +54,8 @@ def test_the_probe_recovers_a_known_noise_scale_while_training(batch):
     sequences at batch 1, 24.3 at batch 4. The probe's pair is unbiased; the statistical error
     over 4000 steps is about 3%. The update is the one without a probe, bit for bit."""
     from train.batching import BatchPlan
-    from train.loop import LocalGradNorm, Network, Placement, train_step
+    from train.distributed import Placement
+    from train.loop import LocalGradNorm, Network, train_step
     from train.train_state import Counters, TrainState
 
     def run(probe: bool) -> tuple[NoiseScale, list[float], torch.Tensor]:

@@ -6,14 +6,14 @@
 
 Distributed set-up comes from the standard torch variables (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT, LOCAL_RANK); whoever launched the processes (submitit, a test) exports them. With
-none set, the run is a single process. One process per device: NCCL on GPU, gloo on CPU.
+none set, the run is a single process. One process per device; NCCL or gloo from which physical
+GPU each rank holds, and a rank's failure ends the others within seconds (train/distributed.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
@@ -30,9 +30,17 @@ from records.metrics import VAL_SEQUENCES
 from records.run_status import RunClaim, RunInUse, RunState, mark_failed, read_status
 from train.adam_variants import VariantAdam
 from train.batching import BatchPlan
-from train.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from train.checkpoint import (
+    checkpoint_dir,
+    find_checkpoint,
+    load_trusted,
+    newest_complete,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from train.config import InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
+from train.distributed import Placement, init_distributed
 from train.model import TokenLoss, build_model
 from train.noise import NoiseSample, NoiseScale
 from train.per_example import Moments, UnitGradients, per_example_gradients
@@ -86,38 +94,6 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where this process runs: its rank among `world` processes, and its device."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def ddp(self) -> bool:
-        return self.world > 1
-
-
-def _init_distributed(device_kind: str = "auto") -> Placement:
-    """This process's rank and device: a GPU per local rank where there are GPUs (`auto`), else
-    the CPU. Ranks that must share a GPU (more local ranks than GPUs: a check on a one-GPU machine)
-    talk through gloo, since NCCL refuses two ranks on one GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    gpus = torch.cuda.device_count() if device_kind == "auto" and torch.cuda.is_available() else 0
-    device = torch.device(f"cuda:{local_rank % gpus}") if gpus else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # Only a launcher that says how many ranks share this node can mean more than it has GPUs
-        # (torchrun, gpu_check); without LOCAL_WORLD_SIZE (submitit) every rank has its own GPU.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        dist.init_process_group(backend="nccl" if gpus and local_world <= gpus else "gloo")
-    return Placement(rank, world, device)
 
 
 class LocalGradNorm:
@@ -349,26 +325,41 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """Run `cfg` to its token budget, resuming from its newest checkpoint if it has one.
 
     Whatever stops it, `status.json` says so: an error before training starts (bad data dir, a
-    budget the split cannot hold) is recorded as failed just like one in the loop.
+    budget the split cannot hold) is recorded as failed just like one in the loop, and so is the
+    first error of any rank of a DDP run (rank 0's `PeerWatch` records it when another rank fails).
     """
-    where = _init_distributed(cfg.trainer.device)
-    claim = _claim(cfg, where)  # a second start of this run stops here, touching nothing of it
+    where = init_distributed(cfg.trainer.device)
+    fields = dict(name=cfg.name, stage=cfg.stage, signature=cfg.signature, token_budget=cfg.token_budget)
+    if where.watch is not None and where.rank == 0:
+        where.watch.on_failure = lambda first: mark_failed(cfg.run_dir, first, **fields)
     try:
-        with StopFlag() as stop:
-            return Trainer(cfg, where, stop).run()
-    except BaseException as exc:
-        if where.rank == 0:
-            mark_failed(
-                cfg.run_dir,
-                f"{type(exc).__name__}: {exc}",
-                name=cfg.name,
-                stage=cfg.stage,
-                signature=cfg.signature,
-                token_budget=cfg.token_budget,
-            )
-        raise
+        claim = _claim(cfg, where)  # a second start of this run stops here, touching nothing of it
+        try:
+            with StopFlag() as stop:
+                return Trainer(cfg, where, stop).run()
+        except BaseException as exc:
+            error = _ending(where, exc)
+            if where.rank == 0:
+                mark_failed(cfg.run_dir, error, **fields)
+            raise
+        finally:
+            claim.release()
     finally:
-        claim.release()
+        if where.watch is not None:
+            where.watch.close()
+
+
+# Raised by every rank at the same point (after the collective that decided it), so no rank waits
+# for another: no peer failure to report.
+COORDINATED = (Stopped, Diverged, BadValidation)
+
+
+def _ending(where: Placement, exc: BaseException) -> str:
+    """The error to record for `exc`: where this rank failed alone, the first failing rank's."""
+    error = f"{type(exc).__name__}: {exc}"
+    if where.watch is None:
+        return error
+    return where.watch.ending(error, failure=not isinstance(exc, COORDINATED))
 
 
 def _claim(cfg: RunConfig, where: Placement) -> RunClaim:
@@ -405,7 +396,9 @@ class Trainer:
         # Rows a killed earlier attempt logged past its last checkpoint (all of them, if it had
         # none) are superseded by what this attempt logs.
         resume_step = self.state.step if resumed else -1
-        self.log = RunLog(cfg, self.steps.layout.steps, resume_step) if where.rank == 0 else None
+        self.log = (
+            RunLog(cfg, self.steps.layout.steps, resume_step, where.describe()) if where.rank == 0 else None
+        )
         if self.log is not None:  # where this attempt starts: `sweep.status` averages its rate from here
             self.log.update(
                 force=True, step=self.state.step, tokens=self.state.tokens, start_tokens=self.state.tokens
@@ -457,7 +450,7 @@ class Trainer:
     def branch(self) -> None:
         cfg, state = self.cfg, self.state
         if cfg.init_checkpoint:
-            point = _branch_point(cfg.init_checkpoint)
+            point = _branch_point(cfg.init_checkpoint, self.where)
             state.model.load_state_dict(point["model"])
             if cfg.trainer.carry_optimizer:
                 state.optimizer.load_state_dict(point["optimizer"])
@@ -471,7 +464,7 @@ class Trainer:
 
     # --- Phase 4: everything that decides the next step, from the newest valid checkpoint.
     def resume(self) -> bool:
-        checkpoint = load_latest_checkpoint(self.cfg.run_dir)
+        checkpoint = shared_checkpoint(self.cfg.run_dir, self.where)
         if checkpoint is None:
             return False
         self.state.load_state_dict(checkpoint, self.where.rank)
@@ -526,7 +519,7 @@ class Trainer:
                 state.finished = True
                 self.checkpoint()
         except BaseException as exc:
-            self.finish(exc)
+            self.finish(exc, _ending(self.where, exc))
             raise
         self.finish(None)
         return {
@@ -638,7 +631,9 @@ class Trainer:
         self.previous_val.append(val_loss)
 
     # --- Phase 8: a checkpoint of the state, with every rank's RNG states (one gather), so that
-    # a resumed rank continues its own streams; rank 0 writes it.
+    # a resumed rank continues its own streams; rank 0 writes it, and every rank waits until it is
+    # on disk: a rank that left earlier (on a stop) would end the job step on clusters that kill
+    # it when one task exits, killing the writer with it.
     def checkpoint(self) -> None:
         rngs: list[Any] = [None] * self.where.world
         if self.where.ddp:
@@ -648,9 +643,12 @@ class Trainer:
         if self.where.rank == 0:
             state = self.state.state_dict(rngs, lr=self.lr_at(self.state.step - 1))
             save_checkpoint(self.cfg.run_dir, self.state.step, state, self.cfg.trainer.keep_checkpoints)
+        if self.where.ddp:
+            dist.barrier()
 
-    def finish(self, exc: BaseException | None) -> None:
-        """Say how the run ended (status.json, W&B) and close the progress bar."""
+    def finish(self, exc: BaseException | None, error: str = "") -> None:
+        """Say how the run ended (status.json, W&B) and close the progress bar; `error`: what to
+        record of `exc` (the first failing rank's error, see `_ending`)."""
         self.meter.close()
         if self.log is not None:
             if exc is None:
@@ -660,7 +658,7 @@ class Trainer:
             elif isinstance(exc, Stopped):
                 self.log.close(RunState.STOPPED, str(exc))
             else:
-                self.log.close(RunState.FAILED, f"{type(exc).__name__}: {exc}")
+                self.log.close(RunState.FAILED, error)
         if exc is None and self.where.ddp:
             dist.barrier()
 
@@ -731,10 +729,10 @@ class Meter:
             self.bar.close()
 
 
-def _branch_point(run_dir: str) -> dict[str, Any]:
+def _branch_point(run_dir: str, where: Placement) -> dict[str, Any]:
     """The final checkpoint of a finished run (the warmup): the weights every arm starts from."""
     status = read_status(run_dir) or {}
-    state = load_latest_checkpoint(run_dir)
+    state = shared_checkpoint(run_dir, where)
     if status.get("state") != RunState.COMPLETED:
         raise FileNotFoundError(f"no completed run to branch from in {run_dir} (state {status.get('state')})")
     if state is None or not state.get("final"):
@@ -745,3 +743,34 @@ def _branch_point(run_dir: str) -> dict[str, Any]:
             f"--arms {name}` (add --local without SLURM); it resumes from its newest good checkpoint"
         )
     return state
+
+
+def shared_checkpoint(run_dir: str, where: Placement) -> dict[str, Any] | None:
+    """The newest valid checkpoint of `run_dir`, on every rank, verified by rank 0 alone: the
+    others read the file it chose without hashing it again (6 GB at 0.5B), reading meanwhile the
+    one they expect it to choose."""
+    if not where.ddp:
+        found = find_checkpoint(run_dir)
+        return None if found is None else found[1]
+    found, guess, choice = None, None, [""]
+    if where.rank == 0:
+        found = find_checkpoint(run_dir)
+        choice = [found[0].name if found else ""]
+    else:
+        guess = _read_guess(run_dir)
+    dist.broadcast_object_list(choice, 0)
+    if where.rank == 0:
+        return None if found is None else found[1]
+    if not choice[0]:
+        return None
+    if guess is not None and guess[0].name == choice[0]:
+        return guess[1]
+    return load_trusted(checkpoint_dir(run_dir) / choice[0])
+
+
+def _read_guess(run_dir: str) -> tuple[Path, dict[str, Any]] | None:
+    path = newest_complete(run_dir)
+    try:
+        return None if path is None else (path, load_trusted(path))
+    except Exception:  # unreadable: rank 0 will choose another one
+        return None

@@ -27,8 +27,11 @@ class RunLog:
 
     HEARTBEAT_S = 2.0
 
-    def __init__(self, cfg: RunConfig, total_steps: int, resume_step: int) -> None:
+    def __init__(
+        self, cfg: RunConfig, total_steps: int, resume_step: int, distributed: dict[str, Any] | None = None
+    ) -> None:
         self.cfg = cfg
+        self.distributed = distributed or {}  # ranks, hosts, backend and why (train/distributed.py)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.status: dict[str, Any] = {
@@ -48,6 +51,7 @@ class RunLog:
             "heartbeat": time.time(),
             "error": None,
             "launch": cfg.launch,
+            "distributed": self.distributed,
         }
         self._last_beat = 0.0
         # Rows past the checkpoint we resume from are superseded by the rows this run will log.
@@ -63,11 +67,17 @@ class RunLog:
         return self.cfg.signature
 
     def _wandb_config(self) -> dict[str, Any]:
-        """The resolved run config (derived hyperparameters included), where and how it was launched."""
+        """The resolved run config (derived hyperparameters included), where and how it was launched,
+        and over which backend its ranks talk."""
         run = asdict(self.cfg)
         for key in ("extra_config", "launch", "wandb"):
             run.pop(key)
-        return {**self.cfg.extra_config, "run": run, "launch": self.cfg.launch}
+        return {
+            **self.cfg.extra_config,
+            "run": run,
+            "launch": self.cfg.launch,
+            "distributed": self.distributed,
+        }
 
     def _start_wandb(self) -> Any:
         if self.cfg.wandb.mode == "disabled":
