@@ -2,9 +2,13 @@
 
 A checkpoint is `<run_dir>/checkpoints/step-<step>.pt` plus its completion marker
 `step-<step>.pt.sha256` holding the file's SHA-256. The data file is written to a temporary
-name, flushed and renamed; the marker is written (the same way) only after that. On load, a
-checkpoint without its marker (the writer died in between) or whose bytes no longer match it
-(disk trouble, a torn copy) is skipped with a warning and the next newest is tried.
+name, hashed as its bytes are written (a 6 GB state at 0.5B is not read back), flushed and
+renamed; the marker is written (the same way) only after that. On load, a checkpoint without its
+marker (the writer died in between) or whose bytes no longer match it (disk trouble, a torn copy)
+is skipped with a warning and the next newest is tried.
+
+In a DDP run only rank 0 verifies (`find_checkpoint`); the other ranks read the file it chose
+without hashing it again (`load_trusted`), each reading meanwhile the one it expects.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,31 @@ MARKER = ".sha256"
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+class _Hashing:
+    """A binary file that hashes what is written to it (torch.save writes sequentially), each
+    large block hashed on a second thread while it is being written: both release the GIL, so the
+    hash costs no time beside the write. A block is only valid during its `write` call (torch.save
+    copies GPU tensors to temporary host buffers), so each call waits for its own hash."""
+
+    BLOCK = 1 << 20  # smaller writes (headers, small tensors) are hashed inline
+
+    def __init__(self, file: Any, pool: ThreadPoolExecutor) -> None:
+        self.file, self.pool, self.digest = file, pool, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        if len(data) < self.BLOCK:
+            self.digest.update(data)
+            return int(self.file.write(data))
+        hashed = self.pool.submit(self.digest.update, data)
+        try:
+            return int(self.file.write(data))
+        finally:
+            hashed.result()
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _sha256(path: Path) -> str:
@@ -53,8 +83,15 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}.pt"
-    _write_atomic(final, lambda f: torch.save(state, f))
-    digest = _sha256(final)
+    hashing: list[_Hashing] = []
+
+    def write(f: Any) -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as pool:
+            hashing.append(_Hashing(f, pool))
+            torch.save(state, hashing[-1])  # type: ignore[arg-type]  # a writable binary stream
+
+    _write_atomic(final, write)
+    digest = hashing[-1].digest.hexdigest()
     _write_atomic(final.with_name(final.name + MARKER), lambda f: f.write(digest.encode()))
     for old in _checkpoints(folder)[max(keep, 1) :]:
         old.with_name(old.name + MARKER).unlink(missing_ok=True)
@@ -83,6 +120,13 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 def load_latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     """The newest valid checkpoint of `run_dir`, or None; incomplete or corrupt ones are skipped."""
+    found = find_checkpoint(run_dir)
+    return None if found is None else found[1]
+
+
+def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest valid checkpoint of `run_dir` (its path and contents), or None; incomplete or
+    corrupt ones are skipped with a warning."""
     for path in _checkpoints(checkpoint_dir(run_dir)):
         marker = path.with_name(path.name + MARKER)
         try:
@@ -94,9 +138,24 @@ def load_latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
             warnings.warn(f"skipping corrupt checkpoint {path} (checksum mismatch)", stacklevel=2)
             continue
         try:
-            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_trusted(path)
         except Exception as exc:  # a foreign file that happens to match its marker must not stop the run
             warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", stacklevel=2)
             continue
-        return state
+        return path, state
     return None
+
+
+def newest_complete(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that has its completion marker, unverified: what rank 0's
+    `find_checkpoint` will most likely choose."""
+    for path in _checkpoints(checkpoint_dir(run_dir)):
+        if path.with_name(path.name + MARKER).exists():
+            return path
+    return None
+
+
+def load_trusted(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents, without verifying its checksum (another rank did)."""
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return state
