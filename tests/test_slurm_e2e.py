@@ -89,17 +89,48 @@ def test_sweep_submits_a_chain_returns_and_completes(slurm_cluster, tmp_path):
     assert "submitted" not in again.stdout
 
 
-def test_two_rank_ddp_arm_runs_through_srun(slurm_cluster, tmp_path):
-    out = _sweep(tmp_path, "arm=A", "resources.tasks_per_node=2")
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_a_two_host_arm_trains_across_hosts_and_resumes_a_requeue_exactly(slurm_cluster, tmp_path):
+    """Arm A (and its warmup) as 2 nodes x 1 rank on partition `twohost`: two hosts, each a
+    network namespace with its own hostname and address (slurm/cluster.sh). The ranks rendezvous
+    through what submitit exports and train over gloo across the hosts; SLURM's warning signal
+    stops the arm midway, it requeues itself and resumes. Its rows equal, bit for bit, those of the
+    same arm run as 2 ranks on one host without interruption (a 2-rank run equals 1 process
+    within 1e-5: tests/test_trainer.py)."""
+    common = ["arm=A", "experiment.token_budget=65536", "trainer.checkpoint_every_tokens=16384"]
+    common.append(f"data.cache_dir={tmp_path / 'data'}")  # tokenized once, for both sweeps
+    reference = _sweep(tmp_path / "reference", *common, "resources.tasks_per_node=2", launcher="local")
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    hosts = ["resources.nodes=2", "resources.tasks_per_node=1", "resources.partition=twohost"]
+    out = _sweep(tmp_path, *common, *hosts, "resources.max_requeues=3")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "already completed, skipped: prepare" in out.stdout
     sweep_dir = tmp_path / "sqrt_rule"
-    assert _wait(sweep_dir, ["A"])["A"] == "completed"
+    run_dir = Path(_manifest(sweep_dir)["jobs"]["A"]["run_dir"])
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step-*.pt.sha256")):
+        time.sleep(0.2)
     job_id = _manifest(sweep_dir)["jobs"]["A"]["job_ids"][-1]
-    assert sorted(p.name for p in (sweep_dir / "jobs").glob(f"{job_id}_*_log.out")) == [
-        f"{job_id}_0_log.out",
-        f"{job_id}_1_log.out",
-    ]
-    assert _losses(_manifest(sweep_dir)["jobs"]["A"]["run_dir"])[-1][0] == 16384
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # as before a time limit
+    assert _wait(sweep_dir, ["warmup", "A"]) == {
+        **_wait(sweep_dir, []),
+        "warmup": "completed",
+        "A": "completed",
+    }
+
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["launch"]["restarts"] >= 1 and status["launch"]["nodelist"] == "bss-n[1-2]"
+    assert status["distributed"] == {
+        "world": 2,
+        "hosts": 2,
+        "backend": "gloo",
+        "reason": "no rank holds a GPU",
+    }
+    logs = sorted(p.name for p in (sweep_dir / "jobs").glob(f"{job_id}_*_log.out"))
+    assert logs == [f"{job_id}_0_log.out", f"{job_id}_1_log.out"]
+    reference_dir = _manifest(tmp_path / "reference" / "sqrt_rule")["jobs"]["A"]["run_dir"]
+    across, one_host = _losses(run_dir), _losses(reference_dir)
+    assert [t for t, _ in across] == [t for t, _ in one_host]  # no row missing or repeated
+    assert across == one_host
 
 
 def test_an_arm_whose_python_raises_is_failed(slurm_cluster, tmp_path):
