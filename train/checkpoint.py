@@ -7,8 +7,9 @@ renamed; the marker is written (the same way) only after that. On load, a checkp
 marker (the writer died in between) or whose bytes no longer match it (disk trouble, a torn copy)
 is skipped with a warning and the next newest is tried.
 
-In a DDP run only rank 0 verifies (`find_checkpoint`); the other ranks read the file it chose
-without hashing it again (`load_trusted`), each reading meanwhile the one it expects.
+The checksum is verified while the file is read (a second thread). In a DDP run only rank 0
+verifies (`find_checkpoint`); the other ranks read the file it chose without hashing it again
+(`load_trusted`), each reading meanwhile the one it expects.
 """
 
 from __future__ import annotations
@@ -134,13 +135,19 @@ def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
         except FileNotFoundError:
             warnings.warn(f"skipping incomplete checkpoint {path} (no {marker.name})", stacklevel=2)
             continue
-        if _sha256(path) != expected:
+        # Hashed on a second thread while it is read (both release the GIL), used only if it matches.
+        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as pool:
+            digest = pool.submit(_sha256, path)
+            try:
+                state, unreadable = load_trusted(path), None
+            except Exception as exc:  # a foreign file that happens to match its marker must not stop the run
+                state, unreadable = {}, exc
+            matches = digest.result() == expected
+        if not matches:
             warnings.warn(f"skipping corrupt checkpoint {path} (checksum mismatch)", stacklevel=2)
             continue
-        try:
-            state = load_trusted(path)
-        except Exception as exc:  # a foreign file that happens to match its marker must not stop the run
-            warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", stacklevel=2)
+        if unreadable is not None:
+            warnings.warn(f"skipping unreadable checkpoint {path}: {unreadable}", stacklevel=2)
             continue
         return path, state
     return None
