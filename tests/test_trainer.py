@@ -334,6 +334,8 @@ def test_a_resumed_offline_run_syncs_as_one_continuous_wandb_run(prepared_data, 
         )
         assert out.returncode == 0, out.stderr[-3000:]
         history = list(standin.runs[cfg.signature].rows)
+        placement = standin.runs[cfg.signature].config["distributed"]
+    assert placement == {"world": 1, "hosts": 1, "backend": None, "reason": ""}  # as status.json has it
     assert [h["_step"] for h in history] == list(range(13))
     assert [(h["step"], h["tokens"], h["loss"]) for h in history[1:]] == [
         (r["step"], r["tokens"], r["loss"]) for r in logged
