@@ -241,6 +241,11 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
             planner.add(cfg, job_overrides, variant)
     for problem in declared_pair_problems(first):
         planner.problems.add(problem)
+    for job in planner.jobs.values():
+        if job.kind == "arm" and job.stage.run is not None:
+            problem = transient_problem(job.stage.run.token_budget, first.experiment.skip_tokens)
+            if problem:
+                planner.problems.add(problem, job.name)
     planner.problems.raise_any()
     exp = first.experiment
     jobs = list(planner.jobs.values())
@@ -258,6 +263,19 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         exp.skip_tokens,
         [list(p) for p in exp.controls],
         [list(p) for p in exp.yardstick],
+    )
+
+
+def transient_problem(budget: int, skip_tokens: int) -> str:
+    """An arm that ends within the experiment's branch transient, which the analysis leaves out,
+    would have no sample to compare: refused before any GPU-hour is spent (the override named
+    changes no arm's signature)."""
+    if budget > skip_tokens:
+        return ""
+    return (
+        f"a budget of {budget} tokens ends within the branch transient the analysis leaves out "
+        f"(experiment.skip_tokens={skip_tokens}): no sample to compare; raise "
+        f"experiment.token_budget past {skip_tokens} or lower experiment.skip_tokens"
     )
 
 

@@ -26,6 +26,12 @@ SWEEP_CASES = [
     (["trainer.chekpoint_every_tokens=8192"], "in trainer (did you mean trainer.checkpoint_every_tokens?)"),
     (["trainr.seq_len=64"], "trainr.seq_len: no such key (did you mean trainer.seq_len?)"),
     (["experiment.arms.H.rul=sqrt"], "in experiment.arms.H (did you mean experiment.arms.H.rule?)"),
+    (
+        ["experiment.token_budget=65536"],  # sqrt_rule's transient: 262144 tokens
+        "arms A, H: a budget of 65536 tokens ends within the branch transient the analysis leaves out "
+        "(experiment.skip_tokens=262144): no sample to compare; raise "
+        "experiment.token_budget past 262144 or lower experiment.skip_tokens",
+    ),
     (["experiment.ratio=3"], "4 / 3 is not a whole number"),
     (["experiment.ratio=8"], "4 / 8 is not a whole number"),
     (["experiment.ratio=0"], "4 / 0 is not a whole number"),
