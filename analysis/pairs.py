@@ -131,15 +131,19 @@ def _display_bins(windows: list[Windows], segment_edges: np.ndarray, spec: BinSp
     return pd.DataFrame(rows)
 
 
-def validation_estimates(runs: list[tuple[Arm, Arm]], skip_tokens: int) -> tuple[np.ndarray, list[Estimate]]:
-    """Per common evaluation after `skip_tokens`: the paired gap over the validation sequences with
-    its exact SE, pooled over replicates. Without per-sequence losses (runs logged before they were
-    recorded, or the W&B source) the gap has no SE."""
+def validation_estimates(
+    runs: list[tuple[Arm, Arm]], skip_tokens: int, until_tokens: int = 0
+) -> tuple[np.ndarray, list[Estimate]]:
+    """Per common evaluation after `skip_tokens` and up to `until_tokens` (0: no cap), as for the
+    training loss: the paired gap over the validation sequences with its exact SE, pooled over
+    replicates. Without per-sequence losses (runs logged before they were recorded, or the W&B
+    source) the gap has no SE."""
     common: set[int] | None = None
     for x, y in runs:
         both = set(x.val_tokens.tolist()) & set(y.val_tokens.tolist())
         common = both if common is None else common & both
-    points = np.array(sorted(t for t in (common or set()) if t > skip_tokens), dtype=np.int64)
+    kept = (t for t in (common or set()) if t > skip_tokens and (not until_tokens or t <= until_tokens))
+    points = np.array(sorted(kept), dtype=np.int64)
     out = []
     for t in points:
         per_replicate = []
@@ -259,7 +263,7 @@ def pair_rows(
                     unit="segment", metric="train", pair=name, delta=delta
                 )
             )
-        points, evals = validation_estimates(runs, spec.skip_tokens)
+        points, evals = validation_estimates(runs, spec.skip_tokens, spec.until_tokens)
         if len(points):
             rows.append({"metric": "val", **common, **_val_columns(points, evals, margin, delta)})
             details.append(
@@ -340,7 +344,8 @@ def _train_columns(fit: PairFit, runs: list[tuple[Arm, Arm]], margin: Margin, de
         **_summary_columns(fit.summary, fit.segments, margin, delta),
         "paired_noise": paired,
         "unpaired_noise": unpaired,
-        "pairing_gain": unpaired / paired if paired > 0 else math.nan,
+        # Identical arms (no paired noise at all): pairing removed all of the noise.
+        "pairing_gain": unpaired / paired if paired > 0 else math.inf if unpaired > 0 else math.nan,
     }
 
 

@@ -254,6 +254,17 @@ def test_paired_validation_uses_the_per_sequence_losses(tmp_path: Path):
         np.full(len(val), diffs.std(ddof=1) / math.sqrt(8)), rel=1e-9
     )
     assert tables.pairs.set_index("metric").loc["val", "verdict"] == "equivalent"
+    # The same training losses: pairing removed all the noise, which the gain says (not blank).
+    assert tables.pairs.set_index("metric").loc["train", "pairing_gain"] == math.inf
+    # analysis.until_tokens caps the validation evaluations as it caps the training windows.
+    cap = int(val["bin_end"].iloc[len(val) // 2])
+    capped = analyze(
+        write_sweep(tmp_path / "c", arms, [["A", "B"]]),
+        Comparison([], BinSpec(until_tokens=cap), margin=Margin(nats=0.05)),
+    )
+    kept = capped.gaps.query("metric == 'val'")["bin_end"]
+    assert 0 < len(kept) < len(val) and kept.max() == cap
+    assert capped.pairs.set_index("metric").loc["val", "to_tokens"] == cap
 
 
 def test_arm_noise_on_known_noise_and_no_runtime_warnings(tmp_path: Path):
