@@ -282,6 +282,7 @@ def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fa
       take 2 s (each rank writes the time it left `train` to `out/exit-<rank>`);
     - `raise`: rank 1 raises at its 3rd step, then stays alive, as a rank whose peers cannot tell
       it failed (a dead NCCL peer);
+    - `kill`: rank 1 is killed (SIGKILL, as by the OOM killer) at its 3rd step: it says nothing;
     - `disk_full`: rank 0's first checkpoint write fails with ENOSPC, then rank 0 stays alive (as
       while it finishes its W&B run)."""
     import errno
@@ -302,6 +303,8 @@ def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fa
             (out / "fault").write_text(str(time.time()))
             if fault == "stop":
                 os.kill(os.getpid(), signal.SIGUSR2)
+            elif fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             elif fault == "raise":
                 raise RuntimeError("injected fault on rank 1")
         return step(*args, **kwargs)

@@ -145,3 +145,24 @@ def test_a_failing_rank_ends_the_others_within_seconds_with_its_error_recorded(
         for p in procs:
             p.kill()
             p.join()
+
+
+def test_a_rank_killed_outright_ends_the_run_as_failed_within_seconds(prepared_data, tmp_path):
+    """Rank 1 dies by SIGKILL (the OOM killer) and reports nothing: rank 0's collective fails (gloo
+    notices the closed connection; NCCL would not, and rank 1's store key never comes), rank 0
+    records its own error and ends after waiting at most PeerWatch.RELEASE_WAIT_S for rank 1."""
+    from train.distributed import PeerWatch
+
+    cfg = _faulty_run(prepared_data, tmp_path)
+    procs = _ranks(cfg, "kill", tmp_path)
+    try:
+        procs[0].join(timeout=60)
+        ended = time.time()
+        assert procs[0].exitcode not in (None, 0)
+        assert ended - float((tmp_path / "fault").read_text()) < PeerWatch.RELEASE_WAIT_S + 10
+        record = status(Path(cfg.run_dir))
+        assert record["state"] == "failed" and record["error"].startswith("rank 0: ")
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
