@@ -283,6 +283,8 @@ def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fa
     - `raise`: rank 1 raises at its 3rd step, then stays alive, as a rank whose peers cannot tell
       it failed (a dead NCCL peer);
     - `kill`: rank 1 is killed (SIGKILL, as by the OOM killer) at its 3rd step: it says nothing;
+    - `kill_quiet`: rank 0's first checkpoint write hangs; rank 1, waiting for it, is killed
+      outright: no collective of rank 0 can notice (as under NCCL), only the silence of rank 1;
     - `disk_full`: rank 0's first checkpoint write fails with ENOSPC, then rank 0 stays alive (as
       while it finishes its W&B run)."""
     import errno
@@ -312,6 +314,8 @@ def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fa
     def faulty_save(*args, **kwargs):  # type: ignore[no-untyped-def]
         if fault == "stop":
             time.sleep(2.0)
+        elif fault == "kill_quiet":
+            time.sleep(120)
         elif fault == "disk_full":
             (out / "fault").write_text(str(time.time()))
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
@@ -320,6 +324,19 @@ def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fa
     loop.train_step = faulty_step
     if rank == 0:
         loop.save_checkpoint = faulty_save
+    if fault == "kill_quiet":
+        import torch.distributed as dist
+
+        from train.distributed import PeerWatch
+
+        PeerWatch.SILENT_S = 3.0
+        if rank == 1:
+
+            def killed_at_barrier(*args, **kwargs):  # type: ignore[no-untyped-def]
+                (out / "fault").write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            dist.barrier = killed_at_barrier
     try:
         loop.train(cfg)
     except Exception:

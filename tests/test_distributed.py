@@ -166,3 +166,21 @@ def test_a_rank_killed_outright_ends_the_run_as_failed_within_seconds(prepared_d
         for p in procs:
             p.kill()
             p.join()
+
+
+def test_a_rank_killed_while_the_others_are_outside_any_collective_is_noticed(prepared_data, tmp_path):
+    """Rank 0 is stuck writing a checkpoint (no collective would tell it anything, as under NCCL)
+    when rank 1 is killed outright: its silence on the store ends the run, recorded as rank 1's."""
+    cfg = _faulty_run(prepared_data, tmp_path)
+    procs = _ranks(cfg, "kill_quiet", tmp_path)
+    try:
+        procs[0].join(timeout=60)
+        ended = time.time()
+        assert procs[0].exitcode not in (None, 0), "rank 0 never noticed"
+        assert ended - float((tmp_path / "fault").read_text()) < 3.0 + 10  # SILENT_S, set to 3 s
+        record = status(Path(cfg.run_dir))
+        assert record["state"] == "failed" and record["error"].startswith("rank 1: silent for 3 s")
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()

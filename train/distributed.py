@@ -148,10 +148,13 @@ class PeerWatch:
     A failing rank records its error under one key of rank 0's store (`report`, first writer
     wins). A thread on every rank polls that key every `POLL_S`; on finding another rank's error,
     or rank 0's store gone (rank 0 died), it calls `on_failure` (rank 0: record the first error in
-    status.json) and ends the process. Chosen over an error flag on the step's all-reduce, which
-    cannot help a rank that fails outside a step (rank 0 while writing a checkpoint, with the
-    others in the barrier after it), and over short collective timeouts, which a 6 GB checkpoint
-    write would trip.
+    status.json) and ends the process. A rank killed outright (SIGKILL, the OOM killer) reports
+    nothing: every watch also counts a heartbeat on the store, and rank 0's records a rank whose
+    count has not moved for `SILENT_S` as failed (NCCL would wait for its own timeout).
+
+    Chosen over an error flag on the step's all-reduce, which cannot help a rank that fails
+    outside a step (rank 0 while writing a checkpoint, with the others in the barrier after it),
+    and over short collective timeouts, which a 6 GB checkpoint write would trip.
 
     At a normal end every rank `close`s its watch and says so on the store; rank 0 keeps the
     store up until every rank has, so that no watch mistakes the end of the run for a death.
@@ -161,7 +164,11 @@ class PeerWatch:
     # Rank 0 waits this long at most for the others to stop watching: they do within milliseconds
     # of it at every end but a rank's hard death (SIGKILL, OOM), which never says so.
     RELEASE_WAIT_S = 10.0
-    FAILED, RELEASED = "watch/failed", "watch/released"
+    # A rank whose watch thread has not counted a beat for this long is dead: the thread runs
+    # beside whatever the main thread does (a 6 GB checkpoint write included).
+    SILENT_S = 60.0
+    FAILED, RELEASED, BEAT = "watch/failed", "watch/released", "watch/beat/{}"
+    GONE = 1 << 40  # added to a rank's beat count when it stops watching: silent from then on
 
     def __init__(self, addr: str, port: int, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
@@ -193,17 +200,40 @@ class PeerWatch:
             return mine
 
     def _watch(self) -> None:
+        beats: dict[int, tuple[int, float]] = {}  # rank 0: each rank's last count and when it moved
         while not self._stop.wait(self.POLL_S):
             try:
                 with self._lock:
-                    if not self._store.check([self.FAILED]):
-                        continue
-                    first = bytes(self._store.get(self.FAILED)).decode()
+                    self._store.add(self.BEAT.format(self.rank), 1)
+                    first = (
+                        bytes(self._store.get(self.FAILED)).decode()
+                        if self._store.check([self.FAILED])
+                        else ""
+                    )
+                    if not first and self.rank == 0:
+                        first = self._silent_rank(beats)
             except Exception as exc:
                 first = f"rank 0 is gone (its store: {type(exc).__name__})"
+            if not first:
+                continue
             if self._stop.is_set() or self.handling.is_set():
                 return
             self._end(first)
+
+    def _silent_rank(self, beats: dict[int, tuple[int, float]]) -> str:
+        """Rank 0: the first failure, once some rank's beat has not moved for SILENT_S (called
+        with the lock held)."""
+        now = time.monotonic()
+        for rank in range(1, self.world):
+            count = int(self._store.add(self.BEAT.format(rank), 0))
+            if count >= self.GONE:
+                continue
+            if rank not in beats or beats[rank][0] != count:
+                beats[rank] = (count, now)
+            elif now - beats[rank][1] > self.SILENT_S:
+                silent = f"rank {rank}: silent for {self.SILENT_S:.0f} s (killed? out of memory?)"
+                return bytes(self._store.compare_set(self.FAILED, "", silent)).decode()
+        return ""
 
     def _end(self, first: str) -> None:
         """Another rank failed: record it (`on_failure`) and end this process at once; the main
@@ -235,6 +265,7 @@ class PeerWatch:
     def _release(self) -> None:
         try:
             with self._lock:
+                self._store.add(self.BEAT.format(self.rank), self.GONE)
                 self._store.add(self.RELEASED, 1)
         except Exception:
             pass
