@@ -45,6 +45,7 @@ def placement_worker(rank: int, world: int, job: str, layout: str, out: Path) ->
     dist.init_process_group = lambda backend, **kw: made.update(backend=backend, world=kw["world_size"])
     where = distributed.init_distributed()
     assert where.watch is not None
+    time.sleep(where.watch.POLL_S * 1.5)  # the watches poll rank 0's store: it must stay up
     where.watch.close()
     record = dict(made, device=str(where.device), reason=where.reason, env=os.environ["LOCAL_WORLD_SIZE"])
     (out / f"rank{rank}.json").write_text(json.dumps(record))

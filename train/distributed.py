@@ -129,7 +129,7 @@ def init_distributed(device_kind: str = "auto") -> Placement:
     hosts = len({f.host for f in facts})
     if rank == 0:
         print(f"distributed: {world} ranks on {hosts} host(s) over {backend}: {reason}", flush=True)
-    return Placement(rank, world, device, backend, reason, hosts, PeerWatch(addr, port, rank, world))
+    return Placement(rank, world, device, backend, reason, hosts, PeerWatch(addr, port, rank, world, store))
 
 
 def exchange(store: dist.Store, rank: int, world: int, mine: RankFacts) -> list[RankFacts]:
@@ -170,8 +170,9 @@ class PeerWatch:
     FAILED, RELEASED, BEAT = "watch/failed", "watch/released", "watch/beat/{}"
     GONE = 1 << 40  # added to a rank's beat count when it stops watching: silent from then on
 
-    def __init__(self, addr: str, port: int, rank: int, world: int) -> None:
+    def __init__(self, addr: str, port: int, rank: int, world: int, served: dist.Store) -> None:
         self.rank, self.world = rank, world
+        self._served = served  # on rank 0 the store's server: it lives as long as the watch
         self.on_failure: Callable[[str], None] = lambda first: None
         self.handling = threading.Event()  # this rank is ending the run itself: the watch keeps out
         self._stop = threading.Event()
