@@ -122,6 +122,20 @@ def test_every_rank_waits_until_the_stop_checkpoint_is_on_disk(prepared_data, tm
         assert left >= on_disk, f"rank {rank} left before the checkpoint was on disk"
 
 
+def _survivor(cfg, fault: str, out: Path, survivor: int) -> tuple[int | None, float, dict]:  # type: ignore[no-untyped-def]
+    """Run both ranks with `fault`; the survivor's exit code (None: still running after 60 s),
+    the seconds from the fault to its end, and the run's status. Every rank is killed after."""
+    procs = _ranks(cfg, fault, out)
+    try:
+        procs[survivor].join(timeout=60)
+        ended = time.time()
+        return procs[survivor].exitcode, ended - float((out / "fault").read_text()), status(Path(cfg.run_dir))
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+
+
 @pytest.mark.parametrize(("fault", "survivor"), [("raise", 0), ("disk_full", 1)])
 def test_a_failing_rank_ends_the_others_within_seconds_with_its_error_recorded(
     prepared_data, tmp_path, fault, survivor
@@ -129,23 +143,15 @@ def test_a_failing_rank_ends_the_others_within_seconds_with_its_error_recorded(
     """The failing rank stays alive and out of every collective (as a dead NCCL peer looks to the
     others): the other rank must not wait for the backend's timeout (gloo: 30 min)."""
     cfg = _faulty_run(prepared_data, tmp_path)
-    procs = _ranks(cfg, fault, tmp_path)
-    try:
-        procs[survivor].join(timeout=60)
-        ended = time.time()
-        assert procs[survivor].exitcode is not None, "the other rank hung in a collective"
-        assert procs[survivor].exitcode != 0
-        assert ended - float((tmp_path / "fault").read_text()) < 15
-        failing = 1 - survivor
-        record = status(Path(cfg.run_dir))
-        assert record["state"] == "failed"
-        expected = "RuntimeError: injected fault on rank 1" if fault == "raise" else "No space left on device"
-        assert record["error"].startswith(f"rank {failing}: ") and expected in record["error"]
-        assert record["distributed"]["backend"] == "gloo"
-    finally:
-        for p in procs:
-            p.kill()
-            p.join()
+    code, seconds, record = _survivor(cfg, fault, tmp_path, survivor)
+    assert code is not None, "the other rank hung in a collective"
+    assert code != 0
+    assert seconds < 15
+    failing = 1 - survivor
+    assert record["state"] == "failed"
+    expected = "RuntimeError: injected fault on rank 1" if fault == "raise" else "No space left on device"
+    assert record["error"].startswith(f"rank {failing}: ") and expected in record["error"]
+    assert record["distributed"]["backend"] == "gloo"
 
 
 def test_a_rank_killed_outright_ends_the_run_as_failed_within_seconds(prepared_data, tmp_path):
@@ -154,34 +160,16 @@ def test_a_rank_killed_outright_ends_the_run_as_failed_within_seconds(prepared_d
     records its own error and ends after waiting at most PeerWatch.RELEASE_WAIT_S for rank 1."""
     from train.distributed import PeerWatch
 
-    cfg = _faulty_run(prepared_data, tmp_path)
-    procs = _ranks(cfg, "kill", tmp_path)
-    try:
-        procs[0].join(timeout=60)
-        ended = time.time()
-        assert procs[0].exitcode not in (None, 0)
-        assert ended - float((tmp_path / "fault").read_text()) < PeerWatch.RELEASE_WAIT_S + 10
-        record = status(Path(cfg.run_dir))
-        assert record["state"] == "failed" and record["error"].startswith("rank 0: ")
-    finally:
-        for p in procs:
-            p.kill()
-            p.join()
+    code, seconds, record = _survivor(_faulty_run(prepared_data, tmp_path), "kill", tmp_path, 0)
+    assert code not in (None, 0)
+    assert seconds < PeerWatch.RELEASE_WAIT_S + 10
+    assert record["state"] == "failed" and record["error"].startswith("rank 0: ")
 
 
 def test_a_rank_killed_while_the_others_are_outside_any_collective_is_noticed(prepared_data, tmp_path):
     """Rank 0 is stuck writing a checkpoint (no collective would tell it anything, as under NCCL)
     when rank 1 is killed outright: its silence on the store ends the run, recorded as rank 1's."""
-    cfg = _faulty_run(prepared_data, tmp_path)
-    procs = _ranks(cfg, "kill_quiet", tmp_path)
-    try:
-        procs[0].join(timeout=60)
-        ended = time.time()
-        assert procs[0].exitcode not in (None, 0), "rank 0 never noticed"
-        assert ended - float((tmp_path / "fault").read_text()) < 3.0 + 10  # SILENT_S, set to 3 s
-        record = status(Path(cfg.run_dir))
-        assert record["state"] == "failed" and record["error"].startswith("rank 1: silent for 3 s")
-    finally:
-        for p in procs:
-            p.kill()
-            p.join()
+    code, seconds, record = _survivor(_faulty_run(prepared_data, tmp_path), "kill_quiet", tmp_path, 0)
+    assert code not in (None, 0), "rank 0 never noticed"
+    assert seconds < 3.0 + 10  # SILENT_S, set to 3 s
+    assert record["state"] == "failed" and record["error"].startswith("rank 1: silent for 3 s")
