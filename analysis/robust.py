@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import fft, stats
+from scipy import fft, special
 
 PHI_MAX = 0.97  # above this an AR(1) is too close to a random walk for any stretch we have
 MIN_N = 8  # fewer observations cannot say anything about their own autocorrelation
@@ -57,7 +57,7 @@ class Estimate:
         """The two-sided `level` confidence interval (NaN bounds when the SE is unknown)."""
         if not (math.isfinite(self.se) and self.df > 0):
             return (math.nan, math.nan)
-        q = float(stats.t.ppf(0.5 + level / 2, self.df))
+        q = float(special.stdtrit(self.df, 0.5 + level / 2))  # = stats.t.ppf, without its overhead
         return (self.mean - q * self.se, self.mean + q * self.se)
 
 

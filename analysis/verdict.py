@@ -61,8 +61,13 @@ def combine(estimates: list[Estimate]) -> Estimate:
     return Estimate(float(means.mean()), within, df, n)
 
 
-def verdict(estimates: list[Estimate], delta: float, alpha: float) -> Verdict:
-    """The intersection-union verdict over segments (or evaluations) of one pair; see the module doc."""
+def verdict(
+    estimates: list[Estimate], delta: float, alpha: float, levels: list[tuple[float, float]] | None = None
+) -> Verdict:
+    """The intersection-union verdict over segments (or evaluations) of one pair; see the module doc.
+    `levels`: per estimate, the one-sided levels of its equivalence and NOT-equivalence tests (a
+    look of the sequential verdict, analysis/sequential.py); None: the fixed-budget ones, alpha
+    and alpha / 2K."""
     if estimates and all(e.n == 0 for e in estimates):
         return Verdict.NO_SEQUENCES
     if not estimates or not all(math.isfinite(e.se) for e in estimates):
@@ -70,10 +75,12 @@ def verdict(estimates: list[Estimate], delta: float, alpha: float) -> Verdict:
     if not (math.isfinite(delta) and delta > 0):
         return Verdict.NO_MARGIN
     k = len(estimates)
-    outside = [e.ci(1 - alpha / k) for e in estimates]
+    levels = levels or [(alpha, alpha / (2 * k))] * k  # one side of one estimate's test
+    outside = [e.ci(1 - 2 * differ) for e, (_, differ) in zip(estimates, levels, strict=True)]
     if any(lo > delta or hi < -delta for lo, hi in outside):
         return Verdict.NOT_EQUIVALENT
-    if all(-delta < lo and hi < delta for lo, hi in (e.ci(1 - 2 * alpha) for e in estimates)):
+    inside = [e.ci(1 - 2 * match) for e, (match, _) in zip(estimates, levels, strict=True)]
+    if all(-delta < lo and hi < delta for lo, hi in inside):
         return Verdict.EQUIVALENT
     return Verdict.INCONCLUSIVE
 

@@ -403,3 +403,37 @@ def simulated_pair(
     window_samples = samples.reshape(windows, ratio).mean(1)
     loss_a = curve[ratio - 1 :: ratio] + window_samples + gap + ar1(rng, windows, rho, noise / math.sqrt(2))
     return sim_arm("a", 16, loss_a), sim_arm("b", 16 // ratio, loss_b)
+
+
+def sequential_trial(
+    rng: np.random.Generator,
+    gap: float,
+    delta: float,
+    rho: float,
+    noise: float,
+    looks: int,
+    windows: int = 512,
+    segments: int = 4,
+) -> tuple[tuple[str, int], tuple[str, int]]:
+    """One simulated pair (equal batches: a window per step; paired gap `gap` plus AR(1) noise of
+    sd `noise`) looked at `looks` times: (verdict, look it came at) of the sequential rule and of
+    the naive rule that runs the fixed-budget test at every look. A pair still inconclusive at
+    the last look reports that look."""
+    from analysis.paired import Windows, in_range, segment_estimates
+    from analysis.sequential import Looks, look_verdict
+    from analysis.verdict import verdict
+
+    ends = (np.arange(windows) + 1) * 16 * SEQ
+    w = Windows(ends - 16 * SEQ, ends, gap + ar1(rng, windows, rho, noise), np.zeros(windows))
+    plan = Looks(looks, 0, int(ends[-1]), segments)
+    out: dict[str, tuple[str, int]] = {}
+    for k in range(1, looks + 1):
+        if "sequential" not in out:
+            found = look_verdict([w], delta, 0.05, plan, k)
+            if found != "inconclusive" or k == looks:
+                out["sequential"] = (str(found), k)
+        if "naive" not in out:
+            found = verdict(segment_estimates(in_range(w, 0, plan.tokens(k)), segments)[1], delta, 0.05)
+            if found != "inconclusive" or k == looks:
+                out["naive"] = (str(found), k)
+    return out["sequential"], out["naive"]
