@@ -84,6 +84,10 @@ class Comparison:
     # the operating-point pairs whose spread sets δ (analysis/pairs.py); empty: the experiment's
     yardstick: list[list[str]] = field(default_factory=list)
     extra: list[list[str]] = field(default_factory=list)  # pairs asked for on top (analysis.pairs)
+    # The sequential verdict's decisions (experiment.stop_when_decided), by pair name, and its looks.
+    decided: dict[str, dict[str, Any]] = field(default_factory=dict)
+    looks: int = 0
+    run_pairs: list[str] = field(default_factory=list)  # the pairs (with variant) the looks judged
 
     @property
     def compared(self) -> list[list[str]]:
@@ -215,6 +219,8 @@ def report(
     background = ThreadPoolExecutor(max_workers=1)
     writer = background.submit(runs.to_parquet, out / "runs.parquet", index=False)
     tables = compare(found, cmp, runs)
+    if cmp.looks:
+        tables.pairs = with_decisions(tables.pairs, cmp.decided)
     pairs, context = tables.pairs, tables.arms
     pairs.to_csv(out / "pairs.csv", index=False)
     tables.gaps.to_csv(out / "gaps.csv", index=False)
@@ -438,6 +444,8 @@ def markdown(tables: Tables, cmp: Comparison, missing: list[str]) -> str:
     for row in pairs.to_dict("records"):
         text += textwrap.wrap(verdict_line(row), 100, initial_indent="- ", subsequent_indent="  ")
     text += [""]
+    if cmp.looks:
+        text += sequential_text(cmp)
     if len(ranked):
         text += [
             "## ranking by final validation loss (gap: this arm minus the one it is compared with)",
@@ -461,7 +469,9 @@ def markdown(tables: Tables, cmp: Comparison, missing: list[str]) -> str:
     text += ["## arms", "", to_markdown(context, ARM_MD_COLUMNS), "", NOTES, ""]
     if missing:
         text += [f"No metrics yet for arm(s) {', '.join(missing)}: their pairs are left out.", ""]
-    stopped = context[~context["state"].isin(["completed", "finished"])]
+    stopped = context[~context["state"].isin(["completed", "finished", "decided"])]
+    for row in context[context["state"] == "decided"].itertuples():
+        text += [f"Arm {row.arm} stopped at {row.tokens:,} tokens once its pairs were decided.", ""]
     for row in stopped.itertuples():
         text += [
             f"Arm {row.arm} is {row.state} at {row.tokens:,} tokens: its pairs are compared up to where "
@@ -469,6 +479,47 @@ def markdown(tables: Tables, cmp: Comparison, missing: list[str]) -> str:
             "",
         ]
     return "\n".join(text)
+
+
+def with_decisions(pairs: pd.DataFrame, decided: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The pairs table with each pair's sequential decision on its training-loss row:
+    `sequential` (the verdict, or `undecided`), `decided_look` and `decided_tokens`."""
+    if pairs.empty:
+        return pairs
+    train = pairs["metric"] == "train"
+    got = [decided.get(p, {}) for p in pairs["pair"]]
+    pairs = pairs.copy()
+    pairs["sequential"] = [
+        d.get("verdict", "undecided") if t else "" for d, t in zip(got, train, strict=True)
+    ]
+    pairs["decided_look"] = [d.get("look") for d in got]
+    pairs["decided_tokens"] = [d.get("tokens") for d in got]
+    return pairs
+
+
+def sequential_text(cmp: Comparison) -> list[str]:
+    """pairs.md's account of the decisions that stopped arms (experiment.stop_when_decided)."""
+    text = [
+        "## sequential verdicts (experiment.stop_when_decided)",
+        "",
+        f"Each pair was judged at {cmp.looks} looks; the first that decided it stopped its arms "
+        "(docs/verdict.md). Recomputed here from the rows, as the arms computed them:",
+        "",
+    ]
+    for pair in cmp.compared:
+        name = "-".join(pair)
+        if not any(name in (p, p.split("[")[0]) for p in cmp.run_pairs):
+            continue  # not compared (an arm did not run): said above
+        for key, d in sorted(cmp.decided.items()):
+            if key == name or key.startswith(name + "["):
+                text += [
+                    f"- {key}: {d['verdict']} at look {d['look']}/{cmp.looks} ({d['tokens']:,} tokens), "
+                    f"mean gap {d['mean_gap']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}], "
+                    f"δ {d['delta']:.3g}"
+                ]
+        if not any(k == name or k.startswith(name + "[") for k in cmp.decided):
+            text += [f"- {name}: undecided at the looks taken"]
+    return [*text, ""]
 
 
 def draw(out: Path, cmp: Comparison, tables: Tables, labels: dict[str, str]) -> None:
@@ -511,6 +562,20 @@ def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | No
     manifest, found, missing, labels = sweep_arms(sweep_dir)
     cmp = cmp or Comparison(pairs=[], experiment_skip=True)
     full = _declared(manifest, cmp)
+    if manifest.get("decide"):
+        from analysis.stopping import sweep_looks
+
+        full.looks = int(manifest["decide"]["looks"])
+        full.decided = {
+            f"{pair}[{variant}]" if variant else pair: asdict(d)
+            for variant, found_ in sweep_looks(sweep_dir).items()
+            for pair, d in found_.decided.items()
+        }
+        full.run_pairs = [
+            f"{'-'.join(p)}[{variant}]" if variant else "-".join(p)
+            for variant, found_ in sweep_looks(sweep_dir).items()
+            for p in found_.judged
+        ]
     # The arms the experiment defines (the manifest records them; older ones: those of its pairs),
     # and the runs of this sweep by name.
     declared = [*manifest.get("pairs", []), *manifest.get("controls", []), *manifest.get("yardstick", [])]
@@ -550,6 +615,9 @@ def _declared(manifest: dict[str, Any], cmp: Comparison) -> Comparison:
     )
     if full.ladder and not full.margin.nats:  # the ladder's pairs are judged against epsilon
         full.margin = replace(full.margin, nats=full.epsilon)
+    decide = manifest.get("decide") or {}
+    if decide.get("margin") and not full.margin.nats:  # the margin the arms were stopped by
+        full.margin = replace(full.margin, nats=float(decide["margin"]))
     return full
 
 

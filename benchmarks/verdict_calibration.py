@@ -3,6 +3,7 @@ sqrt(bins) as SE, TOST on bins - 1 df) against the paired, autocorrelation-robus
 pairs whose truth is known. Run by hand:
 
     .venv/bin/python -m benchmarks.verdict_calibration [--reps 2000] [--windows 512]
+    .venv/bin/python -m benchmarks.verdict_calibration --looks   # K looks: sequential vs naive
 
 Per lag-1 autocorrelation of the step noise it prints, for each method: the share of 'NOT
 equivalent' verdicts when the curves are identical (should be <= alpha = 5%), the coverage of the
@@ -44,7 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--reps", type=int, default=2000)
     parser.add_argument("--windows", type=int, default=500)  # a multiple of 20 bins and 4 segments
+    parser.add_argument("--looks", action="store_true", help="the sequential verdict's table instead")
     args = parser.parse_args()
+    if args.looks:
+        looks_table(args.reps)
+        return
     n, noise, delta = args.windows, 0.03, 0.01
     print(f"{args.reps} pairs of {n} windows, per-window noise {noise}, margin {delta} nats, alpha {ALPHA}")
     head = f"{'rho':>4}  {'method':<7} {'NOT equiv. at gap 0':>20} {'90% CI coverage':>16}"
@@ -72,3 +77,50 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def looks_table(reps: int) -> None:
+    """The sequential verdict (analysis/sequential.py) against the naive rule (the fixed test at
+    every look): false verdicts at K looks, and the budget a pair spends at the demo's noise."""
+    from tests.harness import sequential_trial
+
+    noise, delta = 0.03, 0.01
+    print(f"\nK looks: {reps} pairs per cell, per-window noise {noise}, margin {delta}, alpha {ALPHA}")
+    print(
+        f"{'rho':>4} {'K':>3}  {'NOT eq. at 0: seq':>18} {'naive':>6}  {'eq. at delta: seq':>18} {'naive':>6}"
+    )
+    for rho in (0.0, 0.5, 0.9):
+        for looks in (1, 4, 16):
+            rng = np.random.default_rng(1000 + int(rho * 10) * 100 + looks)
+            ne, eq = [0, 0], [0, 0]
+            for _ in range(reps):
+                seq, naive = sequential_trial(rng, 0.0, 1e-12, rho, noise, looks)
+                ne[0] += seq[0] == "not equivalent"
+                ne[1] += naive[0] == "not equivalent"
+                seq, naive = sequential_trial(rng, delta, delta, rho, noise, looks, segments=1)
+                eq[0] += seq[0] == "equivalent"
+                eq[1] += naive[0] == "equivalent"
+            print(
+                f"{rho:>4} {looks:>3}  {ne[0] / reps:>18.3f} {ne[1] / reps:>6.3f}  "
+                f"{eq[0] / reps:>18.3f} {eq[1] / reps:>6.3f}"
+            )
+    # The demo: 384 windows after the transient, paired noise 0.0287 with lag-1 autocorrelation
+    # 0.17, delta 0.026 (docs/verdict.md). Budget spent = the deciding look / K (1 if undecided).
+    demo_noise, demo_rho, demo_delta, windows = 0.0287, 0.17, 0.026, 384
+    print(f"\nbudget spent (share of the compared range) at the demo's noise, {reps // 4} pairs per cell")
+    print(f"{'gap':>8} {'K':>3}  {'spent':>6}  {'equivalent':>10} {'NOT eq.':>8} {'inconcl.':>8}")
+    for gap in (0.0, 0.5, 1.0, 2.0, 10.0):
+        for looks in (4, 8, 16):
+            rng = np.random.default_rng(7 + looks)
+            got = [
+                sequential_trial(rng, gap * demo_delta, demo_delta, demo_rho, demo_noise, looks, windows)[0]
+                for _ in range(reps // 4)
+            ]
+            spent = np.mean([k / looks if v != "inconclusive" else 1.0 for v, k in got])
+            share = {
+                v: np.mean([g == v for g, _ in got]) for v in ("equivalent", "not equivalent", "inconclusive")
+            }
+            print(
+                f"{gap:>6.1f}δ {looks:>3}  {spent:>6.2f}  {share['equivalent']:>10.2f} "
+                f"{share['not equivalent']:>8.2f} {share['inconclusive']:>8.2f}"
+            )

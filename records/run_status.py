@@ -26,11 +26,13 @@ STATUS_FILE = "status.json"
 class RunState(StrEnum):
     """Every state a job of a sweep can be in.
 
-    A run writes RUNNING, REQUEUED, STOPPED, COMPLETED, FAILED or DIVERGED into its status file;
+    A run writes RUNNING, REQUEUED, STOPPED, COMPLETED, DECIDED, FAILED or DIVERGED into its status file;
     the sweep's resolver adds PENDING (queued or not yet submitted), TIMEOUT and LOST (its job left
     the queue without the run saying how it ended); the local launcher adds SKIPPED (a job it
     depends on did not complete). STOPPED (a stop signal: SIGTERM, preemption, Ctrl-C; the run
-    checkpointed) is resumable: a rerun of the sweep command continues it.
+    checkpointed) is resumable: a rerun of the sweep command continues it. DECIDED: an arm that
+    stopped itself once its pairs were decided (`experiment.stop_when_decided`): done, like
+    COMPLETED, and never resubmitted.
     """
 
     PENDING = "pending"
@@ -38,6 +40,7 @@ class RunState(StrEnum):
     REQUEUED = "requeued"
     STOPPED = "stopped"
     COMPLETED = "completed"
+    DECIDED = "decided"
     FAILED = "failed"
     DIVERGED = "diverged"
     TIMEOUT = "timeout"
@@ -45,7 +48,8 @@ class RunState(StrEnum):
     SKIPPED = "skipped"
 
 
-FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.DIVERGED})  # the run has ended for good
+DONE = frozenset({RunState.COMPLETED, RunState.DECIDED})  # ended as planned: nothing left to run
+FINAL = DONE | {RunState.FAILED, RunState.DIVERGED}  # the run has ended for good
 RECORDED_END = FINAL | {RunState.STOPPED}  # the run itself wrote how this attempt ended
 IN_FLIGHT = frozenset({RunState.PENDING, RunState.RUNNING})  # queued or running: leave it alone
 # Resubmitted by a plain rerun of the sweep; a diverged run would diverge again (rerun it by name).

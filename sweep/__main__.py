@@ -18,7 +18,7 @@ register()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Single-arm mode: run the arm (and the stages it needs that are not done) in the foreground."""
-    from records.run_status import RunState
+    from records.run_status import DONE
     from sweep.job_states import job_state
     from sweep.plan import PlanError, arm_table, build_plan
 
@@ -35,8 +35,8 @@ def main(cfg: DictConfig) -> None:
 
     record_plan(plan)
     for job in plan.jobs:
-        if job_state(job.kind, job.run_dir).state == RunState.COMPLETED:
-            print(f"{job.name}: already completed ({job.run_dir})")
+        if (done := job_state(job.kind, job.run_dir).state) in DONE:
+            print(f"{job.name}: already {done} ({job.run_dir})")
             continue
         print(f"{job.name}: running in the foreground ({job.run_dir})", flush=True)
         if job.stage.run is not None:

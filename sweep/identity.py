@@ -96,6 +96,7 @@ EXCLUDED: dict[str, str] = {
     "wandb": "where metrics are mirrored",
     "extra_config": "shown in W&B, not read by training",
     "launch": "job ids, nodes and restarts of this attempt",
+    "stop": "when the arm stops once its pairs are decided: a prefix of the same run",
 }
 
 # Nested nodes whose fields are classified one by one; every other field counts as a whole.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from records.manifest import MANIFEST, read_manifest
-from records.run_status import IN_FLIGHT, RESUBMIT, RunClaim, RunInUse, RunState
+from records.run_status import DONE, IN_FLIGHT, RESUBMIT, RunClaim, RunInUse, RunState
 from sweep.backend import Backend, backend_for
 from sweep.job_states import (
     JobState,
@@ -157,8 +157,10 @@ def _todo(plan: SweepPlan, known: dict[str, JobState], only: list[str]) -> list[
         named = job.name in only
         if only and not named and job.kind == "arm":
             continue
-        if state.state == RunState.COMPLETED:
-            notes["already completed, skipped"].append(job.name)
+        if state.state in DONE:
+            notes["already completed, skipped"].append(
+                f"{job.name}" + (" (decided)" if state.state == RunState.DECIDED else "")
+            )
         elif state.state in IN_FLIGHT and not state.unsubmitted:
             notes["left alone"].append(f"{job.name} ({state.state})")
         elif state.state in RESUBMIT or state.unsubmitted or named:

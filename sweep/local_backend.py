@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from records.run_status import NOT_DONE, RunState, claimant, claimed_by
+from records.run_status import DONE, NOT_DONE, RunState, claimant, claimed_by
 from sweep.job_states import JobState, job_state, read_own_status
 from sweep.manifest import add_job_id
 from sweep.plan import Job, SweepPlan
@@ -75,7 +75,12 @@ class _LocalRun:
         self.cpus = len(os.sched_getaffinity(0))
         self.tasks = res.gpus_per_node or res.tasks_per_node
         self.threads = threads  # per task; 0: an equal share of the free CPUs (`cpu_share`)
-        self.max_parallel = max_parallel or max(1, self.cpus // (self.tasks * max(threads, 1)))
+        # An explicit max_parallel is honoured even past the CPUs; so is a sweep whose arms stop
+        # once their pairs are decided: the arms of a pair must run side by side to be compared
+        # while they run (each at `threads` threads, sharing the cores).
+        self.crowd = bool(max_parallel) or bool(plan.decide)
+        fit = max(1, self.cpus // (self.tasks * max(threads, 1)))
+        self.max_parallel = max_parallel or (max(fit, len(todo)) if plan.decide else fit)
         self.dir = plan.dir
         self.states = {**known, **{j.name: RunState.PENDING for j in todo}}
         self.pending = list(todo)
@@ -106,7 +111,9 @@ class _LocalRun:
         ready = sum(all(self.states.get(d) == RunState.COMPLETED for d in j.depends_on) for j in self.pending)
         for job in list(self.pending):
             free = self.cpus - sum(self.given.values())
-            if len(self.running) >= self.max_parallel or (self.running and free < self.tasks):
+            if len(self.running) >= self.max_parallel or (
+                self.running and free < self.tasks and not self.crowd
+            ):
                 return
             waiting_on = set(self.running) | {p.name for p in self.pending}
             done = [self.states.get(d) for d in job.depends_on]
@@ -195,7 +202,7 @@ def cpu_share(free: int, ready: int, slots: int, tasks: int) -> int:
 def _finished_state(job: Job, handle: Any) -> RunState:
     """How a local job ended, by the same resolver as every other job (its process has ended)."""
     state = job_state(job.kind, job.run_dir, ended=True)
-    if state.state == RunState.COMPLETED:
+    if state.state in DONE:
         return state.state
     error = state.reason
     if not (state.status or {}).get("error"):  # the run wrote no error: the job log's last line

@@ -57,6 +57,7 @@ def record_plan(
             arms=plan.experiment_arms,
             cbs=plan.cbs,
             skip_tokens=plan.skip_tokens,
+            decide=plan.decide,
             executor=executor,
             ops={k: asdict(v) for k, v in plan.ops.items()},
             resources=asdict(plan.resources),

@@ -20,7 +20,7 @@ from tabulate import tabulate
 from sweep.identity import DEFAULT_SPLIT, run_signature
 from sweep.schema import ArmSpec, Config, ResourcesConfig
 from sweep.stage import StageJob
-from train.config import DataConfig, InvalidRun, OptimizerConfig, RunConfig, Steps
+from train.config import DataConfig, InvalidRun, OptimizerConfig, RunConfig, Steps, StopRule
 from train.data import data_dir_for, data_problems, data_signature, prepared_problems
 from train.rules import OperatingPoint, RuleError, apply_rule, half_life, weight_decay_timescale
 from train.schedule import ScheduleConfig
@@ -63,6 +63,9 @@ class SweepPlan:
     skip_tokens: int = 0  # the experiment's branch transient: the analysis's default skip
     controls: list[list[str]] = field(default_factory=list)  # pairs that must not match
     yardstick: list[list[str]] = field(default_factory=list)  # the pairs whose spread sets the margin
+    decide: dict[str, Any] = field(
+        default_factory=dict
+    )  # the sequential verdict's options; {}: arms run their budget
 
     @property
     def arms(self) -> list[Job]:
@@ -239,7 +242,7 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         else:
             variant = [o for o in job_overrides if o not in common and not o.startswith("arm=")]
             planner.add(cfg, job_overrides, variant)
-    for problem in declared_pair_problems(first):
+    for problem in [*declared_pair_problems(first), *decide_problems(first)]:
         planner.problems.add(problem)
     for job in planner.jobs.values():
         if job.kind == "arm" and job.stage.run is not None:
@@ -263,6 +266,7 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         exp.skip_tokens,
         [list(p) for p in exp.controls],
         [list(p) for p in exp.yardstick],
+        {**asdict(exp.decide), "budget": exp.token_budget} if exp.stop_when_decided else {},
     )
 
 
@@ -310,6 +314,49 @@ def declared_pair_problems(cfg: Config) -> list[str]:
                 f"experiment.yardstick: {list(pair)} uses {what}: a control must never set the margin"
             )
     return problems
+
+
+def decide_problems(cfg: Config) -> list[str]:
+    """What is wrong with `experiment.stop_when_decided` and its `experiment.decide` options."""
+    exp = cfg.experiment
+    if not exp.stop_when_decided:
+        return []
+    d = exp.decide
+    checks = [
+        ("looks", d.looks, d.looks >= 1, "at least 1 look"),
+        ("segments", d.segments, d.segments >= 1, "at least 1 segment"),
+        ("alpha", d.alpha, 0 < d.alpha < 0.5, "a level in (0, 0.5)"),
+        ("margin", d.margin, d.margin >= 0, "0 (a fraction of the yardstick) or more nats"),
+        ("margin_fraction", d.margin_fraction, d.margin_fraction > 0, "a positive fraction"),
+        ("poll_s", d.poll_s, d.poll_s >= 0, "0 or more seconds"),
+    ]
+    problems = [
+        f"experiment.decide.{key}={value}: expected {what}" for key, value, ok, what in checks if not ok
+    ]
+    problems += [
+        f"experiment.decide.keep: {a} is not an arm of the experiment" for a in d.keep if a not in exp.arms
+    ]
+    if not exp.pairs and not exp.controls:
+        problems.append(
+            "experiment.stop_when_decided=true: the experiment declares no pairs, so nothing is decided"
+        )
+    if not d.margin and not exp.yardstick:
+        problems.append(
+            "experiment.stop_when_decided=true needs a margin: declare experiment.yardstick or set "
+            "experiment.decide.margin (nats)"
+        )
+    return problems
+
+
+def stop_rule(cfg: Config, arm: str, sweep_dir: Path) -> StopRule:
+    """How arm `arm` stops itself: at the sequential verdict's looks when the sweep stops decided
+    arms and the arm is in a declared pair or the yardstick (and not kept, nor on a batch ladder,
+    whose analysis needs every arm's whole curve); else never (StopRule())."""
+    exp, d = cfg.experiment, cfg.experiment.decide
+    judged = {a for p in [*exp.pairs, *exp.controls, *exp.yardstick] for a in p}
+    if not exp.stop_when_decided or arm not in judged or arm in d.keep or arm in exp.cbs.ladder:
+        return StopRule()
+    return StopRule(str(sweep_dir), d.poll_s)
 
 
 # Overrides that make data-order replicates: arms differing only in these are one arm, run again.
@@ -452,6 +499,7 @@ def _arm_job(
     name = cfg.arm if not variant else f"{cfg.arm}[{','.join(variant)}]"
     run, steps = _run_config(cfg, name, "arm", point, point.reference_batch, budget, init, run_root, spec)
     run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"]
+    run.stop = stop_rule(cfg, cfg.arm, run_root.parent)
     op = spec.op or f"arm {spec.from_arm}"
     row = _row(name, op, spec.rule, run, steps, cfg.arm, variant)
     # The weights it starts from: arms compared in a pair must share them (analysis/pairs.py).

@@ -60,6 +60,21 @@ class CbsSpec:
 
 
 @dataclass
+class DecideSpec:
+    """The sequential verdict that stops arms (`experiment.stop_when_decided`; analysis/sequential.py):
+    its looks, and the verdict's options, fixed before the arms run (the analysis reads them from
+    the manifest to reproduce every decision)."""
+
+    looks: int = 8  # equally spaced token counts of the compared range at which each pair is judged
+    segments: int = 4
+    alpha: float = 0.05
+    margin: float = 0.0  # nats; 0 = margin_fraction x the yardstick's spread, measured at each look
+    margin_fraction: float = 0.25
+    keep: list[str] = field(default_factory=list)  # arms that run their budget whatever is decided
+    poll_s: float = 30.0  # an arm whose partner is behind looks again after this long
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     description: str = ""
@@ -83,6 +98,10 @@ class ExperimentConfig:
     # Multiplies every arm's lr (after its rule and its own lr_scale), never the warmup's: swept
     # (experiment.lr_scale=0.25,0.5,1) it runs the whole study at smaller lrs from one branch point.
     lr_scale: float = 1.0
+    # Arms stop (checkpoint, state `decided`) once every pair they belong to is decided by the
+    # sequential verdict at one of decide.looks looks, and no other pair needs them.
+    stop_when_decided: bool = False
+    decide: DecideSpec = field(default_factory=DecideSpec)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from records.manifest import read_manifest
-from records.run_status import BAD, IN_FLIGHT, RunState
+from records.run_status import BAD, IN_FLIGHT, RunState, read_status
 from sweep.job_states import latest_job_id, squeue_states, sweep_states
 from sweep.manifest import sweep_dir_of, sweep_parser
 from sweep.plan import format_table, tokens_text
@@ -149,6 +149,46 @@ def _verdicts(sweep_dir: Path, skip_tokens: int | None) -> str:
     )
 
 
+def decisions(sweep_dir: Path) -> str:
+    """With experiment.stop_when_decided: each pair's decision as the arms recorded it, the budget
+    each arm spent, and what stopping saved (GPU-hours from the FLOP count); "" otherwise."""
+    from sweep.plan import gpu_hours
+    from sweep.schema import ResourcesConfig
+
+    manifest = read_manifest(sweep_dir)
+    decide = manifest.get("decide") or {}
+    if not decide:
+        return ""
+    res = ResourcesConfig(**manifest["resources"])
+    pairs: dict[str, dict[str, Any]] = {}
+    spent, saved, total = [], 0.0, 0.0
+    for name, job in manifest["jobs"].items():
+        if job["kind"] != "arm":
+            continue
+        status = read_status(job["run_dir"]) or {}
+        variant = job["derived"].get("variant") or ""
+        for pair, d in ((status.get("decision") or {}).get("pairs") or {}).items():
+            pairs[f"{pair}[{variant}]" if variant else pair] = d
+        budget, flops = int(job["derived"]["token_budget"]), float(job["derived"]["flops"])
+        total += gpu_hours(flops, res)
+        if status.get("state") == RunState.DECIDED:
+            share = int(status.get("tokens") or 0) / budget
+            saved += gpu_hours(flops * (1 - share), res)
+            spent.append(f"{name} at {share:.0%}")
+    lines = [f"\ndecisions (experiment.stop_when_decided, {decide['looks']} looks):"]
+    for pair, d in sorted(pairs.items()):
+        lines.append(
+            f"  {pair}: {d['verdict']} at look {d['look']} ({tokens_text(d['tokens'])} tokens), "
+            f"mean gap {d['mean_gap']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}], δ {d['delta']:.3g}"
+        )
+    if not pairs:
+        lines.append("  no pair decided yet")
+    stopped = f" ({', '.join(spent)} of its budget)" if spent else ""
+    fraction = f" ({saved / total:.0%})" if total else ""
+    lines.append(f"  stopping saved {saved:.3g} of {total:.3g} GPU-hours{fraction}{stopped}")
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line (tests/test_docs.py parses every documented use with it)."""
     cli = sweep_parser("python -m sweep.status", __doc__)
@@ -187,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\033[2J\033[H" + time.strftime("%H:%M:%S ") + str(sweep_dir))
         print(render(rows, args.wide), flush=True)
         print(summary(rows), flush=True)
+        if text := decisions(sweep_dir):
+            print(text, flush=True)
         if args.verdicts:
             print(_verdicts(sweep_dir, args.skip_tokens), flush=True)
         if not args.watch or all(r["state"] not in IN_FLIGHT for r in rows):

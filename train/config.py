@@ -188,6 +188,18 @@ class TrainerConfig:
 
 
 @dataclass
+class StopRule:
+    """When an arm stops itself (`experiment.stop_when_decided`): once every pair it belongs to is
+    decided by the sequential verdict (analysis/sequential.py) at one of `looks` looks, and no other
+    pair needs it. Out of the run's identity: a stopped arm is a prefix of the same run."""
+
+    # The sweep whose manifest holds the looks, the verdict's options and the partners' run dirs;
+    # "" = the arm runs its budget.
+    sweep_dir: str = ""
+    poll_s: float = 30.0  # while a partner is behind, look again after this long
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "batch-size-scaling"
@@ -242,6 +254,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     extra_config: dict[str, object] = field(default_factory=dict)  # shown in W&B, not used by training
     launch: dict[str, object] = field(default_factory=dict)  # job id, nodes, restarts: in status.json and W&B
+    stop: StopRule = field(default_factory=StopRule)  # stop once its pairs are decided (off by default)
 
     @property
     def per_example(self) -> bool:

@@ -257,6 +257,7 @@ class StepResult:
     signum: int  # a stop signal any rank received (0: none)
     loss_scale: float  # the fp16 gradient scaler's scale during the step (1 without it)
     per_example: dict[str, float]  # per-sequence gradient statistics (empty: not measured)
+    decided: bool = False  # rank 0 found this arm's pairs decided (experiment.stop_when_decided)
 
 
 def train_step(
@@ -266,11 +267,13 @@ def train_step(
     plan: BatchPlan,
     signum: int,
     probe: torch.Tensor | None = None,
+    decided: bool = False,
 ) -> StepResult:
     """One optimizer step on this rank's share of the global batch: gradients (accumulated over
     micro-batches), clipping, the optimizer step, and the one collective per step, which carries
     the loss, whether any rank was asked to stop (so every rank stops at the same step, whichever
-    got the signal) and the per-rank gradient norms. `probe`: a second batch of samples whose
+    got the signal), whether rank 0 found the arm's pairs decided (`decided`: every rank stops
+    after this step) and the per-rank gradient norms. `probe`: a second batch of samples whose
     gradient at these weights pairs with the step's for the noise scale (`probe_gradient`)."""
     where, scaler, optimizer = network.where, state.scaler, state.optimizer
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -295,15 +298,16 @@ def train_step(
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if where.ddp:
-        # [requeue after stopping (SLURM's warning), stop for good (SIGTERM, SIGINT)]
+        # [requeue after stopping (SLURM's warning), stop for good (SIGTERM, SIGINT), decided]
         flags = torch.tensor(
-            [signum == signal.SIGUSR2, signum not in (0, signal.SIGUSR2)], device=where.device
+            [signum == signal.SIGUSR2, signum not in (0, signal.SIGUSR2), decided], device=where.device
         )
         per_rank = network.local_norm.sq / scale**2
         packed = torch.cat([loss_sum.float()[None], flags.float(), per_rank[None]])
         dist.all_reduce(packed)
-        loss_sum, small_sq = packed[0], packed[3] / where.world
+        loss_sum, small_sq = packed[0], packed[4] / where.world
         signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
+        decided = bool(packed[3] > 0)
     norm = grad_norm.item()
     noise = probed
     if not math.isfinite(norm):  # an fp16 overflow step was skipped: no gradient to measure
@@ -318,6 +322,7 @@ def train_step(
         signum=signum,
         loss_scale=scale,
         per_example=moments.statistics() if moments is not None and network.per_sequence else {},
+        decided=decided,
     )
 
 
@@ -328,6 +333,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     budget the split cannot hold) is recorded as failed just like one in the loop, and so is the
     first error of any rank of a DDP run (rank 0's `PeerWatch` records it when another rank fails).
     """
+    if (read_status(cfg.run_dir) or {}).get("state") == RunState.DECIDED:
+        # Stopped for good once its pairs were decided: a requeue or rerun must not train it on.
+        print(f"{cfg.name}: decided earlier ({cfg.run_dir}/status.json): nothing to run", flush=True)
+        return {"name": cfg.name, "signature": cfg.signature, "decided": True}
     where = init_distributed(cfg.trainer.device)
     fields = dict(name=cfg.name, stage=cfg.stage, signature=cfg.signature, token_budget=cfg.token_budget)
     if where.watch is not None and where.rank == 0:
@@ -409,6 +418,18 @@ class Trainer:
         self.val = torch.from_numpy(windows).to(where.device)
         self.previous_val: list[float] = []
         self.meter = Meter(self)
+        self.looks = self._looks()
+        self.decided = False  # rank 0 found the arm's pairs decided: every rank stops after the next step
+
+    def _looks(self) -> Any:
+        """Rank 0 of an arm that stops once its pairs are decided: its looks (analysis/stopping.py,
+        imported only then: the analysis needs pandas, which a training node may lack)."""
+        rule = self.cfg.stop
+        if self.log is None or not rule.sweep_dir or self.cfg.stage != "arm":
+            return None
+        from analysis.stopping import ArmLooks
+
+        return ArmLooks(rule.sweep_dir, self.cfg.name, rule.poll_s)
 
     # --- Phase 1: refuse what cannot work before any step is taken.
     def check_inputs(self) -> tuple[Steps, TokenStream]:
@@ -498,6 +519,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """The loop: one optimizer step per global batch, stopping only at step boundaries."""
         state, steps = self.state, self.steps.layout.steps
+        decided = False  # stopped once its pairs were decided: no final evaluation, state `decided`
         try:
             if state.step == 0:
                 self.evaluate()
@@ -505,6 +527,10 @@ class Trainer:
             for step in range(state.step, steps):
                 result = self.one_step(step)
                 self.record(result)
+                if result.decided and state.step < steps:
+                    self.checkpoint()
+                    decided = True
+                    break
                 stopping = bool(result.signum) and state.step < steps
                 if self.crossed(self.cfg.trainer.val_every_tokens) and state.step < steps:
                     self.evaluate()
@@ -514,14 +540,14 @@ class Trainer:
                     self.checkpoint()
                 if stopping:
                     raise Stopped(result.signum, state.step)
-            if not state.finished:
+            if not state.finished and not decided:
                 self.evaluate()
                 state.finished = True
                 self.checkpoint()
         except BaseException as exc:
             self.finish(exc, _ending(self.where, exc))
             raise
-        self.finish(None)
+        self.finish(None, decided=decided)
         return {
             "name": self.cfg.name,
             "signature": self.cfg.signature,
@@ -540,7 +566,9 @@ class Trainer:
         offset = int(self.steps.layout.offset[step])
         rows = self.stream.rank_slice(offset, plan.batch_size, where.rank, where.world)
         batch = torch.from_numpy(rows).to(where.device)
-        result = train_step(self.network, state, batch, plan, self.stop.signum, self.probe(step))
+        result = train_step(
+            self.network, state, batch, plan, self.stop.signum, self.probe(step), self.decided
+        )
         state.step = step + 1
         if not math.isfinite(result.loss):
             raise Diverged(f"loss {result.loss} at step {state.step}")
@@ -594,6 +622,22 @@ class Trainer:
             self.log.log({k: v for k, v in row.items() if v is not None})
         self.log.update(step=done, tokens=state.tokens, loss=result.loss, tokens_per_s=tokens_per_s)
         self.meter.show(plan.tokens_per_step, result.loss)
+        if self.looks is not None and not self.decided and self.looks.due(state.tokens):
+            self.look()
+
+    # --- Phase 6b: the sequential verdict's looks (experiment.stop_when_decided; rank 0). The
+    # decision stops every rank after the next step, through that step's collective.
+    def look(self) -> None:
+        assert self.log is not None and self.looks is not None
+        self.decided = self.looks.look()
+        self.log.update(force=True, decision=self.looks.record())
+        self.log.summary(self.looks.summary())
+        if self.decided:
+            verdicts = ", ".join(f"{p}: {d['verdict']}" for p, d in self.looks.record()["pairs"].items())
+            print(
+                f"{self.cfg.name}: its pairs are decided ({verdicts}): stopping after the next step",
+                flush=True,
+            )
 
     # --- Phase 7: the loss on the fixed validation slice, per sequence. Every rank evaluates its
     # share into its slots of one vector, all-reduced, so all ranks know the result and a broken
@@ -646,13 +690,14 @@ class Trainer:
         if self.where.ddp:
             dist.barrier()
 
-    def finish(self, exc: BaseException | None, error: str = "") -> None:
+    def finish(self, exc: BaseException | None, error: str = "", decided: bool = False) -> None:
         """Say how the run ended (status.json, W&B) and close the progress bar; `error`: what to
-        record of `exc` (the first failing rank's error, see `_ending`)."""
+        record of `exc` (the first failing rank's error, see `_ending`); `decided`: it stopped
+        once its pairs were decided."""
         self.meter.close()
         if self.log is not None:
             if exc is None:
-                self.log.close(RunState.COMPLETED)
+                self.log.close(RunState.DECIDED if decided else RunState.COMPLETED)
             elif isinstance(exc, Diverged):
                 self.log.close(RunState.DIVERGED, str(exc))
             elif isinstance(exc, Stopped):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from records.metrics import METRICS_FILE, VAL_SEQUENCES, read_metrics, truncate_metrics
-from records.run_status import RunState, write_status
+from records.run_status import DONE, RunState, write_status
 from train.config import RunConfig, WandbMode
 
 
@@ -149,6 +149,10 @@ class RunLog:
         scalars = {k: v for k, v in row.items() if k != VAL_SEQUENCES}
         self._wandb_call("log", lambda run: run.log(scalars, step=int(row["step"])))
 
+    def summary(self, fields: dict[str, Any]) -> None:
+        """Set `fields` in the W&B run's summary (the sequential verdict at each look)."""
+        self._wandb_call("summary", lambda run: run.summary.update(fields))
+
     def update(self, force: bool = False, **fields: Any) -> None:
         """Merge `fields` into status.json; rewritten at most every HEARTBEAT_S unless forced."""
         self.status.update(fields)
@@ -164,5 +168,5 @@ class RunLog:
         if state in (RunState.FAILED, RunState.DIVERGED):
             title = f"{self.cfg.sweep_name}/{self.cfg.name} {state}"
             self._wandb_call("alert", lambda run: run.alert(title=title, text=error or state))
-        exit_code = 0 if state == RunState.COMPLETED else 1
+        exit_code = 0 if state in DONE else 1
         self._wandb_call("finish", lambda run: run.finish(exit_code=exit_code))
