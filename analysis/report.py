@@ -494,6 +494,7 @@ def with_decisions(pairs: pd.DataFrame, decided: dict[str, dict[str, Any]]) -> p
     ]
     pairs["decided_look"] = [d.get("look") for d in got]
     pairs["decided_tokens"] = [d.get("tokens") for d in got]
+    pairs["fixed_at_decision"] = [d.get("fixed", "") for d in got]
     return pairs
 
 
@@ -502,8 +503,10 @@ def sequential_text(cmp: Comparison) -> list[str]:
     text = [
         "## sequential verdicts (experiment.stop_when_decided)",
         "",
-        f"Each pair was judged at {cmp.looks} looks; the first that decided it stopped its arms "
-        "(docs/verdict.md). Recomputed here from the rows, as the arms computed them:",
+        f"Each pair was judged at {cmp.looks} looks on the budget's segments; the first look that "
+        "decided it stopped its arms (docs/verdict.md). Recomputed here from the rows, as the arms "
+        "computed them. The verdicts above cut the range run (past the decision, where an arm "
+        "ran on) into their own segments, so they can differ where a segment straddles the decision:",
         "",
     ]
     for pair in cmp.compared:
@@ -515,7 +518,8 @@ def sequential_text(cmp: Comparison) -> list[str]:
                 text += [
                     f"- {key}: {d['verdict']} at look {d['look']}/{cmp.looks} ({d['tokens']:,} tokens), "
                     f"mean gap {d['mean_gap']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}], "
-                    f"δ {d['delta']:.3g}"
+                    f"δ {d['delta']:.3g}; the fixed-budget test on the same range and segments: "
+                    f"{d['fixed']}"
                 ]
         if not any(k == name or k.startswith(name + "[") for k in cmp.decided):
             text += [f"- {name}: undecided at the looks taken"]
@@ -616,7 +620,10 @@ def _declared(manifest: dict[str, Any], cmp: Comparison) -> Comparison:
     if full.ladder and not full.margin.nats:  # the ladder's pairs are judged against epsilon
         full.margin = replace(full.margin, nats=full.epsilon)
     decide = manifest.get("decide") or {}
-    if decide.get("margin") and not full.margin.nats:  # the margin the arms were stopped by
+    if decide:  # the segments and level the arms were stopped by (and their margin, if declared)
+        full.spec = replace(full.spec, segments=int(decide["segments"]))
+        full.margin = replace(full.margin, alpha=float(decide["alpha"]))
+    if decide.get("margin") and not full.margin.nats:
         full.margin = replace(full.margin, nats=float(decide["margin"]))
     return full
 

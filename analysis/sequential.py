@@ -188,10 +188,11 @@ def _segment_levels(self: Looks, k: int, alpha: float) -> tuple[tuple[float, flo
     return tuple(out)
 
 
-def look_estimates(windows: list[Windows], looks: Looks, k: int) -> list[Estimate | None]:
-    """Per segment at look k: the mean paired gap over its windows that end by t_k (pooled over
-    the replicates' windows), or None for a segment not reached yet."""
-    edges, cut = looks.edges, looks.tokens(k)
+def estimates_at(windows: list[Windows], looks: Looks, cut: int) -> list[Estimate | None]:
+    """Per segment of the budget: the mean paired gap over its windows that end by `cut` (pooled
+    over the replicates' windows), or None for a segment not reached yet, or reached by too few
+    windows to estimate its SE (a segment just begun carries no information yet)."""
+    edges = looks.edges
     out: list[Estimate | None] = []
     for j in range(looks.segments):
         if cut <= edges[j]:
@@ -201,15 +202,31 @@ def look_estimates(windows: list[Windows], looks: Looks, k: int) -> list[Estimat
         for w in windows:
             keep = (w.end > edges[j]) & (w.end <= min(edges[j + 1], cut)) & (w.start >= looks.skip_tokens)
             parts.append(robust_mean(w.gap[keep], w.length[keep]))
-        out.append(combine(parts))
+        estimate = combine(parts)
+        partial = cut < edges[j + 1]
+        out.append(None if partial and not math.isfinite(estimate.se) else estimate)
     return out
 
 
 def look_verdict(windows: list[Windows], delta: float, alpha: float, looks: Looks, k: int) -> Verdict:
     """The sequential verdict at look k from the pair's matched windows (one list per replicate)."""
+    return verdict_at(windows, delta, alpha, looks, looks.tokens(k), looks.levels(k, alpha))
+
+
+def verdict_at(
+    windows: list[Windows],
+    delta: float,
+    alpha: float,
+    looks: Looks,
+    cut: int,
+    levels: tuple[tuple[float, float] | None, ...] | None = None,
+) -> Verdict:
+    """The verdict on the budget's segments up to `cut`, at `levels` (per segment; None: the
+    fixed-budget ones, alpha and alpha / 2S for the S segments of the budget)."""
+    fixed = (alpha, alpha / (2 * looks.segments))
     seen = [
         (e, lv)
-        for e, lv in zip(look_estimates(windows, looks, k), looks.levels(k, alpha), strict=True)
+        for e, lv in zip(estimates_at(windows, looks, cut), levels or (fixed,) * looks.segments, strict=True)
         if e is not None and lv is not None
     ]
     return verdict([e for e, _ in seen], delta, alpha, [lv for _, lv in seen])

@@ -31,7 +31,7 @@ from analysis.options import BinSpec, Margin
 from analysis.paired import in_range, matched_windows
 from analysis.pairs import _replicate_pairs, yardstick_spreads
 from analysis.robust import robust_mean
-from analysis.sequential import Looks, look_verdict
+from analysis.sequential import Looks, look_verdict, verdict_at
 from analysis.verdict import Verdict, combine
 from records.manifest import read_manifest
 
@@ -49,6 +49,9 @@ class Decision:
     ci_low: float  # its (1 - 2 alpha) interval
     ci_high: float
     delta: float
+    # The fixed-budget test (levels alpha and alpha / 2S) on the same segments and range: it
+    # agrees by construction (each of its intervals is narrower), which the tests check.
+    fixed: str
 
 
 @dataclass
@@ -157,7 +160,8 @@ def _decide(
         ]
     )
     lo, hi = summary.ci(1 - 2 * alpha)
-    return Decision(str(verdict), k, cut, summary.mean, lo, hi, delta)
+    fixed = verdict_at(windows, delta, alpha, looks, cut)
+    return Decision(str(verdict), k, cut, summary.mean, lo, hi, delta, str(fixed))
 
 
 def sweep_looks(sweep_dir: str | Path, found: dict[str, Looking] | None = None) -> dict[str, Looking]:

@@ -43,8 +43,13 @@ class StageJob:
 
         torch.set_num_threads(self.threads or job_threads())
         self.run.launch = {**launch_info(), "threads": torch.get_num_threads()}
+        decisions = None
+        if self.run.stop.sweep_dir and self.kind == "train" and self.run.stage == "arm":
+            from analysis.stopping import ArmLooks  # the looks read the partners' rows (pandas)
+
+            decisions = ArmLooks(self.run.stop.sweep_dir, self.run.name, self.run.stop.poll_s)
         try:
-            summary = train(self.run)
+            summary = train(self.run, decisions)
         except Stopped as stopped:
             if stopped.signum == signal.SIGUSR2 and "SLURM_JOB_ID" in os.environ:
                 requeue(self.run.run_dir, self.max_requeues)

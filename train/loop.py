@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -326,8 +326,23 @@ def train_step(
     )
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run `cfg` to its token budget, resuming from its newest checkpoint if it has one.
+class Decisions(Protocol):
+    """The looks of an arm that stops once its pairs are decided (experiment.stop_when_decided):
+    the sweep provides them (analysis/stopping.py); training only asks, on rank 0, when to look,
+    whether to stop, and what to record (status.json) and show (the W&B summary)."""
+
+    def due(self, tokens: int) -> bool: ...
+
+    def look(self) -> bool: ...
+
+    def record(self) -> dict[str, Any]: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+def train(cfg: RunConfig, decisions: Decisions | None = None) -> dict[str, Any]:
+    """Run `cfg` to its token budget, resuming from its newest checkpoint if it has one; with
+    `decisions`, stop (state `decided`) once they say the arm's pairs are decided.
 
     Whatever stops it, `status.json` says so: an error before training starts (bad data dir, a
     budget the split cannot hold) is recorded as failed just like one in the loop, and so is the
@@ -345,7 +360,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         claim = _claim(cfg, where)  # a second start of this run stops here, touching nothing of it
         try:
             with StopFlag() as stop:
-                return Trainer(cfg, where, stop).run()
+                return Trainer(cfg, where, stop, decisions).run()
         except BaseException as exc:
             error = _ending(where, exc)
             if where.rank == 0:
@@ -394,7 +409,9 @@ def _claim(cfg: RunConfig, where: Placement) -> RunClaim:
 class Trainer:
     """One run, phase by phase. Each phase is a method; `run()` is the loop that calls them."""
 
-    def __init__(self, cfg: RunConfig, where: Placement, stop: StopFlag) -> None:
+    def __init__(
+        self, cfg: RunConfig, where: Placement, stop: StopFlag, decisions: Decisions | None = None
+    ) -> None:
         self.started = time.perf_counter()
         self.cfg, self.where, self.stop = cfg, where, stop
         self.steps, self.stream = self.check_inputs()
@@ -418,18 +435,8 @@ class Trainer:
         self.val = torch.from_numpy(windows).to(where.device)
         self.previous_val: list[float] = []
         self.meter = Meter(self)
-        self.looks = self._looks()
+        self.looks = decisions if self.log is not None else None  # rank 0 looks
         self.decided = False  # rank 0 found the arm's pairs decided: every rank stops after the next step
-
-    def _looks(self) -> Any:
-        """Rank 0 of an arm that stops once its pairs are decided: its looks (analysis/stopping.py,
-        imported only then: the analysis needs pandas, which a training node may lack)."""
-        rule = self.cfg.stop
-        if self.log is None or not rule.sweep_dir or self.cfg.stage != "arm":
-            return None
-        from analysis.stopping import ArmLooks
-
-        return ArmLooks(rule.sweep_dir, self.cfg.name, rule.poll_s)
 
     # --- Phase 1: refuse what cannot work before any step is taken.
     def check_inputs(self) -> tuple[Steps, TokenStream]:
