@@ -29,7 +29,7 @@ def publish(tables: Tables, out: Path, project: str, entity: str, group: str, mo
     )
     try:
         logged: dict[str, Any] = {}
-        for name in ("pairs", "arms", "bins"):
+        for name in ("pairs", "arms", "ranking", "bins"):
             df: pd.DataFrame = getattr(tables, name)
             if len(df):
                 logged[name] = wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
@@ -40,6 +40,9 @@ def publish(tables: Tables, out: Path, project: str, entity: str, group: str, mo
         for row in tables.pairs.to_dict("records"):
             run.summary[f"{row['metric']}/{row['pair']}/verdict"] = row["verdict"]
             run.summary[f"{row['metric']}/{row['pair']}/mean_gap"] = row["mean_gap"]
+            if row.get("sequential"):  # the decision that stopped its arms (experiment.stop_when_decided)
+                run.summary[f"{row['metric']}/{row['pair']}/sequential"] = row["sequential"]
+                run.summary[f"{row['metric']}/{row['pair']}/decided_tokens"] = row["decided_tokens"]
         where = run.path if mode == "online" else str(Path(run.dir).parent)
     finally:
         run.finish()

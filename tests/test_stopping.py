@@ -7,6 +7,7 @@ decided run started again (a requeue) returns at once."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from records.manifest import read_manifest
 from records.metrics import read_metrics
 from tests.harness import REPO, compose
+from tests.wandb_standin import ENTITY, WandbStandin
 
 pytestmark = pytest.mark.e2e
 
@@ -103,6 +105,27 @@ def test_status_shows_the_decisions_and_what_stopping_saved(stopped):
     assert out.returncode == 0, out.stderr
     assert "decided" in out.stdout and "A-D: not equivalent at look" in out.stdout
     assert "A-H: equivalent at look" in out.stdout and "stopping saved" in out.stdout
+
+
+def test_each_arms_wandb_run_holds_its_pairs_decisions(stopped):
+    """The real client, offline, synced with `wandb sync` to the protocol stand-in: the summary of
+    a stopped arm's run holds each decided pair's verdict, gap and interval."""
+    _, manifest = stopped
+    run_dir = Path(manifest["jobs"]["D"]["run_dir"])
+    recorded = _status(str(run_dir))["decision"]["pairs"]["A-D"]
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    with WandbStandin() as standin:
+        env = {**os.environ, "WANDB_BASE_URL": standin.base_url, "WANDB_API_KEY": "standin-key-" + "0" * 40}
+        sync = [str(Path(sys.executable).parent / "wandb"), "sync", "--entity", ENTITY]
+        out = subprocess.run(
+            [*sync, "--project", standin.project, *map(str, offline)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        summary = standin.runs[manifest["jobs"]["D"]["signature"]].summary
+    assert summary["verdict/A-D"] == "not equivalent" == recorded["verdict"]
+    assert summary["gap/A-D"] == pytest.approx(recorded["mean_gap"], rel=1e-12)
+    assert summary["ci_low/A-D"] < summary["gap/A-D"] < summary["ci_high/A-D"]
+    assert summary["looks_spent"] >= recorded["look"]
 
 
 def test_a_rerun_trains_nothing_and_a_decided_run_started_again_returns_at_once(stopped):

@@ -13,7 +13,8 @@ client (`wandb` 0.31 and its `wandb-core` service) sends, dispatched on the Grap
   `UpsertBucket` (the run, its group and config), `CreateRunFiles` with uploads (`PUT /upload/...`,
   kept in `files`), and the file stream (`POST /files/<entity>/<project>/<run>/file_stream`), whose
   `wandb-history.jsonl` lines are written at the offsets they name: a second sync of the same run
-  from offset 0 replaces the history, as the real server does (wandb/wandb#3841).
+  from offset 0 replaces the history, as the real server does (wandb/wandb#3841); its
+  `wandb-summary.json` line replaces the run's summary.
 
 `offline_history` reads an offline run's transaction log (`run-<id>.wandb`) the way `wandb sync`
 does: its history records, for tests of what a sync would send.
@@ -58,6 +59,7 @@ class StandinRun:
     rows: Any = field(default_factory=list)
     created_at: str = "2026-01-01T00:00:00"
     exported: int | None = None  # rows in the parquet export (None: all); the rest is live data
+    summary: dict[str, Any] = field(default_factory=dict)  # the run's summary, as the file stream sent it
 
     def frame(self) -> pd.DataFrame:
         rows = self.rows if isinstance(self.rows, pd.DataFrame) else pd.DataFrame(list(self.rows))
@@ -230,8 +232,10 @@ class WandbStandin:
         return {"createRunFiles": {"runID": f"run-{name}", "uploadHeaders": [], "files": files}}, name
 
     def _stream(self, run_id: str, body: dict[str, Any]) -> None:
-        """A file-stream post: history lines written at their offsets (a resent line replaces)."""
+        """A file-stream post: history lines written at their offsets (a resent line replaces); the
+        summary's latest line replaces the summary."""
         history = body.get("files", {}).get("wandb-history.jsonl")
+        summary = body.get("files", {}).get("wandb-summary.json")
         with self._lock:
             run = self.runs.setdefault(run_id, StandinRun(id=run_id, name=run_id, group="", rows=[]))
             if history:
@@ -241,6 +245,8 @@ class WandbStandin:
                 offset = int(history["offset"])
                 new = [json.loads(line) for line in history["content"]]
                 run.rows = rows[:offset] + new + rows[offset + len(new) :]
+            if summary and summary.get("content"):
+                run.summary = json.loads(summary["content"][-1])
             if body.get("complete"):
                 run.state = "finished" if not body.get("exitcode") else "failed"
 
