@@ -45,6 +45,23 @@ TINY = [
     "trainer.noise_probe_every=8",  # B_noise measured often enough in 32-step arms
 ]
 
+# 128 steps of the large batch after a short warmup; A-H about 0.1 nats apart and A-D about 0.25
+# at this budget: a margin of 0.17 separates them (the demo's own margin needs its long budget).
+STOPPING = [
+    "experiment.token_budget=65536",
+    "experiment.warmup.token_budget=8192",
+    "experiment.warmup.lr_warmup_tokens=0",
+    "experiment.skip_tokens=4096",
+    "trainer.val_every_tokens=16384",
+    "trainer.noise_probe_every=8",
+    "arm=A,H,D",
+    "experiment.stop_when_decided=true",
+    "experiment.decide.margin=0.17",
+    "experiment.decide.looks=4",
+    "experiment.decide.segments=2",
+    "experiment.decide.poll_s=0.2",
+]
+
 
 def prepare_texts(corpus: Path, shares: tuple[float, float, float], cache: Path) -> Path:
     """A directory of *.txt files tokenized (300-token BPE) into warmup / validation / experiment."""

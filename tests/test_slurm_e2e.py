@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from records.manifest import read_manifest
-from tests.harness import REPO, TINY, compose, sweep_status
+from tests.harness import REPO, STOPPING, TINY, compose, sweep_status
 from train.data import prepare
 
 # Under xdist (make test) this module runs on one worker (--dist loadscope): its tests share one
@@ -283,3 +283,21 @@ def test_two_sweep_commands_at_once_submit_each_job_once(slurm_cluster, tmp_path
     assert _wait(sweep_dir, ["prepare", "warmup", "A"]) == dict.fromkeys(
         ["prepare", "warmup", "A"], "completed"
     )
+
+
+def test_arms_stop_once_decided_and_a_rerun_submits_none_of_them(slurm_cluster, tmp_path):
+    """experiment.stop_when_decided under the SLURM launcher (which submits and returns), on a
+    cluster that runs one job at a time: each arm finds the earlier arms' rows on the shared file
+    system; the control, last, stops at the look that decides it (state `decided`), and a rerun
+    of the sweep submits none of them."""
+    out = _sweep(tmp_path, *STOPPING, tiny=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "sqrt_rule"
+    states = _wait(sweep_dir, ["prepare", "warmup", "A", "H", "D"])
+    assert states["D"] == "decided" and {states["A"], states["H"]} <= {"decided", "completed"}, states
+    status = json.loads(Path(_manifest(sweep_dir)["jobs"]["D"]["run_dir"], "status.json").read_text())
+    decision = status["decision"]["pairs"]["A-D"]
+    assert decision["verdict"] == "not equivalent" and decision["tokens"] <= status["tokens"] < 65536
+    again = _sweep(tmp_path, *STOPPING, tiny=False)
+    assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout[-2000:]
+    assert "submitted" not in again.stdout and "(decided)" in again.stdout

@@ -17,27 +17,10 @@ import pytest
 
 from records.manifest import read_manifest
 from records.metrics import read_metrics
-from tests.harness import REPO, compose
+from tests.harness import REPO, STOPPING, compose
 from tests.wandb_standin import ENTITY, WandbStandin
 
 pytestmark = pytest.mark.e2e
-
-# 128 steps of the large batch after a short warmup; A-H about 0.1 nats apart and A-D about 0.25
-# at this budget: a margin of 0.17 separates them (the demo's own margin needs its long budget).
-STOPPING = [
-    "experiment.token_budget=65536",
-    "experiment.warmup.token_budget=8192",
-    "experiment.warmup.lr_warmup_tokens=0",
-    "experiment.skip_tokens=4096",
-    "trainer.val_every_tokens=16384",
-    "trainer.noise_probe_every=8",
-    "arm=A,H,D",
-    "experiment.stop_when_decided=true",
-    "experiment.decide.margin=0.17",
-    "experiment.decide.looks=4",
-    "experiment.decide.segments=2",
-    "experiment.decide.poll_s=0.2",
-]
 
 
 def _sweep(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
