@@ -8,6 +8,9 @@ arms when the margin comes from them). At look k, with every run cut at t_k:
 - the margin is `margin` nats, or `margin_fraction` of the yardstick's spread over [skip, t_k];
 - each undecided pair gets its verdict at look k; the first look that decides a pair decides it
   for good (its decision: verdict, look, t_k, the mean gap over [skip, t_k] with its interval, δ).
+  "Equivalent" counts only from `equivalent_from` of the compared range on (0.5 by default): a
+  match over the first eighth of the budget says little about the rest, while a mismatch, once
+  seen, stays one. Declaring fewer verdicts never raises an error rate.
 
 The decisions depend only on the rows up to t_k, which no later step changes (a requeued arm logs
 the same rows again: resume is exact), so every arm, whenever it looks, and the analysis afterwards
@@ -71,6 +74,7 @@ class Declared:
     yardstick: list[tuple[str, str]]
     looks: Looks
     margin: Margin
+    equivalent_from: float = 0.0  # share of the compared range before which "equivalent" is not declared
 
     @classmethod
     def of(cls, manifest: dict[str, Any]) -> Declared:
@@ -82,6 +86,7 @@ class Declared:
             [tuple(p) for p in manifest.get("yardstick", [])],  # type: ignore[misc]
             Looks(int(d["looks"]), int(manifest.get("skip_tokens", 0)), budget, int(d["segments"])),
             Margin(float(d["margin"]), float(d["margin_fraction"]), float(d["alpha"])),
+            float(d.get("equivalent_from", 0.0)),
         )
 
     def needs_yardstick(self) -> bool:
@@ -149,9 +154,11 @@ def _decide(
     windows = [matched_windows(x.steps, y.steps) for x, y in runs]
     looks, alpha = declared.looks, declared.margin.alpha
     verdict = look_verdict(windows, delta, alpha, looks, k)
-    if verdict not in DECISIVE:
-        return None
     cut = looks.tokens(k)
+    if verdict not in DECISIVE or (
+        verdict == Verdict.EQUIVALENT and looks.fraction(cut) < declared.equivalent_from
+    ):
+        return None
     summary = combine(
         [
             robust_mean(w.gap, w.length)

@@ -75,10 +75,6 @@ def main() -> None:
             print(f"{rho:>4}  {method:<7} {ne / r:>20.3f} {cov / r:>16.3f} {eq / r:>20.3f}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def looks_table(reps: int) -> None:
     """The sequential verdict (analysis/sequential.py) against the naive rule (the fixed test at
     every look): false verdicts at K looks, and the budget a pair spends at the demo's noise."""
@@ -105,7 +101,8 @@ def looks_table(reps: int) -> None:
                 f"{eq[0] / reps:>18.3f} {eq[1] / reps:>6.3f}"
             )
     # The demo: 384 windows after the transient, paired noise 0.0287 with lag-1 autocorrelation
-    # 0.17, delta 0.026 (docs/verdict.md). Budget spent = the deciding look / K (1 if undecided).
+    # 0.17, delta 0.026 (docs/verdict.md). Budget spent = the deciding look / K (1 if undecided);
+    # "equivalent" from half the compared range on (experiment.decide.equivalent_from's default).
     demo_noise, demo_rho, demo_delta, windows = 0.0287, 0.17, 0.026, 384
     print(f"\nbudget spent (share of the compared range) at the demo's noise, {reps // 4} pairs per cell")
     print(f"{'gap':>8} {'K':>3}  {'spent':>6}  {'equivalent':>10} {'NOT eq.':>8} {'inconcl.':>8}")
@@ -113,7 +110,16 @@ def looks_table(reps: int) -> None:
         for looks in (4, 8, 16):
             rng = np.random.default_rng(7 + looks)
             got = [
-                sequential_trial(rng, gap * demo_delta, demo_delta, demo_rho, demo_noise, looks, windows)[0]
+                sequential_trial(
+                    rng,
+                    gap * demo_delta,
+                    demo_delta,
+                    demo_rho,
+                    demo_noise,
+                    looks,
+                    windows,
+                    equivalent_from=0.5,
+                )[0]
                 for _ in range(reps // 4)
             ]
             spent = np.mean([k / looks if v != "inconclusive" else 1.0 for v, k in got])
@@ -124,3 +130,7 @@ def looks_table(reps: int) -> None:
                 f"{gap:>6.1f}δ {looks:>3}  {spent:>6.2f}  {share['equivalent']:>10.2f} "
                 f"{share['not equivalent']:>8.2f} {share['inconclusive']:>8.2f}"
             )
+
+
+if __name__ == "__main__":
+    main()

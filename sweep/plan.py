@@ -324,6 +324,12 @@ def decide_problems(cfg: Config) -> list[str]:
     d = exp.decide
     checks = [
         ("looks", d.looks, d.looks >= 1, "at least 1 look"),
+        (
+            "equivalent_from",
+            d.equivalent_from,
+            0 <= d.equivalent_from <= 1,
+            "a share of the budget in [0, 1]",
+        ),
         ("segments", d.segments, d.segments >= 1, "at least 1 segment"),
         ("alpha", d.alpha, 0 < d.alpha < 0.5, "a level in (0, 0.5)"),
         ("margin", d.margin, d.margin >= 0, "0 (a fraction of the yardstick) or more nats"),

@@ -66,6 +66,10 @@ class DecideSpec:
     the manifest to reproduce every decision)."""
 
     looks: int = 8  # equally spaced token counts of the compared range at which each pair is judged
+    # "equivalent" is declared only once the range compared covers this share of the budget's
+    # (past the skip): a match over the first eighth says little about the rest; 0: at any look.
+    # "NOT equivalent" stands at any look: a mismatch once seen stays a mismatch.
+    equivalent_from: float = 0.5
     segments: int = 4
     alpha: float = 0.05
     margin: float = 0.0  # nats; 0 = margin_fraction x the yardstick's spread, measured at each look

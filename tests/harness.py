@@ -431,6 +431,7 @@ def sequential_trial(
     looks: int,
     windows: int = 512,
     segments: int = 4,
+    equivalent_from: float = 0.0,
 ) -> tuple[tuple[str, int], tuple[str, int]]:
     """One simulated pair (equal batches: a window per step; paired gap `gap` plus AR(1) noise of
     sd `noise`) looked at `looks` times: (verdict, look it came at) of the sequential rule and of
@@ -438,7 +439,7 @@ def sequential_trial(
     the last look reports that look."""
     from analysis.paired import Windows, in_range, segment_estimates
     from analysis.sequential import Looks, look_verdict
-    from analysis.verdict import verdict
+    from analysis.verdict import Verdict, verdict
 
     ends = (np.arange(windows) + 1) * 16 * SEQ
     w = Windows(ends - 16 * SEQ, ends, gap + ar1(rng, windows, rho, noise), np.zeros(windows))
@@ -447,6 +448,8 @@ def sequential_trial(
     for k in range(1, looks + 1):
         if "sequential" not in out:
             found = look_verdict([w], delta, 0.05, plan, k)
+            if found == "equivalent" and k / looks < equivalent_from:
+                found = Verdict.INCONCLUSIVE  # too early to call a match (decide.equivalent_from)
             if found != "inconclusive" or k == looks:
                 out["sequential"] = (str(found), k)
         if "naive" not in out:

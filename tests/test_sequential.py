@@ -52,7 +52,7 @@ def test_one_look_is_the_fixed_budget_verdict_on_the_budgets_segments():
         assert look_verdict([w], DELTA, ALPHA, Looks(1, 0, int(ends[-1])), 1) == fixed
 
 
-@pytest.mark.parametrize(("looks", "rho"), [(4, 0.0), (4, 0.5), (16, 0.9)])  # every cell: the benchmark
+@pytest.mark.parametrize(("looks", "rho"), [(4, 0.0), (8, 0.9), (16, 0.5)])  # every cell: the benchmark
 def test_looking_repeatedly_keeps_both_false_verdict_rates_at_alpha(looks, rho):
     """NOT equivalent when the curves are identical (a vanishing margin: the worst case) and
     equivalent when the true gap sits on the margin (one segment: the IU test's worst case), each
