@@ -17,7 +17,7 @@ import pytest
 
 from records.manifest import read_manifest
 from records.metrics import read_metrics
-from tests.harness import REPO, STOPPING, compose
+from tests.harness import REPO, STOPPING, compose, submitit_env, submitit_job_id
 from tests.wandb_standin import ENTITY, WandbStandin
 
 pytestmark = pytest.mark.e2e
@@ -125,6 +125,45 @@ def test_a_rerun_trains_nothing_and_a_decided_run_started_again_returns_at_once(
     assert cfg is not None and cfg.run_dir == run_dir
     assert train(cfg) == {"name": "D", "signature": cfg.signature, "decided": True}  # as a requeue would
     assert Path(run_dir, "metrics.jsonl").read_text() == before and _status(run_dir)["state"] == "decided"
+
+
+def _stage_rank(rank: int, job_id: str, cfg) -> None:
+    """One rank of an arm's job as SLURM would start it: the sweep's stage, which gives the trainer
+    its looks at the sweep's pairs."""
+    os.environ.update(submitit_env(rank, 2, job_id))
+    from sweep.stage import StageJob
+
+    StageJob("train", run=cfg)()
+
+
+def test_a_decision_stops_every_rank_of_a_ddp_arm_at_the_same_step(stopped, tmp_path):
+    """Arm A trained again as 2 gloo ranks (a fresh run dir, the sweep's rows as they are): its
+    first look finds its pairs decided by the rows on disk, rank 0 decides, and the step's
+    collective stops both ranks after the next step; the run is `decided` with every row once."""
+    from dataclasses import replace
+
+    import torch.multiprocessing as mp
+
+    from sweep.plan import build_plan
+
+    root, manifest = stopped
+    job = ["+experiment=sqrt_rule", *STOPPING[:-6], "arm=A", *STOPPING[-5:], f"sweep.root={root}"]
+    planned = next(j for j in build_plan([compose(job)], [job]).jobs if j.name == "A").stage.run
+    assert planned is not None
+    cfg = replace(planned, run_dir=str(tmp_path / "A-again"))
+    ctx, job_id = mp.get_context("spawn"), submitit_job_id()
+    procs = [ctx.Process(target=_stage_rank, args=(r, job_id, cfg)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    status = _status(cfg.run_dir)
+    first_look = 4096 + (65536 - 4096) // 4
+    assert status["state"] == "decided" and status["distributed"]["world"] == 2
+    steps = [r["step"] for r in read_metrics(cfg.run_dir) if "loss" in r]
+    assert steps == list(range(1, status["step"] + 1))
+    assert first_look <= status["tokens"] <= first_look + 2 * 512  # the look's step, then one more
 
 
 def test_stop_when_decided_is_refused_without_pairs_or_a_margin(tmp_path):
