@@ -206,19 +206,24 @@ class ArmLooks:
         derived = manifest["jobs"][name]["derived"]
         self.base, self.variant = str(derived.get("base") or name), str(derived.get("variant") or "")
         self.found = Looking()
-        self.last = -math.inf
+        self.last = -math.inf  # when the partners were last polled
+        self.tried = 0  # the furthest look this arm had reached when it last looked
 
     def due(self, tokens: int) -> bool:
-        """Whether to look now: the next look's tokens are logged here, and the partners have not
-        been polled in the last `poll_s` seconds."""
-        spent = self.found.spent
-        if spent >= self.declared.looks.looks or tokens < self.declared.looks.tokens(spent + 1):
+        """Whether to look now: this arm has logged the next look's tokens, and either it just got
+        there or the partners it waits for were last polled `poll_s` seconds ago or more."""
+        spent, looks = self.found.spent, self.declared.looks
+        if spent >= looks.looks or tokens < looks.tokens(spent + 1):
             return False
-        return time.monotonic() - self.last >= self.poll_s
+        reached = max(k for k in range(spent + 1, looks.looks + 1) if tokens >= looks.tokens(k))
+        return reached > self.tried or time.monotonic() - self.last >= self.poll_s
 
-    def look(self) -> bool:
-        """Take the looks the sweep's rows allow; whether this arm may stop now."""
+    def look(self, tokens: int) -> bool:
+        """Take the looks the sweep's rows allow (this arm having logged `tokens`); whether this
+        arm may stop now."""
         self.last = time.monotonic()
+        looks = self.declared.looks
+        self.tried = max([k for k in range(1, looks.looks + 1) if tokens >= looks.tokens(k)], default=0)
         self.found = sweep_looks(self.sweep_dir, {self.variant: self.found}).get(self.variant, self.found)
         return self.declared.stoppable(self.base, self.found)
 

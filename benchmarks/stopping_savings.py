@@ -3,10 +3,10 @@
     .venv/bin/python -m benchmarks.stopping_savings [--reps 400] [--looks 8] [--equivalent-from 0.5]
 
 The GPU-hours of each arm come from the seed study's dry run (`study=seed`, run here). The pairs'
-gaps, in margins, are the demo's pattern (`make demo`: A-H and J-B about a tenth of δ apart, the
-control A-D about 4δ), with the demo's per-window noise relative to δ (0.0287 against 0.026) and
-autocorrelation (0.17) over its 384 compared windows: that the seed resolves its pairs as finely
-as the demo does is the assumption. Per simulated study, each pair is decided at some look of the
+gaps, in margins, are the demo's pattern (`make demo`: A-H and J-B about 0.15 δ apart, the
+control A-D 6.4 δ), each with the demo's per-window noise relative to δ and autocorrelation over
+its 1536 compared windows: that the seed resolves its pairs as finely as the demo does is the
+assumption. Per simulated study, each pair is decided at some look of the
 sequential verdict ("equivalent" from half the range on unless --equivalent-from says otherwise);
 D stops at A-D's look, and A, H, J and B, whose spread sets the margin, at the last pair's look;
 the six other arms are in no declared pair and run their budget. An arm stops at its look's token
@@ -28,8 +28,11 @@ import numpy as np
 
 from tests.harness import REPO, sequential_trial
 
-PATTERN = {"A-H": 0.11, "J-B": 0.10, "A-D": 4.3}  # |gap| / δ in the demo's fixed-budget analysis
-NOISE, RHO, DELTA, WINDOWS = 0.0287, 0.17, 0.026, 384
+# Per pair as `make demo` measures it (training loss, the 1536 windows after the transient): |gap|
+# in margins, the gap's noise per window (its successive-difference estimate) and lag-1
+# autocorrelation. delta = 0.0263 nats.
+PATTERN = {"A-H": (0.15, 0.0114, 0.02), "J-B": (0.16, 0.0273, 0.06), "A-D": (6.4, 0.042, 0.45)}
+DELTA, WINDOWS = 0.0263, 1536
 WAITS_FOR_ALL = ("A", "H", "J", "B")  # the yardstick arms: needed until every pair is decided
 
 
@@ -63,9 +66,9 @@ def main() -> None:
     spent_hours, shares, verdicts = [], {a: [] for a in arms}, {p: [] for p in PATTERN}
     for _ in range(args.reps):
         looks = {}
-        for pair, gap in PATTERN.items():
+        for pair, (gap, noise, rho) in PATTERN.items():
             verdict, look = sequential_trial(
-                rng, gap * DELTA, DELTA, RHO, NOISE, args.looks, WINDOWS, equivalent_from=args.equivalent_from
+                rng, gap * DELTA, DELTA, rho, noise, args.looks, WINDOWS, equivalent_from=args.equivalent_from
             )[0]
             verdicts[pair].append(verdict)
             looks[pair] = look / args.looks if verdict != "inconclusive" else 1.0
@@ -83,7 +86,7 @@ def main() -> None:
     )
     for pair, got in verdicts.items():
         counts = {v: got.count(v) / len(got) for v in sorted(set(got))}
-        print(f"  {pair} ({PATTERN[pair]}δ): " + ", ".join(f"{v} {c:.0%}" for v, c in counts.items()))
+        print(f"  {pair} ({PATTERN[pair][0]}δ): " + ", ".join(f"{v} {c:.0%}" for v, c in counts.items()))
     print("  budget each arm runs: " + ", ".join(f"{a} {np.mean(s):.0%}" for a, s in shares.items()))
     pair_arms = ("A", "H", "J", "B", "D")
     in_pairs = sum(arms[a] for a in pair_arms)

@@ -4,6 +4,7 @@ pairs whose truth is known. Run by hand:
 
     .venv/bin/python -m benchmarks.verdict_calibration [--reps 2000] [--windows 512]
     .venv/bin/python -m benchmarks.verdict_calibration --looks   # K looks: sequential vs naive
+    .venv/bin/python -m benchmarks.verdict_calibration --budget  # the budget it spends at the demo's noise
 
 Per lag-1 autocorrelation of the step noise it prints, for each method: the share of 'NOT
 equivalent' verdicts when the curves are identical (should be <= alpha = 5%), the coverage of the
@@ -45,10 +46,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--reps", type=int, default=2000)
     parser.add_argument("--windows", type=int, default=500)  # a multiple of 20 bins and 4 segments
-    parser.add_argument("--looks", action="store_true", help="the sequential verdict's table instead")
+    parser.add_argument("--looks", action="store_true", help="the sequential verdict's tables instead")
+    parser.add_argument("--budget", action="store_true", help="only the budget the sequential verdict spends")
     args = parser.parse_args()
     if args.looks:
         looks_table(args.reps)
+        return
+    if args.budget:
+        budget_table(args.reps // 4)
         return
     n, noise, delta = args.windows, 0.03, 0.01
     print(f"{args.reps} pairs of {n} windows, per-window noise {noise}, margin {delta} nats, alpha {ALPHA}")
@@ -100,11 +105,19 @@ def looks_table(reps: int) -> None:
                 f"{rho:>4} {looks:>3}  {ne[0] / reps:>18.3f} {ne[1] / reps:>6.3f}  "
                 f"{eq[0] / reps:>18.3f} {eq[1] / reps:>6.3f}"
             )
-    # The demo: 384 windows after the transient, paired noise 0.0287 with lag-1 autocorrelation
-    # 0.17, delta 0.026 (docs/verdict.md). Budget spent = the deciding look / K (1 if undecided);
-    # "equivalent" from half the compared range on (experiment.decide.equivalent_from's default).
-    demo_noise, demo_rho, demo_delta, windows = 0.0287, 0.17, 0.026, 384
-    print(f"\nbudget spent (share of the compared range) at the demo's noise, {reps // 4} pairs per cell")
+    budget_table(reps // 4)
+
+
+def budget_table(reps: int) -> None:
+    """The budget a pair spends under the sequential verdict at the demo's noise."""
+    from tests.harness import sequential_trial
+
+    # The demo's J-B (the noisier of its matching pairs): 1536 windows after the transient, paired
+    # noise 0.028 per window with lag-1 autocorrelation 0.06, delta 0.0263. Budget spent = the
+    # deciding look / K (1 if undecided); "equivalent" from half the compared range on
+    # (experiment.decide.equivalent_from's default).
+    demo_noise, demo_rho, demo_delta, windows = 0.028, 0.06, 0.0263, 1536
+    print(f"\nbudget spent (share of the compared range) at the demo's noise, {reps} pairs per cell")
     print(f"{'gap':>8} {'K':>3}  {'spent':>6}  {'equivalent':>10} {'NOT eq.':>8} {'inconcl.':>8}")
     for gap in (0.0, 0.5, 1.0, 2.0, 10.0):
         for looks in (4, 8, 16):
@@ -120,7 +133,7 @@ def looks_table(reps: int) -> None:
                     windows,
                     equivalent_from=0.5,
                 )[0]
-                for _ in range(reps // 4)
+                for _ in range(reps)
             ]
             spent = np.mean([k / looks if v != "inconclusive" else 1.0 for v, k in got])
             share = {

@@ -75,7 +75,7 @@ class DecideSpec:
     margin: float = 0.0  # nats; 0 = margin_fraction x the yardstick's spread, measured at each look
     margin_fraction: float = 0.25
     keep: list[str] = field(default_factory=list)  # arms that run their budget whatever is decided
-    poll_s: float = 30.0  # an arm whose partner is behind looks again after this long
+    poll_s: float = 10.0  # an arm whose partner is behind looks again after this long
 
 
 @dataclass

@@ -138,8 +138,8 @@ def _stage_rank(rank: int, job_id: str, cfg) -> None:
 
 def test_a_decision_stops_every_rank_of_a_ddp_arm_at_the_same_step(stopped, tmp_path):
     """Arm A trained again as 2 gloo ranks (a fresh run dir, the sweep's rows as they are): its
-    first look finds its pairs decided by the rows on disk, rank 0 decides, and the step's
-    collective stops both ranks after the next step; the run is `decided` with every row once."""
+    first look finds its pairs decided by the rows on disk, rank 0 decides, and a step's collective
+    stops both ranks at the same step; the run is `decided` with every row once."""
     from dataclasses import replace
 
     import torch.multiprocessing as mp
@@ -163,7 +163,7 @@ def test_a_decision_stops_every_rank_of_a_ddp_arm_at_the_same_step(stopped, tmp_
     assert status["state"] == "decided" and status["distributed"]["world"] == 2
     steps = [r["step"] for r in read_metrics(cfg.run_dir) if "loss" in r]
     assert steps == list(range(1, status["step"] + 1))
-    assert first_look <= status["tokens"] <= first_look + 2 * 512  # the look's step, then one more
+    assert first_look < status["tokens"] < 65536  # the look runs beside the steps: some steps later
 
 
 def test_stop_when_decided_is_refused_without_pairs_or_a_margin(tmp_path):

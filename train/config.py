@@ -196,7 +196,7 @@ class StopRule:
     # The sweep whose manifest holds the looks, the verdict's options and the partners' run dirs;
     # "" = the arm runs its budget.
     sweep_dir: str = ""
-    poll_s: float = 30.0  # while a partner is behind, look again after this long
+    poll_s: float = 10.0  # while a partner is behind, look again after this long
 
 
 @dataclass

@@ -326,6 +326,23 @@ def train_step(
     )
 
 
+class Looking(threading.Thread):
+    """One look at an arm's pairs, in the background (a daemon: an arm that ends mid-look does
+    not wait for it); `decided` and `error` once it has ended."""
+
+    def __init__(self, decisions: Decisions, tokens: int) -> None:
+        super().__init__(daemon=True, name="look")
+        self.decisions, self.tokens = decisions, tokens
+        self.decided, self.error = False, ""
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.decided = self.decisions.look(self.tokens)
+        except Exception as exc:  # reported by the loop, which goes on training
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
 class Decisions(Protocol):
     """The looks of an arm that stops once its pairs are decided (experiment.stop_when_decided):
     the sweep provides them (analysis/stopping.py); training only asks, on rank 0, when to look,
@@ -333,7 +350,7 @@ class Decisions(Protocol):
 
     def due(self, tokens: int) -> bool: ...
 
-    def look(self) -> bool: ...
+    def look(self, tokens: int) -> bool: ...
 
     def record(self) -> dict[str, Any]: ...
 
@@ -436,6 +453,7 @@ class Trainer:
         self.previous_val: list[float] = []
         self.meter = Meter(self)
         self.looks = decisions if self.log is not None else None  # rank 0 looks
+        self.looking: Looking | None = None  # a look in progress
         self.decided = False  # rank 0 found the arm's pairs decided: every rank stops after the next step
 
     # --- Phase 1: refuse what cannot work before any step is taken.
@@ -629,14 +647,26 @@ class Trainer:
             self.log.log({k: v for k, v in row.items() if v is not None})
         self.log.update(step=done, tokens=state.tokens, loss=result.loss, tokens_per_s=tokens_per_s)
         self.meter.show(plan.tokens_per_step, result.loss)
-        if self.looks is not None and not self.decided and self.looks.due(state.tokens):
+        if self.looks is not None and not self.decided:
             self.look()
 
-    # --- Phase 6b: the sequential verdict's looks (experiment.stop_when_decided; rank 0). The
-    # decision stops every rank after the next step, through that step's collective.
+    # --- Phase 6b: the sequential verdict's looks (experiment.stop_when_decided; rank 0), on a
+    # thread: a look reads every partner's rows, which must not stall the steps. A decision stops
+    # every rank after the next step, through that step's collective.
     def look(self) -> None:
         assert self.log is not None and self.looks is not None
-        self.decided = self.looks.look()
+        looking = self.looking
+        if looking is None:
+            if self.looks.due(self.state.tokens):
+                self.looking = Looking(self.looks, self.state.tokens)
+            return
+        if looking.is_alive():
+            return
+        self.looking = None
+        if looking.error:  # a torn file, a partner's run dir gone: this look decides nothing
+            print(f"{self.cfg.name}: a look at its pairs failed ({looking.error}); trying again", flush=True)
+            return
+        self.decided = looking.decided
         self.log.update(force=True, decision=self.looks.record())
         self.log.summary(self.looks.summary())
         if self.decided:
