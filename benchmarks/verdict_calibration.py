@@ -91,7 +91,7 @@ def looks_table(reps: int) -> None:
         f"{'rho':>4} {'K':>3}  {'NOT eq. at 0: seq':>18} {'naive':>6}  {'eq. at delta: seq':>18} {'naive':>6}"
     )
     for rho in (0.0, 0.5, 0.9):
-        for looks in (1, 4, 16):
+        for looks in (1, 4, 8, 16):
             rng = np.random.default_rng(1000 + int(rho * 10) * 100 + looks)
             ne, eq = [0, 0], [0, 0]
             for _ in range(reps):
