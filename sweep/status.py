@@ -89,7 +89,9 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "val loss": f"{status['val_loss']:.4f}" if status.get("val_loss") is not None else "",
                 "tok/s": f"{status['tokens_per_s']:.0f}" if status.get("tokens_per_s") else "",
                 "eta": _duration(_eta(status, budget)) if running else "",
-                "note": "; ".join(n for n in (state.reason, _branch_note(manifest, job)) if n),
+                "note": "; ".join(
+                    n for n in (state.reason, _branch_note(manifest, job), _decided_note(job, status)) if n
+                ),
                 "replicate": job.get("derived", {}).get("replicate", ""),
                 "requeues": (status.get("launch") or {}).get("restarts", ""),
                 "wandb": _wandb(Path(job["run_dir"]), status) if job["kind"] != "prepare" else "",
@@ -97,6 +99,17 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _decided_note(job: dict[str, Any], status: dict[str, Any]) -> str:
+    """For an arm that stopped once decided: the decisions of the pairs it belongs to."""
+    if status.get("state") != RunState.DECIDED:
+        return ""
+    base = job.get("derived", {}).get("base") or ""
+    pairs = ((status.get("decision") or {}).get("pairs")) or {}
+    return "; ".join(
+        f"{pair} {d['verdict']}, look {d['look']}" for pair, d in pairs.items() if base in pair.split("-")
+    )
 
 
 def render(rows: list[dict[str, Any]], wide: bool) -> str:

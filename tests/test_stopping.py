@@ -87,6 +87,7 @@ def test_status_shows_the_decisions_and_what_stopping_saved(stopped):
     )
     assert out.returncode == 0, out.stderr
     assert "decided" in out.stdout and "A-D: not equivalent at look" in out.stdout
+    assert "A-D not equivalent, look" in out.stdout  # the control's row says what decided it
     assert "A-H: equivalent at look" in out.stdout and "stopping saved" in out.stdout
 
 
