@@ -584,6 +584,14 @@ def arm_table(plan: SweepPlan) -> str:
         f"{a.name}: the same run as {a.row['same_as']} (signature {a.signature}): run once, shown under both"
         for a in plan.aliases
     ]
+    if plan.decide:
+        stops = [j.name for j in plan.arms if j.stage.run is not None and j.stage.run.stop.sweep_dir]
+        runs_on = [j.name for j in plan.arms if j.name not in stops]
+        notes.append(
+            f"stop_when_decided: {', '.join(stops) or 'no arm'} stop once their pairs are decided "
+            f"({plan.decide['looks']} looks)"
+            + (f"; {', '.join(runs_on)} run their budget (in no declared pair, or kept)" if runs_on else "")
+        )
     res = plan.resources
     if not res.gpus_per_node:
         return "\n".join([format_table(rows, ARM_COLUMNS), *notes])

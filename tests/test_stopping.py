@@ -167,7 +167,10 @@ def test_a_decision_stops_every_rank_of_a_ddp_arm_at_the_same_step(stopped, tmp_
     assert first_look < status["tokens"] < 65536  # the look runs beside the steps: some steps later
 
 
-def test_stop_when_decided_is_refused_without_pairs_or_a_margin(tmp_path):
+def test_the_dry_run_says_which_arms_stop_and_bad_options_are_refused(tmp_path):
+    out = _sweep(tmp_path, "arm=A,H,D,G", "sweep.dry_run=true")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stop_when_decided: A, H, D stop once their pairs are decided (4 looks); G run" in out.stdout
     out = _sweep(tmp_path, "experiment.pairs=[]", "experiment.controls=[]", "sweep.dry_run=true")
     assert out.returncode != 0 and "declares no pairs, so nothing is decided" in out.stdout + out.stderr
     out = _sweep(tmp_path, "experiment.decide.looks=0", "sweep.dry_run=true")
