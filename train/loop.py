@@ -326,7 +326,7 @@ def train_step(
     )
 
 
-class Looking(threading.Thread):
+class LookThread(threading.Thread):
     """One look at an arm's pairs, in the background (a daemon: an arm that ends mid-look does
     not wait for it); `decided` and `error` once it has ended."""
 
@@ -453,7 +453,7 @@ class Trainer:
         self.previous_val: list[float] = []
         self.meter = Meter(self)
         self.looks = decisions if self.log is not None else None  # rank 0 looks
-        self.looking: Looking | None = None  # a look in progress
+        self.looking: LookThread | None = None  # a look in progress
         self.decided = False  # rank 0 found the arm's pairs decided: every rank stops after the next step
 
     # --- Phase 1: refuse what cannot work before any step is taken.
@@ -658,7 +658,7 @@ class Trainer:
         looking = self.looking
         if looking is None:
             if self.looks.due(self.state.tokens):
-                self.looking = Looking(self.looks, self.state.tokens)
+                self.looking = LookThread(self.looks, self.state.tokens)
             return
         if looking.is_alive():
             return
