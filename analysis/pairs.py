@@ -51,7 +51,7 @@ from analysis.robust import Estimate, robust_mean
 from analysis.verdict import combine, reach, verdict
 
 
-def _replicate_pairs(arms: dict[str, Arm], a: str, b: str, variant: str = "") -> list[tuple[Arm, Arm]]:
+def replicate_pairs(arms: dict[str, Arm], a: str, b: str, variant: str = "") -> list[tuple[Arm, Arm]]:
     """(run of a, run of b) per data-order replicate both have, in the sweep `variant` (the other
     overrides the sweep varies, e.g. experiment.ratio=16); `a`, `b` name arms or runs."""
 
@@ -182,7 +182,7 @@ def yardstick_spreads(arms: dict[str, Arm], yardstick: list[list[str]], spec: Bi
     for variant in sorted({arm.variant for arm in arms.values()}):
         gaps, missing = {}, []
         for x, y in yardstick:
-            runs = _replicate_pairs(arms, x, y, variant)
+            runs = replicate_pairs(arms, x, y, variant)
             # A diverged or failed arm's loss is no operating point: it would set the margin by its blow-up.
             bad = sorted({f"{r.base} {r.state}" for a, b in runs for r in (a, b) if r.state in UNUSABLE})
             bad += [apart] if (apart := _branch_apart(runs)) else []
@@ -211,7 +211,8 @@ def _branch_apart(runs: list[tuple[Arm, Arm]]) -> str:
     return ""
 
 
-def _pair_name(pair: list[str], variant: str) -> str:
+def pair_name(pair: list[str] | tuple[str, str], variant: str = "") -> str:
+    """A pair as the tables name it: `A-H`, or `A-H[experiment.ratio=16]` in a sweep variant."""
     return "-".join(pair) + (f"[{variant}]" if variant else "")
 
 
@@ -230,8 +231,8 @@ def pair_rows(
     rows, details, skipped = [], [], []
     variants = sorted({arm.variant for arm in arms.values()})
     for (a, b), variant in ((p, v) for p in pairs for v in variants):
-        name = _pair_name([a, b], variant)
-        runs = _replicate_pairs(arms, a, b, variant)
+        name = pair_name([a, b], variant)
+        runs = replicate_pairs(arms, a, b, variant)
         if not runs:
             why, everywhere = _no_runs(arms, a, b, variant)
             skipped.append(f"{f'{a}-{b}' if everywhere else name}: not compared: {why}")

@@ -24,7 +24,7 @@ from analysis import plots as plot
 from analysis.arms import REGIME_EDGES, arm_context, arms_of, curve_bins
 from analysis.collect import ArmRows, long_table, run_dir_arms
 from analysis.options import BinSpec, Margin
-from analysis.pairs import Spread, pair_rows, ranking, yardstick_spreads
+from analysis.pairs import Spread, pair_name, pair_rows, ranking, yardstick_spreads
 from analysis.verdict import verdict_line
 from records.atomic import write_json_atomic
 from records.manifest import read_manifest
@@ -87,7 +87,7 @@ class Comparison:
     # The sequential verdict's decisions (experiment.stop_when_decided), by pair name, and its looks.
     decided: dict[str, dict[str, Any]] = field(default_factory=dict)
     looks: int = 0
-    run_pairs: list[str] = field(default_factory=list)  # the pairs (with variant) the looks judged
+    run_pairs: list[str] = field(default_factory=list)  # the pairs (as named in the tables) the looks judged
 
     @property
     def compared(self) -> list[list[str]]:
@@ -509,20 +509,15 @@ def sequential_text(cmp: Comparison) -> list[str]:
         "ran on) into their own segments, so they can differ where a segment straddles the decision:",
         "",
     ]
-    for pair in cmp.compared:
-        name = "-".join(pair)
-        if not any(name in (p, p.split("[")[0]) for p in cmp.run_pairs):
-            continue  # not compared (an arm did not run): said above
-        for key, d in sorted(cmp.decided.items()):
-            if key == name or key.startswith(name + "["):
-                text += [
-                    f"- {key}: {d['verdict']} at look {d['look']}/{cmp.looks} ({d['tokens']:,} tokens), "
-                    f"mean gap {d['mean_gap']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}], "
-                    f"δ {d['delta']:.3g}; the fixed-budget test on the same range and segments: "
-                    f"{d['fixed']}"
-                ]
-        if not any(k == name or k.startswith(name + "[") for k in cmp.decided):
-            text += [f"- {name}: undecided at the looks taken"]
+    for name in cmp.run_pairs:  # the pairs both of whose arms ran (the others are named above)
+        d = cmp.decided.get(name)
+        text += [
+            f"- {name}: {d['verdict']} at look {d['look']}/{cmp.looks} ({d['tokens']:,} tokens), "
+            f"mean gap {d['mean_gap']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}], "
+            f"δ {d['delta']:.3g}; the fixed-budget test on the same range and segments: {d['fixed']}"
+            if d
+            else f"- {name}: undecided at the looks taken"
+        ]
     return [*text, ""]
 
 
@@ -570,16 +565,12 @@ def analyze(sweep_dir: str | Path, cmp: Comparison | None = None, out: Path | No
         from analysis.stopping import sweep_looks
 
         full.looks = int(manifest["decide"]["looks"])
-        full.decided = {
-            f"{pair}[{variant}]" if variant else pair: asdict(d)
-            for variant, found_ in sweep_looks(sweep_dir).items()
-            for pair, d in found_.decided.items()
-        }
-        full.run_pairs = [
-            f"{'-'.join(p)}[{variant}]" if variant else "-".join(p)
-            for variant, found_ in sweep_looks(sweep_dir).items()
-            for p in found_.judged
-        ]
+        for variant, looked in sweep_looks(sweep_dir).items():
+            for pair in looked.judged:
+                name = pair_name(pair, variant)
+                full.run_pairs.append(name)
+                if (d := looked.decided.get(pair_name(pair))) is not None:
+                    full.decided[name] = asdict(d)
     # The arms the experiment defines (the manifest records them; older ones: those of its pairs),
     # and the runs of this sweep by name.
     declared = [*manifest.get("pairs", []), *manifest.get("controls", []), *manifest.get("yardstick", [])]

@@ -2,7 +2,7 @@
 
 A pair looked at after every validation with the fixed-budget test would be called "NOT
 equivalent" (or "equivalent") by chance far more often than alpha: every look is another chance.
-Here a sweep declares K looks in advance (`experiment.looks`) at equally spaced token counts of the
+Here a sweep declares K looks in advance (`experiment.decide.looks`) at equally spaced token counts of the
 compared range, t_k = skip + k/K (budget - skip), and at look k every test of the fixed-budget
 verdict (analysis/verdict.py) runs at a *nominal* level p_k in place of its level: the levels
 of a one-sided group-sequential boundary whose crossing probabilities spend the test's level a over
@@ -21,8 +21,8 @@ score on a grid, one look at a time), and p_k = 1 - Phi(c_k). With K = 1, p_1 = 
 fixed-budget verdict. The Student-t intervals then use p_k as their level (each segment's own
 degrees of freedom), so:
 
-- **equivalent at look k**: every segment's (1 - 2 p_k(alpha)) interval over [skip, t_k] lies
-  inside +-delta (the two one-sided tests, each spending alpha over the looks);
+- **equivalent at look k**: every segment seen by t_k has its (1 - 2 p(alpha)) interval inside
+  +-delta (the two one-sided tests, each spending alpha over the looks);
 - **NOT equivalent at look k**: some segment's interval at one-sided level p_k(alpha / 2S) lies
   outside +-delta (S segments, both sides: Bonferroni as in the fixed verdict, each side of each
   segment spending alpha / 2S over the looks).
@@ -35,9 +35,10 @@ re-estimation); and the spending is over *pre-declared token counts*, which ever
 reaches whatever its speed, so two arms (and the analysis afterwards) compute the same decision from
 the same rows. Confidence sequences were the alternative: valid at every step, but wider at any
 fixed budget and resting on i.i.d. (sub-Gaussian) increments that an autocorrelated gap does not
-have. The segments' estimates are not exactly the canonical Brownian statistic (each look cuts
-[skip, t_k] into S fresh segments, and the SE is estimated): tests/test_sequential.py checks the
-error rates by simulation, and docs/verdict.md gives the table.
+have. The segments are the budget's, fixed before any data (`Looks`), so each segment's estimate
+grows as a cumulative mean over the looks that see it and its tests spend over those looks; the
+estimates are still not exactly the canonical Brownian statistic (the SE is estimated):
+tests/test_sequential.py checks the error rates by simulation, and docs/verdict.md gives the table.
 
 An early "equivalent" is a claim about [skip, t_k]: the curves matched within +-delta over every
 segment of what was run. A pair stopped there says nothing about the budget past t_k.

@@ -32,7 +32,7 @@ from analysis.arms import Arm, arms_of
 from analysis.collect import long_table, run_dir_arms
 from analysis.options import BinSpec, Margin
 from analysis.paired import in_range, matched_windows
-from analysis.pairs import _replicate_pairs, yardstick_spreads
+from analysis.pairs import pair_name, replicate_pairs, yardstick_spreads
 from analysis.robust import robust_mean
 from analysis.sequential import Looks, look_verdict, verdict_at
 from analysis.verdict import Verdict, combine
@@ -80,10 +80,10 @@ class Declared:
     def of(cls, manifest: dict[str, Any]) -> Declared:
         d = manifest["decide"]
         budget = int(d["budget"])
-        pairs = [tuple(p) for p in [*manifest.get("pairs", []), *manifest.get("controls", [])]]
+        pairs = [(str(a), str(b)) for a, b in [*manifest.get("pairs", []), *manifest.get("controls", [])]]
         return cls(
-            list(dict.fromkeys(pairs)),  # type: ignore[arg-type]
-            [tuple(p) for p in manifest.get("yardstick", [])],  # type: ignore[misc]
+            list(dict.fromkeys(pairs)),
+            [(str(a), str(b)) for a, b in manifest.get("yardstick", [])],
             Looks(int(d["looks"]), int(manifest.get("skip_tokens", 0)), budget, int(d["segments"])),
             Margin(float(d["margin"]), float(d["margin_fraction"]), float(d["alpha"])),
             float(d.get("equivalent_from", 0.0)),
@@ -103,10 +103,6 @@ class Declared:
             return False
         wanted = found.judged if in_yardstick else mine
         return all(pair_name(p) in found.decided for p in wanted)
-
-
-def pair_name(pair: tuple[str, str]) -> str:
-    return "-".join(pair)
 
 
 def take_looks(
@@ -148,7 +144,7 @@ def _reached(run: Arm) -> int:
 def _decide(
     arms: dict[str, Arm], pair: tuple[str, str], variant: str, delta: float, declared: Declared, k: int
 ) -> Decision | None:
-    runs = _replicate_pairs(arms, *pair, variant)
+    runs = replicate_pairs(arms, *pair, variant)
     if not runs or not (math.isfinite(delta) and delta > 0):
         return None
     windows = [matched_windows(x.steps, y.steps) for x, y in runs]

@@ -63,9 +63,8 @@ class SweepPlan:
     skip_tokens: int = 0  # the experiment's branch transient: the analysis's default skip
     controls: list[list[str]] = field(default_factory=list)  # pairs that must not match
     yardstick: list[list[str]] = field(default_factory=list)  # the pairs whose spread sets the margin
-    decide: dict[str, Any] = field(
-        default_factory=dict
-    )  # the sequential verdict's options; {}: arms run their budget
+    # the sequential verdict's options (experiment.decide and the budget); {}: arms run their budget
+    decide: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arms(self) -> list[Job]:

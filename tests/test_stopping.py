@@ -18,7 +18,7 @@ import pytest
 from records.manifest import read_manifest
 from records.metrics import read_metrics
 from tests.harness import REPO, STOPPING, compose, submitit_env, submitit_job_id
-from tests.wandb_standin import ENTITY, WandbStandin
+from tests.wandb_standin import synced
 
 pytestmark = pytest.mark.e2e
 
@@ -98,14 +98,7 @@ def test_each_arms_wandb_run_holds_its_pairs_decisions(stopped):
     run_dir = Path(manifest["jobs"]["D"]["run_dir"])
     recorded = _status(str(run_dir))["decision"]["pairs"]["A-D"]
     offline = list((run_dir / "wandb").glob("offline-run-*"))
-    with WandbStandin() as standin:
-        env = {**os.environ, "WANDB_BASE_URL": standin.base_url, "WANDB_API_KEY": "standin-key-" + "0" * 40}
-        sync = [str(Path(sys.executable).parent / "wandb"), "sync", "--entity", ENTITY]
-        out = subprocess.run(
-            [*sync, "--project", standin.project, *map(str, offline)], env=env, capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        summary = standin.runs[manifest["jobs"]["D"]["signature"]].summary
+    summary = synced(offline)[manifest["jobs"]["D"]["signature"]].summary
     assert summary["verdict/A-D"] == "not equivalent" == recorded["verdict"]
     assert summary["gap/A-D"] == pytest.approx(recorded["mean_gap"], rel=1e-12)
     assert summary["ci_low/A-D"] < summary["gap/A-D"] < summary["ci_high/A-D"]

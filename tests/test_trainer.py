@@ -28,7 +28,7 @@ from tests.harness import (
     trace,
     wait_for_rows,
 )
-from tests.wandb_standin import ENTITY, WandbStandin, offline_history
+from tests.wandb_standin import offline_history, synced
 from train.checkpoint import load_latest_checkpoint
 from train.config import OptimizerConfig, WandbConfig
 
@@ -326,15 +326,8 @@ def test_a_resumed_offline_run_syncs_as_one_continuous_wandb_run(prepared_data, 
     assert code == 0, err[-3000:]
     logged = rows(tmp_path / "run")
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    with WandbStandin() as standin:
-        env = {**os.environ, "WANDB_BASE_URL": standin.base_url, "WANDB_API_KEY": "standin-key-" + "0" * 40}
-        sync = [str(Path(sys.executable).parent / "wandb"), "sync", "--entity", ENTITY]
-        out = subprocess.run(
-            [*sync, "--project", standin.project, *map(str, offline)], env=env, capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        history = list(standin.runs[cfg.signature].rows)
-        placement = standin.runs[cfg.signature].config["distributed"]
+    run = synced(offline)[cfg.signature]
+    history, placement = list(run.rows), run.config["distributed"]
     assert placement == {"world": 1, "hosts": 1, "backend": None, "reason": ""}  # as status.json has it
     assert [h["_step"] for h in history] == list(range(13))
     assert [(h["step"], h["tokens"], h["loss"]) for h in history[1:]] == [

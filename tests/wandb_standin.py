@@ -381,3 +381,19 @@ def offline_history(path: str | Path) -> list[dict[str, Any]]:
             items = parsed.history.item
             rows.append({(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in items})
     return rows
+
+
+def synced(offline: list[Path]) -> dict[str, StandinRun]:
+    """`wandb sync` (the real client) of offline run dirs to a fresh stand-in: the runs it holds."""
+    import os
+    import subprocess
+    import sys
+
+    with WandbStandin() as standin:
+        env = {**os.environ, "WANDB_BASE_URL": standin.base_url, "WANDB_API_KEY": "standin-key-" + "0" * 40}
+        sync = [str(Path(sys.executable).parent / "wandb"), "sync", "--entity", ENTITY]
+        out = subprocess.run(
+            [*sync, "--project", standin.project, *map(str, offline)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return dict(standin.runs)

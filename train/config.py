@@ -190,8 +190,9 @@ class TrainerConfig:
 @dataclass
 class StopRule:
     """When an arm stops itself (`experiment.stop_when_decided`): once every pair it belongs to is
-    decided by the sequential verdict (analysis/sequential.py) at one of `looks` looks, and no other
-    pair needs it. Out of the run's identity: a stopped arm is a prefix of the same run."""
+    decided by the sequential verdict (analysis/sequential.py) at one of the looks the sweep's
+    manifest declares, and no other pair needs it. Out of the run's identity: a stopped arm is a
+    prefix of the same run."""
 
     # The sweep whose manifest holds the looks, the verdict's options and the partners' run dirs;
     # "" = the arm runs its budget.
