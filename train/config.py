@@ -129,6 +129,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
 WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+LOSS_KERNELS = ("chunked", "fused", "liger")  # trainer.loss_kernel (train/model.py TokenLoss)
 
 
 @dataclass
@@ -176,6 +177,10 @@ class TrainerConfig:
     device: str = "auto"  # auto: a GPU per local rank where there are GPUs, else the CPU; cpu: the CPU
     fused_adamw: bool = True  # AdamW's fused CUDA kernel; false: its foreach implementation
     loss_chunk_tokens: int = 0  # >0: LM head + loss over this many tokens at a time (152k vocabularies)
+    # how the LM head + loss run (train/model.py TokenLoss): chunked (each chunk recomputed in
+    # backward; with loss_chunk_tokens=0 the plain loss) | fused (gradients formed in the forward,
+    # nothing recomputed: train/fused_loss.py) | liger (Liger-Kernel, CUDA)
+    loss_kernel: str = "chunked"
     noise_scale_decay: float = 0.95  # EMA decay of the B_simple estimates
     # steps with one batch size (one process, no accumulation) measure B_simple with a probe, one
     # extra forward/backward every this many steps (its cost: 1/this of the run); 0 = never
@@ -318,11 +323,12 @@ class RunConfig:
                 "per-example statistics with invariant_adam need trainer.micro_batch_size=1: its units "
                 "are micro-batches, the statistics' are sequences"
             )
-        if self.per_example and t.loss_chunk_tokens > 0 and several:
+        if self.per_example and (t.loss_chunk_tokens > 0 or t.loss_kernel != "chunked") and several:
             problems.append(
                 f"{what} with micro-batches of several sequences runs through torch.func, which "
-                "cannot recompute the chunked loss: set trainer.loss_chunk_tokens=0 or "
-                "trainer.micro_batch_size=1 (one sequence per micro-batch needs no vmap)"
+                f"cannot differentiate the chunked or fused loss: set trainer.loss_chunk_tokens=0 and "
+                "trainer.loss_kernel=chunked, or trainer.micro_batch_size=1 (one sequence per "
+                "micro-batch needs no vmap)"
             )
         if problems:
             raise InvalidRun(problems)
@@ -373,6 +379,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.attn_implementation", _one_of(ATTENTION), f"one of {', '.join(ATTENTION)}"),
     ("trainer.device", _one_of(("auto", "cpu")), "auto or cpu"),
     ("trainer.loss_chunk_tokens", _at_least(0), "0 (no chunking) or more tokens"),
+    ("trainer.loss_kernel", _one_of(LOSS_KERNELS), f"one of {', '.join(LOSS_KERNELS)}"),
     ("trainer.noise_scale_decay", lambda v: 0 <= v < 1, "an EMA decay in [0, 1)"),
     ("trainer.noise_probe_every", lambda v: v >= 0, ">= 0 steps (0: no probe)"),
     ("trainer.peak_flops", _at_least(0), "0 (from the GPU's name) or more"),

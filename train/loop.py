@@ -518,7 +518,7 @@ class Trainer:
 
     def wrap(self) -> Network:
         cfg, where = self.cfg, self.where
-        loss = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens)
+        loss = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens, cfg.trainer.loss_kernel)
         net: torch.nn.Module = loss
         local_norm = LocalGradNorm(where.device)
         if where.ddp:

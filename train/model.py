@@ -10,7 +10,8 @@ import transformers
 from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from train.config import ModelConfig
+from train.config import LOSS_KERNELS, ModelConfig
+from train.fused_loss import fused_linear_cross_entropy
 
 
 def qwen2_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Qwen2Config:
@@ -72,23 +73,37 @@ class TokenLoss(torch.nn.Module):
     Sums (not means) let accumulation and DDP average over tokens exactly as one large batch would.
     The loss lives inside `forward` so that DDP (and torch.compile) wrap the whole computation.
 
-    With `chunk_tokens` > 0 the LM head and cross-entropy run over that many tokens at a time, each
-    chunk recomputed in backward: only one chunk's logits are ever alive, which is what makes a
-    152k-token vocabulary fit (full fp32 logits of 8 x 2048 tokens alone take 10 GB).
+    `kernel` (`trainer.loss_kernel`) and `chunk_tokens` (`trainer.loss_chunk_tokens`) choose how
+    the LM head and the loss run:
+    - `chunked`: with `chunk_tokens` > 0 over that many tokens at a time, each chunk recomputed in
+      backward, so only one chunk's logits are ever alive (full fp32 logits of 8 x 2048 tokens of
+      a 152k vocabulary take 10 GB); with 0, the plain full loss.
+    - `fused`: the same chunks, each head matmul done once, its gradients formed in the forward
+      (train/fused_loss.py): no recompute.
+    - `liger`: Liger-Kernel's fused linear cross-entropy (CUDA, where liger-kernel is installed).
     """
 
-    def __init__(self, lm: Qwen2ForCausalLM, chunk_tokens: int = 0) -> None:
+    def __init__(self, lm: Qwen2ForCausalLM, chunk_tokens: int = 0, kernel: str = "chunked") -> None:
         super().__init__()
+        if kernel not in LOSS_KERNELS:
+            raise ValueError(f"trainer.loss_kernel={kernel!r}: expected one of {', '.join(LOSS_KERNELS)}")
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.kernel = kernel
+        self.liger = _liger_loss() if kernel == "liger" else None
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         inputs, targets = window[:, :-1], window[:, 1:].reshape(-1)
-        if self.chunk_tokens <= 0:
+        if self.kernel == "chunked" and self.chunk_tokens <= 0:
             logits = self.lm(input_ids=inputs).logits
             return _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets)
         hidden = self.lm.model(input_ids=inputs).last_hidden_state
         hidden = hidden.reshape(-1, hidden.size(-1))
+        if self.kernel == "fused":
+            return fused_linear_cross_entropy(hidden, self.lm.lm_head, targets, self.chunk_tokens)
+        if self.liger is not None:
+            head = self.lm.lm_head
+            return self.liger(head.weight, hidden, targets, head.bias).float()
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.size(0), self.chunk_tokens):
             part = checkpoint(
@@ -119,6 +134,19 @@ class TokenLoss(torch.nn.Module):
 
     def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return _cross_entropy_sum(self.lm.lm_head(hidden), targets)
+
+
+def _liger_loss() -> torch.nn.Module:
+    """Liger-Kernel's fused linear cross-entropy, summed over tokens; a clear error where it cannot run."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError(
+            "trainer.loss_kernel=liger needs the liger-kernel package (and CUDA): install it or "
+            "use trainer.loss_kernel=fused"
+        ) from exc
+    loss: torch.nn.Module = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return loss
 
 
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
