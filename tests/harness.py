@@ -17,6 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -205,6 +208,68 @@ def trace(run_dir: Path) -> list[tuple]:
     return train + [(r["step"], r["val_loss"]) for r in rows(run_dir, "val_loss")]
 
 
+# -- host reads: what would stall a GPU until its queue drains -------------------------------
+
+# Tensor methods that hand a value to Python (each waits for the device on a GPU), and the
+# constructors that copy Python data to a device.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@contextmanager
+def counting_host_reads(on_host: Callable[[object], bool] = lambda t: False) -> Iterator[Counter[str]]:
+    """Counts, while active, every Python-level read of a tensor's value to the host, every tensor
+    made from Python data (`torch.tensor`, `new_tensor`, `as_tensor`: a copy to the device) and
+    every blocking `.to(<another device>)`. On a CPU none of them costs anything, which is why they are
+    counted rather than timed: each is a host-device sync where the step runs on a GPU. `on_host`
+    names tensors that stay on the host on a GPU too (reading them is free): see `optimizer_steps`."""
+    import torch
+
+    counts: Counter[str] = Counter()
+
+    def counted(name: str, fn: Callable) -> Callable:  # type: ignore[type-arg]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if not (args and on_host(args[0])):
+                counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def blocking_to(fn: Callable) -> Callable:  # type: ignore[type-arg]
+        def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            targets = [a for a in (*args, kwargs.get("device")) if isinstance(a, str | torch.device)]
+            moves = any(torch.device(t).type != self.device.type for t in targets)
+            if moves and not kwargs.get("non_blocking", False):
+                counts["to(device)"] += 1
+            return fn(self, *args, **kwargs)
+
+        return wrapper
+
+    saved = {name: getattr(torch.Tensor, name) for name in (*HOST_READS, "new_tensor", "to")}
+    makers = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+    try:
+        for name in (*HOST_READS, "new_tensor"):
+            setattr(torch.Tensor, name, counted(name, saved[name]))
+        torch.Tensor.to = blocking_to(saved["to"])  # type: ignore[method-assign]
+        for name, fn in makers.items():
+            setattr(torch, name, counted(f"torch.{name}", fn))
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        for name, fn in makers.items():
+            setattr(torch, name, fn)
+
+
+def optimizer_steps(optimizer: object) -> Callable[[object], bool]:
+    """Whether a tensor is one of `optimizer`'s step counts: torch's Adam keeps them on the host
+    (unless fused or capturable, and then reads none), so its `.item()` of them costs no sync."""
+
+    def is_step(t: object) -> bool:
+        return any(t is s.get("step") for s in optimizer.state.values())  # type: ignore[attr-defined]
+
+    return is_step
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -216,6 +281,7 @@ def ddp_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path) -> N
     import torch
     import torch.distributed as dist
 
+    import train.loop as loop
     from train.batching import plan_batches
     from train.data import TokenStream, load_split
     from train.loop import accumulate_gradients, train
@@ -242,7 +308,21 @@ def ddp_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path) -> N
     accumulate_gradients(net, batch, plan, world > 1, lambda: torch.autocast("cpu", enabled=False))
     if rank == 0:
         torch.save({n: p.grad for n, p in lm.named_parameters()}, out)
+    # Every step of `train(cfg)` counted for host reads (tests/test_step_syncs.py asserts none).
+    reads: Counter[str] = Counter()
+
+    def launch_counted(network, state, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not state.optimizer.state:  # the first step makes the optimizer's state: not counted
+            return launch(network, state, *args, **kwargs)
+        with counting_host_reads(optimizer_steps(state.optimizer)) as counts:
+            queued = launch(network, state, *args, **kwargs)
+        reads.update(counts)
+        reads["steps"] += 1
+        return queued
+
+    launch, loop.launch_step = loop.launch_step, launch_counted
     train(cfg)
+    out.with_name(f"{out.stem}-reads-{rank}.json").write_text(json.dumps(reads))
     if world > 1:
         dist.destroy_process_group()
 

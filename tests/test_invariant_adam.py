@@ -126,6 +126,8 @@ def test_two_ranks_reduce_the_squared_micro_gradients_like_one_rank(prepared_dat
     run_world(two, 2, tmp_path / "g2.pt")
     losses = [[r["loss"] for r in rows(Path(c.run_dir))] for c in (one, two)]
     assert len(losses[0]) == 5
+    for rank in (0, 1):  # no step read anything back to the host
+        assert json.loads((tmp_path / f"g2-reads-{rank}.json").read_text()) == {"steps": 4}
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
     # With one micro-batch per step it would be AdamW; with four it is not.
     adamw = tiny_run(prepared_data, tmp_path / "adamw", token_budget=budget, micro_batch_size=2)

@@ -6,6 +6,7 @@ at one sequence; the sign placements in closed form."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_the_reference_implementations_example():
     units.add([per_example(p.detach(), x, t)])
     moments, _ = units.finish(world=1)
     assert p.grad.item() == -3.0 and moments.mean_sq[0].item() == 14.0
-    assert moments.norm_sum == 12.0 and moments.norm_sq_sum == 0 + 4 + 16 + 36
+    assert moments.sums is not None and moments.sums[:2].tolist() == [12.0, 0 + 4 + 16 + 36]
 
 
 def test_second_moment_inputs_in_closed_form():
@@ -126,9 +127,9 @@ def test_second_moment_inputs_in_closed_form():
         "micro_adam_msq": mean**2 - var / u,
     }
     for variant, want in expected.items():
-        got = second_moment_input(variant, mean.clone(), mean_sq, u)
+        (got,) = second_moment_input(variant, [mean], [mean_sq], u)
         assert torch.allclose(got, want, atol=1e-6), variant
-    assert second_moment_input("micro_adam_var", mean.clone(), mean_sq, u)[2] == 0  # no spread, no variance
+    assert second_moment_input("micro_adam_var", [mean], [mean_sq], u)[0][2] == 0  # no spread, no variance
 
 
 def test_variance_and_mean_square_inputs_are_unbiased_by_simulation():
@@ -141,7 +142,7 @@ def test_variance_and_mean_square_inputs_are_unbiased_by_simulation():
     g = mu + sigma * torch.randn(draws, u, len(mu), generator=gen, dtype=torch.float64)
     mean, mean_sq = g.mean(1), (g * g).mean(1)
     for variant, truth in (("micro_adam_var", sigma**2 + 0 * mu), ("micro_adam_msq", mu**2)):
-        inputs = second_moment_input(variant, mean.clone(), mean_sq, u)
+        (inputs,) = second_moment_input(variant, [mean], [mean_sq], u)
         se = inputs.std(0) / draws**0.5
         assert ((inputs.mean(0) - truth).abs() < 5 * se).all(), variant
     adam = mean**2
@@ -213,6 +214,8 @@ def test_two_ranks_with_accumulation_log_the_statistics_of_one_rank(prepared_dat
     two = tiny_run(prepared_data, tmp_path / "two", **kw)
     run_world(one, 1, tmp_path / "g1.pt")
     run_world(two, 2, tmp_path / "g2.pt")
+    for rank in (0, 1):  # the units' own reduction read nothing back to the host either
+        assert json.loads((tmp_path / f"g2-reads-{rank}.json").read_text()) == {"steps": 2}
     logged = [rows(Path(c.run_dir)) for c in (one, two)]
     keys = ["loss", "pe_norm_mean", "pe_norm_std", "noise_trace_exact", "grad_sq_exact", "snr_mlp"]
     for a, b in zip(*logged, strict=True):

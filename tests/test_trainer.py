@@ -50,6 +50,9 @@ def test_two_rank_ddp_with_accumulation_matches_one_rank_with_the_whole_batch(pr
         assert (g2[name] - grad).norm() <= 1e-6 * grad.norm(), name
     losses = [[r["loss"] for r in rows(Path(c.run_dir))] for c in (one, two)]
     assert len(losses[0]) == 5
+    # No step of either rank read anything back to the host (tests/test_step_syncs.py's counter).
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"g2-reads-{rank}.json").read_text()) == {"steps": 4}
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
     # Each rank evaluates its share of the validation sequences; rank 0 logs all of them, in order.
     sequences = [[r["val_sequence_loss"] for r in rows(Path(c.run_dir), "val_loss")] for c in (one, two)]

@@ -57,15 +57,25 @@ from train.per_example import Moments
 VARIANTS = [name for name in OPTIMIZERS if name != "adamw"]  # all but torch's AdamW
 
 
-def second_moment_input(variant: str, mean: torch.Tensor, mean_sq: torch.Tensor, units: int) -> torch.Tensor:
-    """What the second moment of `variant` is fed, from the mean gradient, the mean squared per-unit
-    gradient and the number of units (the table in the module docstring)."""
+def second_moment_input(
+    variant: str, mean: list[torch.Tensor], mean_sq: list[torch.Tensor], units: int
+) -> list[torch.Tensor]:
+    """What the second moment of `variant` is fed, parameter by parameter, from the mean gradients,
+    the mean squared per-unit gradients and the number of units (the table in the module
+    docstring); foreach ops, one kernel launch per op for all parameters."""
     if variant in ("invariant_adam", "micro_adam"):
         return mean_sq
     if variant == "micro_adam_var":
-        return (mean_sq - mean * mean).mul_(units / (units - 1)).clamp_(min=0)  # clamp: rounding only
+        out = list(torch._foreach_sub(mean_sq, torch._foreach_mul(mean, mean)))
+        torch._foreach_mul_(out, units / (units - 1))
+        torch._foreach_clamp_min_(out, 0.0)  # clamp: rounding only
+        return out
     if variant == "micro_adam_msq":
-        return (mean * mean).mul_(units).sub_(mean_sq).div_(units - 1)
+        out = list(torch._foreach_mul(mean, mean))
+        torch._foreach_mul_(out, float(units))
+        torch._foreach_sub_(out, mean_sq)
+        torch._foreach_div_(out, float(units - 1))
+        return out
     raise ValueError(f"{variant} takes no second-moment input")
 
 
@@ -115,6 +125,8 @@ class VariantAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """One step of every parameter with a gradient, in foreach ops (a few kernel launches
+        per op for the whole model, not one per parameter)."""
         if closure is not None:
             raise ValueError("VariantAdam takes no closure: the trainer feeds it per-unit moments")
         moments, self._moments = self._moments, None
@@ -122,10 +134,8 @@ class VariantAdam(torch.optim.Optimizer):
             raise RuntimeError("VariantAdam.step() needs feed(moments) first (see train/adam_variants.py)")
         index = {p: i for i, p in enumerate(self._params())}
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
@@ -133,26 +143,53 @@ class VariantAdam(torch.optim.Optimizer):
                     if self.needs_squares:
                         state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t, m, i = state["step"], state["exp_avg"], index[p]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                if self.needs_squares:
-                    assert moments is not None and moments.mean_sq is not None  # kept for these
-                    v = state["exp_avg_sq"]
-                    m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                    v_in = second_moment_input(self.variant, p.grad, moments.mean_sq[i], moments.units)
-                    v.mul_(beta2).add_(v_in, alpha=1 - beta2)
-                    # only MSQ's input can be negative: the others' v needs no clamp (no extra copy)
-                    root = v.clamp(min=0).sqrt() if self.variant == "micro_adam_msq" else v.sqrt()
-                    denom = root.div_(math.sqrt(1 - beta2**t)).add_(group["eps"])
-                    p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
-                elif self.variant == "sign_ema":
-                    m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                    p.add_(m.sign(), alpha=-group["lr"])
-                else:
-                    if self.variant == "sign_example":
-                        assert moments is not None and moments.mean_sign is not None  # kept for it
-                        direction = moments.mean_sign[i]
-                    else:
-                        direction = p.grad.sign()
-                    m.mul_(beta1).add_(direction, alpha=1 - beta1)
-                    p.add_(m, alpha=-group["lr"] / (1 - beta1**t))
+            # Parameters step together where their step counts agree (all of them, unless some
+            # had no gradient in an earlier step): the bias corrections are per count.
+            by_count: dict[int, list[torch.Tensor]] = {}
+            for p in params:
+                by_count.setdefault(self.state[p]["step"], []).append(p)
+            for t, same in by_count.items():
+                self._step(group, same, t, moments, [index[p] for p in same])
+
+    def _step(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        t: int,
+        moments: Moments | None,
+        at: list[int],
+    ) -> None:
+        """The update of `params`, all at step count `t`; `at`: their places in the moments' lists."""
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        grads = [p.grad for p in params if p.grad is not None]  # all of them: the filter is for mypy
+        m = [self.state[p]["exp_avg"] for p in params]
+        if wd != 0:  # a multiply of every weight by 1 otherwise
+            torch._foreach_mul_(params, 1 - lr * wd)
+        if self.needs_squares:
+            assert moments is not None and moments.mean_sq is not None  # kept for these
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            v_in = second_moment_input(self.variant, grads, [moments.mean_sq[i] for i in at], moments.units)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_add_(v, v_in, alpha=1 - beta2)
+            # only MSQ's input can be negative: the others' v needs no clamp (no extra copy)
+            root = torch._foreach_clamp_min(v, 0.0) if self.variant == "micro_adam_msq" else v
+            denom = torch._foreach_sqrt(root)
+            torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1**t))
+        elif self.variant == "sign_ema":
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            torch._foreach_add_(params, torch._foreach_sign(m), alpha=-lr)
+        else:
+            if self.variant == "sign_example":
+                assert moments is not None and moments.mean_sign is not None  # kept for it
+                direction = [moments.mean_sign[i] for i in at]
+            else:
+                direction = list(torch._foreach_sign(grads))
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, direction, alpha=1 - beta1)
+            torch._foreach_add_(params, m, alpha=-lr / (1 - beta1**t))

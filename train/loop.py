@@ -49,6 +49,7 @@ from train.throughput import peak_flops, peak_memory_gb
 from train.train_state import Counters, TrainState, rng_state
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_CLIP = 1e9  # trainer.grad_clip at or above this: no clipping (the default; the norm is still measured)
 
 
 class Diverged(RuntimeError):
@@ -195,13 +196,12 @@ class Units:
         return total
 
 
-def probe_gradient(
-    network: Network, probe: torch.Tensor, plan: BatchPlan, scale: float
-) -> NoiseSample | None:
+def probe_gradient(network: Network, probe: torch.Tensor, plan: BatchPlan, scale: float) -> torch.Tensor:
     """The noise-scale pair of a step with one batch size (one process, one micro-batch): the
     gradient of `probe` (B other samples) at the step's weights against the step's own gradient,
     two independent batches of B (see train/noise.py). The step's gradient is set aside by
-    reference and put back, so the update is exactly what it would have been."""
+    reference and put back, so the update is exactly what it would have been. Returns, on the
+    device, |G_1|^2, |G_2|^2 (unscaled) and G_1 . G_2 (`StepTensors.read` makes the sample)."""
     step_grads = [p.grad for p in network.params]
     for p in network.params:
         p.grad = None
@@ -215,14 +215,9 @@ def probe_gradient(
     ]
     for p, g in zip(network.params, step_grads, strict=True):
         p.grad = g
-    # One stack and one transfer: |G_1|^2, |G_2|^2 (unscaled) and G_1 . G_2.
     sums = torch.stack([_squares_and_dot(a.float().flatten(), b.float().flatten()) for a, b in pairs]).sum(0)
-    sums = sums / torch.tensor([1.0, scale**2, scale], device=sums.device)
-    one_sq, two_sq, cross = sums.tolist()
-    if not all(map(math.isfinite, (one_sq, two_sq, cross))):
-        return None
-    b = plan.batch_size
-    return NoiseSample((one_sq + two_sq) / 2, b, (one_sq + two_sq + 2 * cross) / 4, 2 * b)
+    # Python scalars go to the kernels as arguments: a tensor of them would be a host-to-device copy.
+    return torch.stack([sums[0], sums[1] / scale**2, sums[2] / scale])
 
 
 def _squares_and_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -260,7 +255,80 @@ class StepResult:
     decided: bool = False  # rank 0 found this arm's pairs decided (experiment.stop_when_decided)
 
 
-def train_step(
+# `StepTensors.values`: the step's figures in one float64 vector on the device.
+LOSS_SUM, GRAD_NORM, SMALL_SQ, REQUEUE, STOP, DECIDED, PROBE = range(7)  # PROBE: 3 values
+FIXED = PROBE + 3  # then the per-example norm sums (train/per_example.py Moments.sums), if any
+
+
+@dataclass
+class StepTensors:
+    """A step as it left the device queue: its figures still on the device, one vector copied
+    towards the host without waiting (pinned memory on a GPU). `read()` waits for that copy alone,
+    so the trainer reads a step's figures after it has queued the next step, and the GPU never
+    idles for the host. What stays on the host is known before the step: the plan, the host's own
+    signal and decision (one process), which figures the step has."""
+
+    values: torch.Tensor  # see LOSS_SUM ... FIXED; copied to `host` by `copy()`
+    plan: BatchPlan
+    world: int  # ranks (the small batch of the DDP noise estimate is a rank's share)
+    ddp: bool
+    signum: int  # this process's stop signal when the step was queued (one process)
+    decided: bool  # this process's decision when the step was queued (one process)
+    loss_scale: float
+    small: bool  # the step measured a small-batch gradient norm (SMALL_SQ)
+    probed: bool  # the step ran the noise probe (PROBE)
+    moments: Moments | None  # per-example statistics: their layout (the sums are in `values`)
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+
+    def copy(self) -> StepTensors:
+        """Start the copy to the host: a pinned buffer and an event on a GPU; nothing on a CPU."""
+        if self.values.device.type == "cuda":
+            self.host = torch.empty(self.values.shape, dtype=self.values.dtype, pin_memory=True)
+            self.host.copy_(self.values, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = self.values
+        return self
+
+    def read(self) -> StepResult:
+        """The step's figures on the host (waits for this step's copy, nothing else)."""
+        if self.host is None:
+            self.copy()
+        if self.copied is not None:
+            self.copied.synchronize()
+        assert self.host is not None
+        v = self.host.tolist()
+        plan = self.plan
+        signum, decided = self.signum, self.decided
+        if self.ddp:  # what the step's collective said: any rank's signal, rank 0's decision
+            signum = signal.SIGUSR2 if v[REQUEUE] > 0 else signal.SIGTERM if v[STOP] > 0 else 0
+            decided = v[DECIDED] > 0
+        norm = v[GRAD_NORM]
+        noise = None
+        if not math.isfinite(norm):  # an fp16 overflow step was skipped: no gradient to measure
+            noise = None
+        elif self.small:  # per-rank (DDP) or first-micro-batch gradient against the global one
+            b_small = plan.batch_size // self.world if self.ddp else plan.micro_batch_size
+            noise = NoiseSample(v[SMALL_SQ], b_small, norm**2, plan.batch_size)
+        elif self.probed:
+            one_sq, two_sq, cross = v[PROBE : PROBE + 3]
+            if all(map(math.isfinite, (one_sq, two_sq, cross))):
+                b = plan.batch_size
+                noise = NoiseSample((one_sq + two_sq) / 2, b, (one_sq + two_sq + 2 * cross) / 4, 2 * b)
+        return StepResult(
+            loss=v[LOSS_SUM] / plan.tokens_per_step,
+            grad_norm=norm,
+            noise=noise,
+            signum=signum,
+            loss_scale=self.loss_scale,
+            per_example=self.moments.statistics(v[FIXED:]) if self.moments is not None else {},
+            decided=decided,
+        )
+
+
+def launch_step(
     network: Network,
     state: TrainState,
     batch: torch.Tensor,
@@ -268,13 +336,15 @@ def train_step(
     signum: int,
     probe: torch.Tensor | None = None,
     decided: bool = False,
-) -> StepResult:
-    """One optimizer step on this rank's share of the global batch: gradients (accumulated over
-    micro-batches), clipping, the optimizer step, and the one collective per step, which carries
-    the loss, whether any rank was asked to stop (so every rank stops at the same step, whichever
-    got the signal), whether rank 0 found the arm's pairs decided (`decided`: every rank stops
-    after this step) and the per-rank gradient norms. `probe`: a second batch of samples whose
-    gradient at these weights pairs with the step's for the noise scale (`probe_gradient`)."""
+) -> StepTensors:
+    """One optimizer step on this rank's share of the global batch, queued without reading
+    anything back to the host: gradients (accumulated over micro-batches), clipping, the optimizer
+    step, and the one collective per step, which carries the loss, whether any rank was asked to
+    stop (so every rank stops at the same step, whichever got the signal), whether rank 0 found
+    the arm's pairs decided (`decided`: every rank stops after this step) and the per-rank
+    gradient norms. `probe`: a second batch of samples whose gradient at these weights pairs with
+    the step's for the noise scale (`probe_gradient`). fp16's gradient scaler reads whether the
+    gradients overflowed (a host sync of its own); fp32 and bf16 steps sync nowhere."""
     where, scaler, optimizer = network.where, state.scaler, state.optimizer
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     network.local_norm.sq.zero_()
@@ -293,37 +363,61 @@ def train_step(
         optimizer.feed(moments)
     scaler.unscale_(optimizer)  # a no-op unless fp16
     probed = None if probe is None else probe_gradient(network, probe, plan, scale)
-    grad_norm = torch.nn.utils.clip_grad_norm_(network.params, network.grad_clip)  # before clipping
+    grads = [p.grad for p in network.params if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)  # before clipping
+    if network.grad_clip < NO_CLIP:  # else a multiply of every gradient by 1, skipped
+        torch.nn.utils.clip_grads_with_norm_(network.params, network.grad_clip, grad_norm)
     scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    device = where.device
+    flags = torch.zeros(3, device=device)
     if where.ddp:
-        # [requeue after stopping (SLURM's warning), stop for good (SIGTERM, SIGINT), decided]
-        flags = torch.tensor(
-            [signum == signal.SIGUSR2, signum not in (0, signal.SIGUSR2), decided], device=where.device
-        )
+        # [requeue after stopping (SLURM's warning), stop for good (SIGTERM, SIGINT), decided],
+        # set by kernels with the flag as their argument: a tensor made from a list is a copy.
+        for i, on in enumerate((signum == signal.SIGUSR2, signum not in (0, signal.SIGUSR2), decided)):
+            if on:
+                flags[i].fill_(1.0)
         per_rank = network.local_norm.sq / scale**2
-        packed = torch.cat([loss_sum.float()[None], flags.float(), per_rank[None]])
+        packed = torch.cat([loss_sum.float()[None], flags, per_rank[None]])
         dist.all_reduce(packed)
-        loss_sum, small_sq = packed[0], packed[4] / where.world
-        signum = signal.SIGUSR2 if packed[1] > 0 else signal.SIGTERM if packed[2] > 0 else 0
-        decided = bool(packed[3] > 0)
-    norm = grad_norm.item()
-    noise = probed
-    if not math.isfinite(norm):  # an fp16 overflow step was skipped: no gradient to measure
-        noise = None
-    elif small_sq is not None:  # per-rank (DDP) or first-micro-batch gradient against the global one
-        b_small = plan.batch_size // where.world if where.ddp else plan.micro_batch_size
-        noise = NoiseSample(small_sq.item(), b_small, norm**2, plan.batch_size)
-    return StepResult(
-        loss=loss_sum.item() / plan.tokens_per_step,
-        grad_norm=norm,
-        noise=noise,
+        loss_sum, flags, small_sq = packed[0], packed[1:4], packed[4] / where.world
+    nothing = torch.full((), math.nan, device=device)
+    parts = [
+        loss_sum.double()[None],
+        grad_norm.double()[None],
+        (nothing if small_sq is None else small_sq).double()[None],
+        flags.double(),
+        (nothing.expand(3) if probed is None else probed).double(),
+    ]
+    statistics = moments if network.per_sequence else None  # their norm sums are the step's too
+    if statistics is not None and statistics.sums is not None:
+        parts.append(statistics.sums)
+    return StepTensors(
+        values=torch.cat(parts),
+        plan=plan,
+        world=where.world,
+        ddp=where.ddp,
         signum=signum,
-        loss_scale=scale,
-        per_example=moments.statistics() if moments is not None and network.per_sequence else {},
         decided=decided,
-    )
+        loss_scale=scale,
+        small=small_sq is not None,
+        probed=probed is not None,
+        moments=statistics,
+    ).copy()
+
+
+def train_step(
+    network: Network,
+    state: TrainState,
+    batch: torch.Tensor,
+    plan: BatchPlan,
+    signum: int,
+    probe: torch.Tensor | None = None,
+    decided: bool = False,
+) -> StepResult:
+    """`launch_step` and its figures read at once (the trainer reads them one step later)."""
+    return launch_step(network, state, batch, plan, signum, probe, decided).read()
 
 
 class LookThread(threading.Thread):
@@ -455,6 +549,8 @@ class Trainer:
         self.looks = decisions if self.log is not None else None  # rank 0 looks
         self.looking: LookThread | None = None  # a look in progress
         self.decided = False  # rank 0 found the arm's pairs decided: every rank stops after the next step
+        self.pending: tuple[int, StepTensors] | None = None  # a queued step whose figures are unread
+        self.next_batch: tuple[int, torch.Tensor] | None = None  # the next step's samples, sent ahead
 
     # --- Phase 1: refuse what cannot work before any step is taken.
     def check_inputs(self) -> tuple[Steps, TokenStream]:
@@ -550,21 +646,31 @@ class Trainer:
                 self.evaluate()
             self.meter.start_window()  # after the first evaluation: tokens/s measures training
             for step in range(state.step, steps):
-                result = self.one_step(step)
-                self.record(result)
-                if result.decided and state.step < steps:
+                # Step k is queued before step k-1's figures are read (`take`): the host waits
+                # for nothing inside a step. Where the loop must act on step k itself (an
+                # evaluation, a checkpoint, the end, a stop or a decision read from step k-1)
+                # it reads step k too; a stop or a decision thus acts one step late at most.
+                queued = (step, self.one_step(step))
+                results = [self.take(*self.pending)] if self.pending is not None else []
+                self.pending = queued
+                last = state.step >= steps
+                evaluate = self.crossed(self.cfg.trainer.val_every_tokens) and not last
+                save = self.crossed(self.cfg.trainer.checkpoint_every_tokens) and not last
+                if last or evaluate or save or any(r.decided or r.signum for r in results):
+                    results.append(self.take(*self.pending))
+                    self.pending = None
+                if any(r.decided for r in results) and not last:
                     self.checkpoint()
                     decided = True
                     break
-                stopping = bool(result.signum) and state.step < steps
-                if self.crossed(self.cfg.trainer.val_every_tokens) and state.step < steps:
+                signum = next((r.signum for r in results if r.signum), 0)
+                stopping = bool(signum) and not last
+                if evaluate:
                     self.evaluate()
-                if stopping or (
-                    self.crossed(self.cfg.trainer.checkpoint_every_tokens) and state.step < steps
-                ):
+                if stopping or save:
                     self.checkpoint()
                 if stopping:
-                    raise Stopped(result.signum, state.step)
+                    raise Stopped(signum, state.step)
             if not state.finished and not decided:
                 self.evaluate()
                 state.finished = True
@@ -580,30 +686,58 @@ class Trainer:
             "tokens": self.cfg.token_budget,
         }
 
-    # --- Phase 5: one step at the schedule's lr on the step's samples; divergence and the noise
-    # scale judged on what it measured.
-    def one_step(self, step: int) -> StepResult:
-        state, where = self.state, self.where
+    # --- Phase 5: one step at the schedule's lr on the step's samples, queued; then the next
+    # step's samples gathered and on their way to the device while this one runs.
+    def one_step(self, step: int) -> StepTensors:
+        state = self.state
         lr = self.lr_at(step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         plan = self.steps.plan(step)
-        offset = int(self.steps.layout.offset[step])
-        rows = self.stream.rank_slice(offset, plan.batch_size, where.rank, where.world)
-        batch = torch.from_numpy(rows).to(where.device)
-        result = train_step(
+        batch = self.batch_of(step)
+        queued = launch_step(
             self.network, state, batch, plan, self.stop.signum, self.probe(step), self.decided
         )
         state.step = step + 1
+        if state.step < self.steps.layout.steps:
+            self.next_batch = (state.step, self.batch_of(state.step))
+        return queued
+
+    # --- Phase 5b: a step's figures, read one step later: divergence and the noise scale judged
+    # on what it measured, then its row.
+    def take(self, step: int, queued: StepTensors) -> StepResult:
+        result = queued.read()
+        done = step + 1
         if not math.isfinite(result.loss):
-            raise Diverged(f"loss {result.loss} at step {state.step}")
-        if math.isfinite(result.grad_norm):  # an fp16 overflow step was skipped: no gradient to judge
-            state.counters.clipped_steps += result.grad_norm > self.cfg.trainer.grad_clip
+            raise Diverged(f"loss {result.loss} at step {done}")
+        clips = self.cfg.trainer.grad_clip < NO_CLIP
+        # (an fp16 overflow step was skipped: no gradient to judge)
+        if clips and math.isfinite(result.grad_norm):
+            self.state.counters.clipped_steps += result.grad_norm > self.cfg.trainer.grad_clip
         if result.noise is None:
-            state.noise.skip()
+            self.state.noise.skip()
         else:
-            state.noise.update(result.noise)
+            self.state.noise.update(result.noise)
+        self.record(result, done)
         return result
+
+    def batch_of(self, step: int) -> torch.Tensor:
+        """This rank's samples of `step` on the device: the ones sent ahead, or gathered now."""
+        ahead, self.next_batch = self.next_batch, None
+        if ahead is not None and ahead[0] == step:
+            return ahead[1]
+        offset, where = int(self.steps.layout.offset[step]), self.where
+        return self.to_device(
+            self.stream.rank_slice(offset, self.steps.plan(step).batch_size, where.rank, where.world)
+        )
+
+    def to_device(self, rows: Any) -> torch.Tensor:
+        """Token rows to the device without the host waiting: from pinned memory, asynchronously,
+        on a GPU (a pageable copy would wait for the queue to drain)."""
+        host = torch.from_numpy(rows)
+        if self.where.device.type != "cuda":
+            return host.to(self.where.device)
+        return host.pin_memory().to(self.where.device, non_blocking=True)
 
     def probe(self, step: int) -> torch.Tensor | None:
         """Every `noise_probe_every` steps of a step with one batch size (one process, no
@@ -612,20 +746,20 @@ class Trainer:
         plan = self.steps.plan(step)
         if every <= 0 or where.ddp or plan.grad_accum > 1 or (step + 1) % every or step + 1 >= lay.steps:
             return None
-        rows = self.stream.samples(int(lay.offset[step + 1]), plan.batch_size)
-        return torch.from_numpy(rows).to(where.device)
+        return self.to_device(self.stream.samples(int(lay.offset[step + 1]), plan.batch_size))
 
     # --- Phase 6: the step's row (metrics.jsonl, W&B) and the heartbeat (status.json); rank 0.
-    def record(self, result: StepResult) -> None:
-        state, plan = self.state, self.steps.plan(self.state.step - 1)
+    def record(self, result: StepResult, done: int) -> None:
+        """`result`: the figures of the step that made it `done` steps."""
+        state, plan = self.state, self.steps.plan(done - 1)
         tokens_per_s = self.meter.tick(plan.tokens_per_step)
         if self.log is None:
             return
-        done, trainer = state.step, self.cfg.trainer
+        trainer, tokens = self.cfg.trainer, self.steps.layout.tokens_after(done - 1)
         if done % trainer.log_every_steps == 0 or done == self.steps.layout.steps:
             row: dict[str, Any] = {
                 "step": done,
-                "tokens": state.tokens,
+                "tokens": tokens,
                 "loss": result.loss,
                 "lr": self.lr_at(done - 1),
                 "beta1": self.cfg.optimizer.beta1,
@@ -645,20 +779,21 @@ class Trainer:
                 row["loss_scale"] = result.loss_scale
             row.update(result.per_example)  # pe_norm_mean/std, b_simple_exact, snr_<group>, ...
             self.log.log({k: v for k, v in row.items() if v is not None})
-        self.log.update(step=done, tokens=state.tokens, loss=result.loss, tokens_per_s=tokens_per_s)
+        self.log.update(step=done, tokens=tokens, loss=result.loss, tokens_per_s=tokens_per_s)
         self.meter.show(plan.tokens_per_step, result.loss)
         if self.looks is not None and not self.decided:
-            self.look()
+            self.look(tokens)
 
     # --- Phase 6b: the sequential verdict's looks (experiment.stop_when_decided; rank 0), on a
     # thread: a look reads every partner's rows, which must not stall the steps. A decision stops
     # every rank after the next step, through that step's collective.
-    def look(self) -> None:
+    def look(self, tokens: int) -> None:
+        """`tokens`: what the arm has trained on by the step just recorded."""
         assert self.log is not None and self.looks is not None
         looking = self.looking
         if looking is None:
-            if self.looks.due(self.state.tokens):
-                self.looking = LookThread(self.looks, self.state.tokens)
+            if self.looks.due(tokens):
+                self.looking = LookThread(self.looks, tokens)
             return
         if looking.is_alive():
             return
@@ -716,6 +851,9 @@ class Trainer:
     # on disk: a rank that left earlier (on a stop) would end the job step on clusters that kill
     # it when one task exits, killing the writer with it.
     def checkpoint(self) -> None:
+        # Every step's figures are read before a checkpoint: its counters and noise EMAs are the
+        # state after the last step, as exact resume needs.
+        assert self.pending is None, "a checkpoint with a step's figures unread"
         rngs: list[Any] = [None] * self.where.world
         if self.where.ddp:
             dist.all_gather_object(rngs, rng_state())

@@ -91,14 +91,19 @@ class TokenLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.kernel = kernel
         self.liger = _liger_loss() if kernel == "liger" else None
+        self.masks = causal_without_mask(lm)
+
+    def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states, (tokens, hidden)."""
+        hidden = self.lm.model(input_ids=inputs, attention_mask=self.masks).last_hidden_state
+        return hidden.reshape(-1, hidden.size(-1))
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         inputs, targets = window[:, :-1], window[:, 1:].reshape(-1)
         if self.kernel == "chunked" and self.chunk_tokens <= 0:
-            logits = self.lm(input_ids=inputs).logits
+            logits = self.lm(input_ids=inputs, attention_mask=self.masks).logits
             return _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets)
-        hidden = self.lm.model(input_ids=inputs).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.size(-1))
+        hidden = self.hidden_states(inputs)
         if self.kernel == "fused":
             return fused_linear_cross_entropy(hidden, self.lm.lm_head, targets, self.chunk_tokens)
         if self.liger is not None:
@@ -121,8 +126,7 @@ class TokenLoss(torch.nn.Module):
 
         The LM head runs over `chunk_tokens` tokens at a time when that is set, as in training."""
         inputs, targets = window[:, :-1], window[:, 1:].reshape(-1)
-        hidden = self.lm.model(input_ids=inputs).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.size(-1))
+        hidden = self.hidden_states(inputs)
         chunk = self.chunk_tokens if self.chunk_tokens > 0 else hidden.size(0)
         losses = [
             torch.nn.functional.cross_entropy(
@@ -134,6 +138,21 @@ class TokenLoss(torch.nn.Module):
 
     def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return _cross_entropy_sum(self.lm.lm_head(hidden), targets)
+
+
+def causal_without_mask(lm: Qwen2ForCausalLM) -> dict[str, None] | None:
+    """The attention masks to hand the decoder so that it builds none: every window is one
+    unpadded causal sequence, so with SDPA no mask is the right mask (`is_causal=True`, K/V heads
+    left grouped: `enable_gqa`). Left to itself, transformers inspects `position_ids` for packed
+    sequences on every forward (a host read of a device value: a GPU sync), and under
+    torch.compile it traces an explicit (B, 1, T, T) mask, which sends SDPA `is_causal=False` with
+    K/V expanded to all heads: no flash attention. None (transformers builds its masks) for other
+    attention kernels (eager attention adds the mask it is given: without one it would not be
+    causal) and for sliding-window layers."""
+    config = lm.config
+    if config._attn_implementation != "sdpa" or set(config.layer_types) != {"full_attention"}:
+        return None
+    return {"full_attention": None}
 
 
 def _liger_loss() -> torch.nn.Module:

@@ -68,34 +68,37 @@ class Moments:
     units: int  # U: units in the global batch
     mean_sq: list[torch.Tensor] | None  # per parameter: mean_u g_u^2 (None: not kept)
     mean_sign: list[torch.Tensor] | None  # per parameter: mean_u sign(g_u) (None: not kept)
-    # The norm sums (empty dicts and zeros where `UnitGradients` was told to skip them):
-    norm_sum: float = 0.0  # sum_u |g_u|
-    norm_sq_sum: float = 0.0  # sum_u |g_u|^2
-    group_sq_sum: dict[str, float] = field(default_factory=dict)  # per group: sum_u |g_u,k|^2
-    group_mean_sq: dict[str, float] = field(default_factory=dict)  # per group: |mu_hat_k|^2
+    # The norm sums, still on the device (None where `UnitGradients` was told to skip them), in
+    # float64: [sum_u |g_u|, sum_u |g_u|^2, sum_u |g_u,k|^2 per group k, |mu_hat_k|^2 per group k].
+    # The trainer reads them with the rest of the step's figures, one step later (no host sync).
+    sums: torch.Tensor | None = None
+    groups: list[str] = field(default_factory=list)
 
-    def statistics(self) -> dict[str, float]:
-        """The logged statistics (see the module docstring); empty with a single unit or without
-        the norm sums."""
-        u = self.units
-        if u < 2 or not self.group_mean_sq:
+    def statistics(self, sums: list[float] | None = None) -> dict[str, float]:
+        """The logged statistics (see the module docstring) from `sums` (the norm sums as read to
+        the host; default: read them now); empty with a single unit or without the norm sums."""
+        u, k = self.units, len(self.groups)
+        if u < 2 or self.sums is None:
             return {}
-        mean_sq = sum(self.group_mean_sq.values())
-        trace = u / (u - 1) * (self.norm_sq_sum / u - mean_sq)
+        values = self.sums.tolist() if sums is None else sums
+        norm_sum, norm_sq_sum = values[0], values[1]
+        group_sq_sum, group_mean_sq = values[2 : 2 + k], values[2 + k : 2 + 2 * k]
+        mean_sq = sum(group_mean_sq)
+        trace = u / (u - 1) * (norm_sq_sum / u - mean_sq)
         signal = mean_sq - trace / u
-        norm_mean = self.norm_sum / u
+        norm_mean = norm_sum / u
         out = {
             "pe_norm_mean": norm_mean,
-            "pe_norm_std": max(self.norm_sq_sum / u - norm_mean**2, 0.0) ** 0.5,
+            "pe_norm_std": max(norm_sq_sum / u - norm_mean**2, 0.0) ** 0.5,
             "grad_sq_exact": signal,
             "noise_trace_exact": trace,
         }
         if signal > 0:
             out["b_simple_exact"] = trace / signal
-        for k, group_mean in self.group_mean_sq.items():
-            group_trace = u / (u - 1) * (self.group_sq_sum[k] / u - group_mean)
+        for group, group_sq, group_mean in zip(self.groups, group_sq_sum, group_mean_sq, strict=True):
+            group_trace = u / (u - 1) * (group_sq / u - group_mean)
             if group_trace > 0:
-                out[f"snr_{k}"] = (group_mean - group_trace / u) / group_trace
+                out[f"snr_{group}"] = (group_mean - group_trace / u) / group_trace
         return out
 
 
@@ -103,7 +106,11 @@ class UnitGradients:
     """Accumulates the per-unit sums of one step (see the module docstring) for `params`, named
     `names` (for their groups); `squares` and `signs` say which elementwise sums to keep, `norms`
     whether to keep the norm sums the statistics need (invariant Adam's step does not: skipping
-    them spares every micro-batch a norm pass and every step a device-to-host copy)."""
+    them spares every micro-batch a norm pass).
+
+    The sums live in one flat buffer, allocated once and zeroed each step: the all-reduce over
+    ranks takes it whole (no gather into a temporary), and no step allocates model-sized tensors.
+    Nothing here reads a value to the host."""
 
     def __init__(
         self,
@@ -120,15 +127,26 @@ class UnitGradients:
         device = params[0].device
         self.group_of = torch.tensor([self.groups.index(k) for k in groups], device=device)
         self.units = 0
-
-    def begin(self) -> None:
-        zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.sum = zeros
-        self.sq = [torch.zeros_like(p) for p in self.params] if self.squares else []
-        self.sign = [torch.zeros_like(p) for p in self.params] if self.signs else []
+        parts = 1 + squares + signs
+        size = sum(p.numel() for p in params)
+        self.flat = torch.zeros(parts * size, device=device, dtype=params[0].dtype)
+        views, offset = [], 0
+        for _ in range(parts):
+            for p in params:
+                views.append(self.flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        n = len(params)
+        self.sum = views[:n]
+        self.sq = views[n : 2 * n] if squares else []
+        self.sign = views[(1 + squares) * n :] if signs else []
         # [sum_u |g_u|, sum_u |g_u|^2, sum_u |g_u,k|^2 for each group k], in float64: the spread
         # of the norms is a difference of two sums (mean |g|^2 - (mean |g|)^2) that cancels.
-        self.norms = torch.zeros(2 + len(self.groups), device=self.params[0].device, dtype=torch.float64)
+        self.norms = torch.zeros(2 + len(self.groups), device=device, dtype=torch.float64)
+        self._present: dict[tuple[int, ...], torch.Tensor] = {}  # device index of params with a gradient
+
+    def begin(self) -> None:
+        self.flat.zero_()
+        self.norms.zero_()
         self.units = 0
         for p in self.params:
             p.grad = None
@@ -162,8 +180,11 @@ class UnitGradients:
         self.units += 1
         if self.keep_norms:
             norms = torch.zeros(len(self.params), device=self.group_of.device, dtype=torch.float64)
-            present = [i for i, p in enumerate(self.params) if p.grad is not None]
-            norms[present] = torch.stack(torch._foreach_norm(grads)).double().square() * factor**2
+            present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
+            if present not in self._present:  # made once: a Python list as an index is a host copy
+                self._present[present] = torch.tensor(present, device=norms.device, dtype=torch.long)
+            squares = torch.stack(torch._foreach_norm(grads)).double().square() * factor**2
+            norms.index_copy_(0, self._present[present], squares)
             self._add_norms(norms[:, None])
         for p in params:
             p.grad = None
@@ -184,21 +205,12 @@ class UnitGradients:
         # |sum / n|^2 from the sums' norms: no copy of the gradients
         local_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.sum)).float()) ** 2
         local_sq /= local_units**2
-        parts = [self.sum, self.sq, self.sign]
         if world > 1:
-            flat = torch.cat([t.flatten() for part in parts for t in part])
-            dist.all_reduce(flat)
+            dist.all_reduce(self.flat)
             if self.keep_norms:
-                dist.all_reduce(self.norms)  # a few float64 scalars (see begin)
-            offset = 0
-            for part in parts:
-                for t in part:
-                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                dist.all_reduce(self.norms)  # a few float64 scalars (see __init__)
         units = local_units * world
-        for part in parts:
-            if part:
-                torch._foreach_div_(part, float(units))  # sums -> means, in place
+        self.flat.div_(float(units))  # sums -> means, in place
         for p, mean in zip(self.params, self.sum, strict=True):
             p.grad = mean
         moments = Moments(
@@ -210,12 +222,7 @@ class UnitGradients:
             norms = torch.stack(torch._foreach_norm(self.sum)).double() ** 2
             group_mean = torch.zeros(len(self.groups), device=norms.device, dtype=torch.float64)
             group_mean.index_add_(0, self.group_of, norms)
-            sums = torch.cat([self.norms, group_mean]).tolist()  # one device-to-host copy
-            k = len(self.groups)
-            moments.norm_sum, moments.norm_sq_sum = sums[0], sums[1]
-            moments.group_sq_sum = dict(zip(self.groups, sums[2 : 2 + k], strict=True))
-            moments.group_mean_sq = dict(zip(self.groups, sums[2 + k :], strict=True))
-        self.sum, self.sq, self.sign = [], [], []
+            moments.sums, moments.groups = torch.cat([self.norms, group_mean]), self.groups
         return moments, local_sq
 
 
