@@ -150,7 +150,7 @@ def causal_without_mask(lm: Qwen2ForCausalLM) -> dict[str, None] | None:
     attention kernels (eager attention adds the mask it is given: without one it would not be
     causal) and for sliding-window layers."""
     config = lm.config
-    if config._attn_implementation != "sdpa" or set(config.layer_types) != {"full_attention"}:
+    if config._attn_implementation != "sdpa" or set(config.layer_types or ()) != {"full_attention"}:
         return None
     return {"full_attention": None}
 
