@@ -21,14 +21,16 @@ agree to float rounding (tests/test_fused_loss.py); `trainer.loss_kernel` choose
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
-    """`apply(hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), chunk, dtype)` ->
-    the summed cross-entropy of the N tokens, a float32 scalar."""
+    """`apply(hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), chunk, dtype,
+    elementwise)` -> the summed cross-entropy of the N tokens, a float32 scalar. `elementwise` is
+    `loss_and_logit_gradient` or its compiled form (`trainer.compile`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -39,6 +41,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         chunk: int,
         dtype: torch.dtype,
+        elementwise: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         n = hidden.size(0)
         step = chunk if chunk > 0 else max(n, 1)
@@ -54,14 +57,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 h = hidden[i : i + step].to(dtype)
                 y = targets[i : i + step]
                 logits = h @ w.t() if b is None else torch.addmm(b, h, w.t())
-                z = logits.float()
+                part, dz = elementwise(logits, y)
                 del logits
-                lse = torch.logsumexp(z, dim=-1)
-                total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-                z.sub_(lse[:, None]).exp_()  # softmax, in place
-                z.scatter_add_(1, y[:, None], torch.full_like(z[:, :1], -1.0))  # - onehot(y)
-                dz = z.to(dtype)
-                del z
+                total += part
                 if grad_hidden is not None:
                     grad_hidden[i : i + step] = dz @ w
                 if grad_weight is not None:
@@ -74,16 +72,36 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
+
+
+def loss_and_logit_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's summed cross-entropy (fp32) and its gradient w.r.t. the logits, softmax(z) -
+    onehot(y), in the logits' dtype: the memory-bound part of the loss (five passes over the
+    chunk's fp32 logits in eager; `torch.compile` fuses them)."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    z = z.sub_(lse[:, None]).exp_()  # softmax, in place
+    z = z.scatter_add_(1, targets[:, None], torch.full_like(z[:, :1], -1.0))  # - onehot(y)
+    return loss, z.to(logits.dtype)
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    chunk: int,
+    elementwise: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = (
+        loss_and_logit_gradient
+    ),
 ) -> torch.Tensor:
     """The summed cross-entropy of `head(hidden)` against `targets`, `chunk` tokens at a time (0:
     all at once), with the gradients formed in the forward. The compute dtype is what autocast
     would give the head's matmul: its dtype where autocast is on for this device, else W's."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-    loss: torch.Tensor = FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
+    loss: torch.Tensor = FusedLinearCrossEntropy.apply(
+        hidden, head.weight, head.bias, targets, chunk, dtype, elementwise
+    )
     return loss

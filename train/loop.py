@@ -517,6 +517,21 @@ def _claim(cfg: RunConfig, where: Placement) -> RunClaim:
     return claim
 
 
+def ddp_options(cfg: RunConfig) -> dict[str, Any]:
+    """How DDP wraps the model, and why:
+    - `broadcast_buffers=False`: the decoder's only buffers are RoPE's frequencies, the same on
+      every rank from the start and never changed; broadcasting them is a collective per forward.
+    - `gradient_as_bucket_view=True` (plain steps): gradients are views into the all-reduce
+      buckets instead of copies beside them: one model-sized gradient copy less in memory and in
+      traffic per step. Not with per-unit moments: those steps set `.grad` themselves to the
+      reduced means (train/per_example.py), and no bucket reduces them.
+    - `static_graph` is not set: the per-unit steps never sync through the reducer, and the
+      plain steps use every parameter, so there is no unused-parameter search to spare.
+    - Buckets stay at DDP's 25 MB: small enough that the first all-reduce starts early in the
+      backward and the last one, after it, is short."""
+    return {"broadcast_buffers": False, "gradient_as_bucket_view": not cfg.unit_moments}
+
+
 class Trainer:
     """One run, phase by phase. Each phase is a method; `run()` is the loop that calls them."""
 
@@ -617,11 +632,11 @@ class Trainer:
         loss = TokenLoss(self.state.model, cfg.trainer.loss_chunk_tokens, cfg.trainer.loss_kernel)
         net: torch.nn.Module = loss
         local_norm = LocalGradNorm(where.device)
-        if where.ddp:
-            net = torch.nn.parallel.DistributedDataParallel(net)
-            net.register_comm_hook(local_norm, LocalGradNorm.hook)  # type: ignore[arg-type]
         if cfg.trainer.compile:
-            net = torch.compile(net)  # type: ignore[assignment]
+            loss.compile_regions()
+        if where.ddp:
+            net = torch.nn.parallel.DistributedDataParallel(net, **ddp_options(cfg))
+            net.register_comm_hook(local_norm, LocalGradNorm.hook)  # type: ignore[arg-type]
         named = [(n, p) for n, p in loss.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         network = Network(net, params, where, DTYPES[cfg.precision], cfg.trainer.grad_clip, local_norm)

@@ -4,6 +4,7 @@ wrapped so that its forward pass returns the summed next-token loss."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import transformers
@@ -11,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from train.config import LOSS_KERNELS, ModelConfig
-from train.fused_loss import fused_linear_cross_entropy
+from train.fused_loss import fused_linear_cross_entropy, loss_and_logit_gradient
 
 
 def qwen2_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Qwen2Config:
@@ -92,6 +93,20 @@ class TokenLoss(torch.nn.Module):
         self.kernel = kernel
         self.liger = _liger_loss() if kernel == "liger" else None
         self.masks = causal_without_mask(lm)
+        self.elementwise = loss_and_logit_gradient  # the fused loss's softmax part
+        self.head_loss = self._head_loss  # the chunked loss's chunk
+
+    def compile_regions(self, backend: Any = "inductor") -> None:
+        """`trainer.compile`: torch.compile each decoder layer in place, and the loss's
+        memory-bound part (the fused kernel's softmax and its gradient, the chunked kernel's head
+        + cross-entropy), as torchtitan compiles per block. The layers are alike, so one compiled
+        graph serves them all (compile time of one layer, not of the model), and the attention
+        masks are settled outside the compiled regions: SDPA keeps `is_causal=True` and grouped
+        K/V heads, so flash attention runs (whole-model compile traced an explicit mask)."""
+        for layer in self.lm.model.layers:
+            layer.compile(backend=backend)
+        self.elementwise = torch.compile(loss_and_logit_gradient, backend=backend)
+        self.head_loss = torch.compile(self._head_loss, backend=backend)
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states, (tokens, hidden)."""
@@ -105,14 +120,16 @@ class TokenLoss(torch.nn.Module):
             return _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets)
         hidden = self.hidden_states(inputs)
         if self.kernel == "fused":
-            return fused_linear_cross_entropy(hidden, self.lm.lm_head, targets, self.chunk_tokens)
+            return fused_linear_cross_entropy(
+                hidden, self.lm.lm_head, targets, self.chunk_tokens, self.elementwise
+            )
         if self.liger is not None:
             head = self.lm.lm_head
             return self.liger(head.weight, hidden, targets, head.bias).float()
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.size(0), self.chunk_tokens):
             part = checkpoint(
-                self._head_loss,
+                self.head_loss,
                 hidden[i : i + self.chunk_tokens],
                 targets[i : i + self.chunk_tokens],
                 use_reentrant=False,
