@@ -44,12 +44,17 @@ test-fast: lint
 	$(PYTEST) -m "not e2e and not slurm and not scale and not slow"
 
 # The GPU proof (python -m benchmarks.gpu_check): correctness of the trainer on CUDA against the
-# CPU, and the 0.5B model's throughput. It runs on the machine's own PyTorch (GPU_PYTHON, default this venv's
-# python where there is one, else python3) without installing anything; without CUDA it runs what
-# the CPU can and says what it skipped. Results: benchmarks/results/gpu_check_<device>.{json,md}.
+# CPU, steps without host syncs, the 0.5B model's throughput row by row, the step's memory model.
+# It runs on the machine's own PyTorch (GPU_PYTHON, default this venv's python where there is one,
+# else python3) without installing anything; without CUDA it runs what the CPU can and says what
+# it skipped. Results, written as they come: $(OUT)/gpu_check_<device>.{jsonl,json,md}.
+# Quick by default (about 7 minutes on one H100); GPU_CHECK_ARGS= for the full run, add
+# --budget-s N to skip what would not fit in N seconds.
 GPU_PYTHON ?= $(shell [ -x $(BIN)/python ] && echo $(BIN)/python || echo python3)
+OUT ?= benchmarks/results
+GPU_CHECK_ARGS ?= --quick
 gpu-check:
-	$(GPU_PYTHON) -m benchmarks.gpu_check
+	$(GPU_PYTHON) -m benchmarks.gpu_check --out $(OUT) $(GPU_CHECK_ARGS)
 
 # git hooks running ruff and mypy before each commit (.pre-commit-config.yaml)
 hooks: install

@@ -122,10 +122,8 @@ def table(model: ModelConfig, seq_len: int, micros: list[int], chunk: int) -> li
 
 
 def markdown(rows: list[StepModel]) -> str:
-    lines = [
-        "| micro | loss | weights | grads | Adam | activations | head transient | total | TFLOP/step | recompute |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    head = "| micro | loss | weights | grads | Adam | activations | head transient | total | TFLOP/step |"
+    lines = [head + " recompute |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r.micro_batch} | {r.kernel} | {r.weights_gb:.1f} GB | {r.gradients_gb:.1f} GB | "

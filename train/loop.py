@@ -13,6 +13,7 @@ GPU each rank holds, and a rank's failure ends the others within seconds (train/
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import signal
 import threading
@@ -529,7 +530,10 @@ def ddp_options(cfg: RunConfig) -> dict[str, Any]:
       plain steps use every parameter, so there is no unused-parameter search to spare.
     - Buckets stay at DDP's 25 MB: small enough that the first all-reduce starts early in the
       backward and the last one, after it, is short."""
-    return {"broadcast_buffers": False, "gradient_as_bucket_view": not cfg.unit_moments}
+    # torch 2.13 renames the option (and warns about the old name); older releases know only the old one
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    return {buffers: False, "gradient_as_bucket_view": not cfg.unit_moments}
 
 
 class Trainer:
