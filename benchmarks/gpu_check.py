@@ -5,7 +5,7 @@ minutes: every result is written the moment it exists (`--out`: a JSON line appe
 and the Markdown summary rewritten), every check and every throughput row runs in its own
 try/except with its error recorded, a failed two-process run has its processes killed, and
 `--budget-s` skips a section that would not fit in what is left, saying so. Each section prints
-its estimated time on one H100; `--quick` totals about 7 minutes there.
+its estimated time on one H100; `--quick` totals about 7.5 minutes there (451 s).
 
 correctness, tiny model (conf/model/tiny.yaml), first losses compared:
   cuda_fp32_vs_cpu     CUDA fp32 with TF32 off vs the CPU             rel <= 1e-4
@@ -371,8 +371,6 @@ def no_host_sync(data_dir: str, work: Path) -> Iterator[Outcome]:
             "tests/test_step_syncs.py counts host reads on the CPU)",
         )
         return
-    import train.loop as loop
-
     kinds = {
         "plain": {},
         "accumulation": {"micro_batch_size": 2},
@@ -400,7 +398,6 @@ def no_host_sync(data_dir: str, work: Path) -> Iterator[Outcome]:
             yield Outcome(f"no_host_sync[{kind}]", "passed", f"{kind}: 4 steps, no call waited for the GPU")
         except Exception as exc:
             yield Outcome(f"no_host_sync[{kind}]", "failed", f"{kind}: {type(exc).__name__}: {exc}")
-    del loop
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -781,11 +778,11 @@ def main() -> None:
             # estimates on one H100, --quick: tiny runs ~8 s each, compile ~45 s, two ranks ~25 s;
             # a 0.5B row ~15 s (build, 5 steps), compiled ~60 s
             report.section(
-                "correctness", 150 if args.quick else 300, lambda: correctness(data[0], work, steps)
+                "correctness", 120 if args.quick else 300, lambda: correctness(data[0], work, steps)
             )
             report.section("no_host_sync", 30, lambda: no_host_sync(data[0], work))
             report.section("liger", 10, lambda: liger(args.quick))
-            report.section("throughput", 170 if args.quick else 400, lambda: throughput(data[0], args.quick))
+            report.section("throughput", 150 if args.quick else 400, lambda: throughput(data[0], args.quick))
             report.section("overheads", 90 if args.quick else 200, lambda: overheads(data[0], args.quick))
             report.section("profile", 20, lambda: profile(data[0], args.quick))
     finally:

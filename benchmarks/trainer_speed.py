@@ -36,11 +36,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from train.adam_variants import VariantAdam
 from train.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, TrainerConfig, WandbConfig
 from train.data import TokenStream, load_split, prepare
 from train.distributed import init_distributed
 from train.loop import DTYPES, StopFlag, Trainer, train
-from train.model import build_model
+from train.model import TokenLoss, build_model
+from train.per_example import UnitGradients, per_example_gradients
 from train.throughput import peak_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,28 +62,44 @@ def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
     """The trainer's work written plainly: the same samples, micro-batches and accumulation, the
     loss summed over tokens and divided by the step's tokens (the mean over every token of the
     batch), the gradient norm and clip, AdamW (fused on a GPU, as the trainer), and the loss and
-    norm read to the host at the trainer's logging cadence. Nothing else."""
+    norm read to the host at the trainer's logging cadence. Nothing else. With invariant Adam or
+    per-example statistics, the same per-unit sums the trainer keeps (train/per_example.py's
+    `UnitGradients`, `per_example_gradients`) and, for the statistics, their figures read every
+    logged step."""
     stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.trainer.seq_len, cfg.trainer.data_seed)
-    model = build_model(cfg.model, 0, cfg.trainer.attn_implementation).to(device)
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        fused=device.type == "cuda",
+    loss_module = TokenLoss(build_model(cfg.model, 0, cfg.trainer.attn_implementation).to(device))
+    model = loss_module.lm
+    named = [(n, p) for n, p in loss_module.named_parameters() if p.requires_grad]
+    params, names = [p for _, p in named], [n for n, _ in named]
+    o, t = cfg.optimizer, cfg.trainer
+    hyper = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    invariant = o.name == "invariant_adam"
+    opt: torch.optim.Optimizer = (
+        VariantAdam(params, o.name, **hyper)  # type: ignore[arg-type]
+        if invariant
+        else torch.optim.AdamW(params, fused=device.type == "cuda", **hyper)  # type: ignore[arg-type]
     )
+    units = UnitGradients(params, names, invariant, False, t.per_example_stats) if cfg.unit_moments else None
+    examples = per_example_gradients(loss_module, names, t.seq_len) if t.per_example_stats else None
     dtype = DTYPES[cfg.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    micro = cfg.trainer.micro_batch_size or cfg.batch_size
-    step_tokens = cfg.batch_size * cfg.trainer.seq_len
+    micro = t.micro_batch_size or cfg.batch_size
+    accum = cfg.batch_size // micro
+    step_tokens = cfg.batch_size * t.seq_len
     start = time.perf_counter()
     for step in range(steps):
         batch = torch.from_numpy(stream.samples(step * cfg.batch_size, cfg.batch_size)).to(device)
         loss_sum = torch.zeros((), device=device)
+        if units is not None:
+            units.begin()
         for j in range(0, cfg.batch_size, micro):
             part = batch[j : j + micro]
+            if examples is not None and units is not None and micro > 1:
+                with autocast:
+                    grads, losses = examples(part)
+                units.add(grads)
+                loss_sum += losses.detach().sum()
+                continue
             with autocast:
                 logits = model(input_ids=part[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(
@@ -89,11 +107,18 @@ def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
             )
             (loss / step_tokens).backward()
             loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+            if units is not None:
+                units.add_grads(factor=accum)
+        moments = units.finish(1)[0] if units is not None else None
+        if isinstance(opt, VariantAdam) and moments is not None:
+            opt.feed(moments)
+        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % cfg.trainer.log_every_steps == 0:
+        if step % t.log_every_steps == 0:
             (loss_sum / step_tokens).item(), norm.item()
+            if moments is not None and t.per_example_stats:
+                moments.statistics()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -108,6 +133,7 @@ def run_config(
     loss_chunk: int,
     compile: bool,
     optimizer: str,
+    per_example_stats: bool = False,
 ) -> RunConfig:
     """The benchmarked run: `conf/model/<model>.yaml` on the embedded corpus, W&B disabled."""
     values = yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())
@@ -128,6 +154,7 @@ def run_config(
             compile=compile,
             loss_chunk_tokens=loss_chunk,
             noise_probe_every=0,  # the probe's cost is benchmarks/noise_probe_cost.py's
+            per_example_stats=per_example_stats,
         ),
         precision=precision,
         wandb=WandbConfig(mode="disabled"),
@@ -186,6 +213,7 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=0)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "invariant_adam"])
+    ap.add_argument("--per-example-stats", action="store_true", help="per-sequence gradient statistics on")
     args = ap.parse_args()
 
     cfg = run_config(
@@ -197,6 +225,7 @@ def main() -> None:
         args.loss_chunk,
         args.compile,
         args.optimizer,
+        args.per_example_stats,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = args.steps * args.batch * args.seq_len
@@ -213,9 +242,10 @@ def main() -> None:
     rounds.sort(key=lambda r: r[0] / r[1])
     rate_ours, rate_bare = rounds[len(rounds) // 2]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    stats = ", per-example statistics" if args.per_example_stats else ""
     print(
         f"device {device_name}, model {args.model}, batch {args.batch} x seq {args.seq_len}, "
-        f"{args.precision}, {args.optimizer}, threads {torch.get_num_threads()}, {len(rounds)} rounds"
+        f"{args.precision}, {args.optimizer}{stats}, threads {torch.get_num_threads()}, {len(rounds)} rounds"
     )
     print(f"bare loop   {rate_bare:12,.0f} tokens/s   (median round)")
     print(f"our trainer {rate_ours:12,.0f} tokens/s")

@@ -393,7 +393,7 @@ def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fa
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    step, save = loop.train_step, loop.save_checkpoint
+    step, save = loop.launch_step, loop.save_checkpoint
     calls = [0]
 
     def faulty_step(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -418,7 +418,7 @@ def fault_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path, fa
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         return save(*args, **kwargs)
 
-    loop.train_step = faulty_step
+    loop.launch_step = faulty_step
     if rank == 0:
         loop.save_checkpoint = faulty_save
     if fault == "kill_quiet":

@@ -1,5 +1,5 @@
 """B_simple: the two-batch estimate on synthetic gradients whose noise scale is known, the
-probe (one process, one micro-batch: batch 1 included) through `train_step` on a problem with a
+probe (one process, one micro-batch: batch 1 included) through `launch_step` on a problem with a
 known noise scale, and on the tiny model against per-sequence gradients at a branch point."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Quadratic(torch.nn.Module):
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_the_probe_recovers_a_known_noise_scale_while_training(batch):
-    """`train_step` with a probe every step, SGD at lr 0.01 on the quadratic, x ~ N(mu, I) in 400
+    """`launch_step` with a probe every step, SGD at lr 0.01 on the quadratic, x ~ N(mu, I) in 400
     dimensions, mu drifting by -lr * d per step (|d|^2 = 16). tr(Sigma) = 400; the true gradient
     is theta - mu = d + e, e the weights' own noise (an AR(1) of stationary variance
     lr / (B (2 - lr)) per dimension), so B_simple = 400 / (16 + 400 lr / (B (2 - lr))): 22.2
@@ -55,7 +55,7 @@ def test_the_probe_recovers_a_known_noise_scale_while_training(batch):
     over 4000 steps is about 3%. The update is the one without a probe, bit for bit."""
     from train.batching import BatchPlan
     from train.distributed import Placement
-    from train.loop import LocalGradNorm, Network, train_step
+    from train.loop import LocalGradNorm, Network, launch_step
     from train.train_state import Counters, TrainState
 
     def run(probe: bool) -> tuple[NoiseScale, list[float], torch.Tensor]:
@@ -78,7 +78,7 @@ def test_the_probe_recovers_a_known_noise_scale_while_training(batch):
         mu, sums = -d.clone(), [0.0, 0.0]
         for _ in range(steps):
             x, extra = (mu + torch.randn(2, batch, dim, generator=gen)).unbind(0)
-            result = train_step(network, state, x, plan, 0, extra if probe else None)
+            result = launch_step(network, state, x, plan, 0, extra if probe else None).read()
             if result.noise is not None:
                 state.noise.update(result.noise)
                 sums[0] += state.noise.last_signal or 0.0

@@ -60,8 +60,8 @@ def test_a_step_reads_nothing_back_to_the_host(prepared_data, tmp_path, monkeypa
 
 def test_the_counter_sees_what_a_step_must_not_do():
     """The counter is the test's instrument: reading a value, branching on a tensor, a blocking
-    copy and a tensor made from Python data are each counted; the same figures read once at the
-    end of `train_step` (the reading form) are a `.tolist()`."""
+    copy to another device and a tensor made from Python data are each counted; what waits for
+    nothing is not."""
     x = torch.ones(3)
     with counting_host_reads() as counts:
         x.sum().item()

@@ -408,19 +408,6 @@ def launch_step(
     ).copy()
 
 
-def train_step(
-    network: Network,
-    state: TrainState,
-    batch: torch.Tensor,
-    plan: BatchPlan,
-    signum: int,
-    probe: torch.Tensor | None = None,
-    decided: bool = False,
-) -> StepResult:
-    """`launch_step` and its figures read at once (the trainer reads them one step later)."""
-    return launch_step(network, state, batch, plan, signum, probe, decided).read()
-
-
 class LookThread(threading.Thread):
     """One look at an arm's pairs, in the background (a daemon: an arm that ends mid-look does
     not wait for it); `decided` and `error` once it has ended."""

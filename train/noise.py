@@ -17,7 +17,7 @@ times the sequence length it is in tokens. B_simple is the batch at which the gr
 equals its signal: well below it the noise dominates, the regime where the square-root rule is
 expected to hold (Malladi et al. 2022).
 
-Where the two batch sizes come from depends on the step's layout (`train.loop.train_step`):
+Where the two batch sizes come from depends on the step's layout (`train.loop.launch_step`):
 - DDP: each rank's own gradient (B / world) against the all-reduced one (B);
 - one process with accumulation: the first micro-batch's gradient against the step's;
 - one process, one micro-batch (the small-batch arms, batch 1 included): every
