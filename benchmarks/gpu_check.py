@@ -585,7 +585,7 @@ def liger(quick: bool) -> Iterator[Outcome]:
     if not CUDA:
         yield Outcome("liger", "skipped", "Liger-Kernel: skipped (needs CUDA)")
         return
-    from train.model import build_model
+    from train.model import build_model, liger_loss
 
     sp = Speed.here(quick)
     lm = build_model(model(sp.name), 0).cuda()
@@ -595,9 +595,7 @@ def liger(quick: bool) -> Iterator[Outcome]:
     weight = lm.lm_head.weight
     ours = torch.nn.functional.cross_entropy(hidden @ weight.t(), target, reduction="sum")
     g_ours = torch.autograd.grad(ours, [hidden, weight])
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # type: ignore[import-not-found]
-
-    theirs = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, target)
+    theirs = liger_loss()(weight, hidden, target)  # the trainer's own Liger loss (loss_kernel=liger)
     g_theirs = torch.autograd.grad(theirs, [hidden, weight])
     diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(g_theirs, g_ours, strict=True))
     loss_diff = abs(theirs.item() - ours.item()) / abs(ours.item())
@@ -647,8 +645,7 @@ def profile(data_dir: str, quick: bool) -> Iterator[Outcome]:
         timed("backward", lambda: (part * (1 / plan.tokens_per_step)).backward())
         timed("optimizer", state.optimizer.step)
         state.optimizer.zero_grad(set_to_none=True)
-        whole = timed("whole step (queued, then synced)", lambda: trainer.one_step(sp.settle + 1))
-        del whole
+        timed("whole step (queued, then synced)", lambda: trainer.one_step(sp.settle + 1))
         ranges: list[Any] = []
 
         def enter(label: str) -> Callable[..., None]:

@@ -91,3 +91,28 @@ def test_the_next_batch_goes_from_pinned_memory_without_waiting(prepared_data, t
     trainer.where = Placement(0, 1, torch.device("cuda", 0))
     trainer.to_device(rows)
     assert calls == [("pin", None), ("to", ((torch.device("cuda", 0),), {"non_blocking": True}))]
+
+
+def test_ddp_options_follow_the_step_kind_and_the_torch_release(prepared_data, tmp_path, monkeypatch):
+    """Gradients are bucket views only on plain steps (per-unit steps set `.grad` themselves), and
+    buffers are not synced under whichever name this torch release gives the option (faked: a
+    release before 2.13 knows only `broadcast_buffers`)."""
+    import inspect
+
+    from train.loop import ddp_options
+
+    plain = tiny_run(prepared_data, tmp_path / "a")
+    units = tiny_run(prepared_data, tmp_path / "b", optimizer=OptimizerConfig(name="invariant_adam", lr=3e-3))
+    assert ddp_options(plain)["gradient_as_bucket_view"] is True
+    assert ddp_options(units)["gradient_as_bucket_view"] is False
+    known = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+    assert ddp_options(plain)[name] is False
+
+    def old_init(
+        self: Any, module: Any, broadcast_buffers: bool = True, gradient_as_bucket_view: bool = False
+    ) -> None:
+        pass
+
+    monkeypatch.setattr(torch.nn.parallel.DistributedDataParallel, "__init__", old_init)
+    assert ddp_options(plain) == {"broadcast_buffers": False, "gradient_as_bucket_view": True}

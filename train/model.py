@@ -91,7 +91,7 @@ class TokenLoss(torch.nn.Module):
         self.lm = lm
         self.chunk_tokens = chunk_tokens
         self.kernel = kernel
-        self.liger = _liger_loss() if kernel == "liger" else None
+        self.liger = liger_loss() if kernel == "liger" else None
         self.masks = causal_without_mask(lm)
         self.elementwise = loss_and_logit_gradient  # the fused loss's softmax part
         self.head_loss = self._head_loss  # the chunked loss's chunk
@@ -172,7 +172,7 @@ def causal_without_mask(lm: Qwen2ForCausalLM) -> dict[str, None] | None:
     return {"full_attention": None}
 
 
-def _liger_loss() -> torch.nn.Module:
+def liger_loss() -> torch.nn.Module:
     """Liger-Kernel's fused linear cross-entropy, summed over tokens; a clear error where it cannot run."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # type: ignore[import-not-found]
