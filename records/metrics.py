@@ -83,6 +83,16 @@ FIELDS: dict[str, Field] = {
         )
         for group in ("embeddings", "attention", "mlp", "norms", "head")
     },
+    # trainer.per_example_unit=token: the same statistics over token positions, under their own keys
+    "pe_norm_mean_token": Field("", "per-token statistics: mean of the per-position gradient norms", False),
+    "pe_norm_std_token": Field("", "per-token statistics: spread of the per-position gradient norms", False),
+    "b_simple_token": Field("tokens", "B_simple from every position's gradient contribution", False),
+    "grad_sq_token": Field("", "|G|^2 from every position's gradient contribution", False),
+    "noise_trace_token": Field("per token", "tr(Sigma) over positions' gradient contributions", False),
+    **{
+        f"snr_{group}_token": Field("per token", f"per-token signal-to-noise ratio of the {group}", False)
+        for group in ("embeddings", "attention", "mlp", "norms", "head")
+    },
     "val_loss": Field(
         "nats/token",
         "loss on the fixed validation slice (trainer.val_samples sequences, the same for every arm)",

@@ -71,6 +71,13 @@ IDENTITY: dict[str, Key] = {
     "trainer.loss_kernel": Key(
         "loss_kernel", when=lambda run: run.trainer.loss_kernel not in AGREEING_LOSS_KERNELS
     ),
+    # Per token the per-example optimizers step on other moments; for any other optimizer the unit
+    # only changes what the statistics measure (a measurement, as `trainer.per_example_stats`).
+    # Per sequence (the behaviour before the option) the key stays out.
+    "trainer.per_example_unit": Key(
+        "per_example_unit",
+        when=lambda run: run.spec.unit == "sequence" and run.trainer.per_example_unit != "sequence",
+    ),
     "schedule": Key("schedule", when=lambda run: run.schedule.kind != "constant", value=asdict),
     "split": Key("split", when=lambda run: run.split != DEFAULT_SPLIT.get(run.stage)),
 }
@@ -95,7 +102,6 @@ EXCLUDED: dict[str, str] = {
     "trainer.peak_flops": "the denominator of the logged MFU",
     "trainer.per_example_stats": "a measurement: the step's gradient is the mean of the per-example "
     "ones (other float rounding)",
-    "trainer.per_example_chunk": "a memory choice: the same per-example gradients, vmapped in chunks",
     "progress": "a progress bar",
     "sweep_name": "the W&B group, where the run is shown",
     "tags": "W&B tags",

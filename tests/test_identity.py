@@ -87,9 +87,15 @@ def _mutated(run: RunConfig, path: str) -> RunConfig:
     return run
 
 
+# Identity fields that `_run` cannot put in play, with the changes that do.
+IN_PLAY: dict[str, dict[str, Any]] = {
+    "trainer.per_example_unit": {"optimizer": OptimizerConfig(name="micro_adam")},  # a per-unit update
+}
+
+
 @pytest.mark.parametrize("path", sorted(IDENTITY))
 def test_changing_an_identity_field_changes_the_signature(path):
-    run = _run()
+    run = _run(**IN_PLAY.get(path, {}))
     assert run_signature(_mutated(run, path), "data", None) != run_signature(run, "data", None)
 
 
@@ -113,6 +119,10 @@ def test_conditional_fields_stay_out_where_they_change_nothing():
     adam = _run(optimizer=OptimizerConfig(), schedule=ScheduleConfig())
     for path in ("trainer.micro_batch_size", "schedule.halve_at"):
         assert run_signature(_mutated(adam, path), "data", None) == run_signature(adam, "data", None), path
+    # AdamW with per-example statistics: the unit is what they measure, not what the run computes
+    stats = replace(adam, trainer=replace(adam.trainer, per_example_stats=True))
+    per_token = replace(stats, trainer=replace(stats.trainer, per_example_unit="token"))
+    assert run_signature(per_token, "data", None) == run_signature(stats, "data", None)
 
 
 @pytest.mark.parametrize("experiment", sorted(k for k in GOLDEN if not k.startswith("_")))

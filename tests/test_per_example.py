@@ -1,7 +1,9 @@
 """Per-example gradient statistics and the optimizer variants they feed (Roulet & Agarwala 2025):
-exactness against a loop of per-sequence backward passes, on one process and under 2-rank DDP with
-accumulation; the variants' second-moment inputs in closed form and by simulation; MicroAdam = Adam
-at one sequence; the sign placements in closed form."""
+the per-unit gradients formed inside the backward (train/unit_backward.py) exact against loops of
+per-sequence and per-token backward passes, with every loss kernel, tied and untied heads,
+compiled, on one process and under 2-rank DDP with accumulation; M2's stable merge where the
+one-pass form cancels; the variants' second-moment inputs in closed form and by simulation;
+MicroAdam = Adam at one sequence; the sign placements in closed form."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.harness import rows, run_world, tiny_run
 from train.adam_variants import VariantAdam, second_moment_input
@@ -19,14 +22,22 @@ from train.batching import plan_batches
 from train.config import ModelConfig, OptimizerConfig
 from train.loop import Units, accumulate_gradients
 from train.model import TokenLoss, build_model
-from train.per_example import UnitGradients, param_group, per_example_gradients
+from train.per_example import Moments, UnitGradients, param_group
+from train.unit_backward import UnitCollector, install, is_rms_norm, normalised
 
 SEQ = 16
 
 
-def _tiny_loss() -> TokenLoss:
-    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
-    return TokenLoss(build_model(cfg, seed=0))
+def _tiny_loss(tied: bool = True, chunk: int = 0, kernel: str = "chunked") -> TokenLoss:
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        num_kv_heads=1,
+        tie_word_embeddings=tied,
+    )
+    return TokenLoss(build_model(cfg, seed=0), chunk, kernel)
 
 
 def _windows(n: int) -> torch.Tensor:
@@ -38,65 +49,203 @@ def _windows(n: int) -> torch.Tensor:
     return torch.where(torch.rand(n, SEQ + 1, generator=gen) < 0.25, noise, counting)
 
 
-def _reference(loss: TokenLoss, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Each sequence's mean-token gradient, one backward pass per sequence: (n, numel) rows."""
-    per_sequence = []
-    for w in windows:
-        loss.zero_grad(set_to_none=True)
-        (loss(w[None]) / SEQ).backward()
-        per_sequence.append(torch.cat([p.grad.flatten() for p in loss.parameters()]))
+def _flat_grads(loss: TokenLoss) -> torch.Tensor:
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in loss.parameters()]
     loss.zero_grad(set_to_none=True)
-    return per_sequence
+    return torch.cat([g.flatten() for g in grads]).double()
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-5 * abs(b)
+def _per_sequence(loss: TokenLoss, windows: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean-token gradient, one backward pass per sequence: (n, numel) rows."""
+    out = []
+    for w in windows:
+        (loss(w[None]) / SEQ).backward()
+        out.append(_flat_grads(loss))
+    return torch.stack(out)
 
 
-@pytest.mark.parametrize("micro", [1, 4])
-def test_statistics_are_exact_against_a_loop_of_per_sequence_backward_passes(micro):
-    """micro 4: vmap inside each micro-batch (2 of them); micro 1: every micro-batch's own backward."""
-    torch.manual_seed(0)
-    loss, windows = _tiny_loss(), _windows(8)
-    g = torch.stack(_reference(loss, windows)).double()
+def _per_token(loss: TokenLoss, windows: torch.Tensor) -> torch.Tensor:
+    """Each position's contribution to the gradient of the summed loss, one backward pass per
+    position: every Linear, Embedding and RMSNorm computes `plain(W.detach()) + m (plain(W) -
+    plain(W.detach()))` with m selecting that position, so the value is unchanged and only that
+    position's uses of each weight carry gradient. (n x SEQ, numel) rows."""
+    n = len(windows)
+    mask = torch.zeros(n * SEQ)
+
+    def masked(plain, *weights):  # plain(*weights): the module's output with these weights
+        base = plain(*(None if w is None else w.detach() for w in weights))
+        return base + mask.view(n, SEQ, 1) * (plain(*weights) - base)
+
+    for m in loss.modules():  # instance forwards, removed again below
+        if isinstance(m, torch.nn.Linear):
+            m.forward = lambda x, m=m: masked(lambda w, b: F.linear(x, w, b), m.weight, m.bias)
+        elif isinstance(m, torch.nn.Embedding):
+            m.forward = lambda ids, m=m: masked(lambda w: F.embedding(ids, w), m.weight)
+        elif is_rms_norm(m):
+            m.forward = lambda x, m=m: masked(lambda w: w * normalised(m, x), m.weight)
+    out = []
+    try:
+        for position in range(n * SEQ):
+            mask.zero_()[position] = 1
+            loss(windows).backward()
+            out.append(_flat_grads(loss))
+    finally:
+        for m in loss.modules():
+            m.__dict__.pop("forward", None)
+    return torch.stack(out)
+
+
+def _collect(loss: TokenLoss, windows: torch.Tensor, unit: str, micro: int, compiled: bool = False):
+    """One step's units as the trainer forms them: the mean gradient, M2, the mean sign, the moments."""
     named = list(loss.named_parameters())
     params, names = [p for _, p in named], [n for n, _ in named]
-    units = Units(UnitGradients(params, names, squares=True, signs=True))
-    units.examples = per_example_gradients(loss, names, SEQ)
-    plan = plan_batches(8, micro, 1, SEQ, 8 * SEQ)
+    units = Units(UnitGradients(params, names, squares=True, signs=True, unit=unit))
+    units.collector = loss.units = UnitCollector(units.sums, loss, unit, SEQ)
+    if compiled:
+        loss.compile_regions()
+    install(loss, units.collector)
+    plan = plan_batches(len(windows), micro, 1, SEQ, len(windows) * SEQ)
     loss_sum, _, moments = accumulate_gradients(
         loss, windows, plan, False, contextlib.nullcontext, units=units
     )
-    assert moments is not None and moments.units == 8
-    mean = torch.cat([p.grad.flatten() for p in params]).double()
-    assert torch.allclose(mean, g.mean(0), rtol=1e-5, atol=1e-9)
-    assert torch.allclose(
-        torch.cat([t.flatten() for t in moments.mean_sq]).double(), (g * g).mean(0), rtol=1e-5, atol=1e-12
-    )  # noqa: E501
-    assert torch.allclose(
-        torch.cat([t.flatten() for t in moments.mean_sign]).double(), g.sign().mean(0), atol=1e-6
-    )  # noqa: E501
-    with torch.no_grad():
-        assert loss_sum.item() == pytest.approx(loss(windows).item(), rel=1e-5)
+    assert moments is not None and moments.m2 is not None and moments.mean_sign is not None
+    flat = [
+        torch.cat([t.flatten() for t in ts]).double()
+        for ts in ([p.grad for p in params], moments.m2, moments.mean_sign)
+    ]
+    return (*flat, moments, loss_sum)
+
+
+def _close(a: float, b: float, scale: float = 0.0) -> bool:
+    """a == b to 1e-5 of the larger of |b| and `scale` (a difference of two terms, as |G|^2 =
+    |mu|^2 - tr / U, is held to the terms' size: near zero it has no relative precision)."""
+    return abs(a - b) <= 1e-5 * max(abs(b), scale)
+
+
+def _key(name: str, unit: str) -> str:
+    """A statistic's logged key: per token under its own (train/per_example.py `Moments`)."""
+    return name if unit == "sequence" else name.removesuffix("_exact") + "_token"
+
+
+def _assert_exact(g: torch.Tensor, mean, m2, sign, moments: Moments, names: list[str], params) -> None:
+    """The units' sums and the statistics against per-unit rows `g` (float64), to 1e-5."""
+    u = len(g)
+    assert moments.units == u
+    truth = g.mean(0)
+    scale = truth.abs().max()
+    assert (mean - truth).abs().max() <= 1e-5 * scale
+    m2_truth = (g - truth).square().sum(0)
+    assert (m2 - m2_truth).abs().max() <= 1e-5 * m2_truth.abs().max()
+    # A sign is only defined where the unit's gradient is not zero to float rounding: elements
+    # within 1e-6 of the largest (float32's reach after a few operations) may flip.
+    ambiguous = (g.abs() <= 1e-6 * g.abs().max(1, keepdim=True).values).sum(0)
+    assert ((sign - g.sign().mean(0)).abs() <= 2 * ambiguous / u + 1e-6).all()
     # The statistics from the definitions in train/per_example.py, in float64.
     norms = g.norm(dim=1)
-    trace = 8 / 7 * ((norms**2).mean() - mean.double().norm() ** 2)
-    signal = mean.double().norm() ** 2 - trace / 8
-    stats = moments.statistics()
+    trace = u / (u - 1) * ((norms**2).mean() - truth.norm() ** 2)
+    signal = truth.norm() ** 2 - trace / u
+    logged = moments.statistics()
+    names_seq = ["pe_norm_mean", "pe_norm_std", "noise_trace_exact", "grad_sq_exact", "b_simple_exact"]
+    names_seq += [f"snr_{group}" for group in ("embeddings", "attention", "mlp", "norms", "head")]
+    stats = {n: logged[_key(n, moments.unit)] for n in names_seq if _key(n, moments.unit) in logged}
+    assert len(stats) == len(logged)  # every key logged is the one of its unit
     assert _close(stats["pe_norm_mean"], norms.mean().item())
     assert _close(stats["pe_norm_std"], norms.std(unbiased=False).item())
     assert _close(stats["noise_trace_exact"], trace.item())
-    assert _close(stats["grad_sq_exact"], signal.item())
+    assert _close(stats["grad_sq_exact"], signal.item(), truth.norm().item() ** 2)
     assert _close(stats["b_simple_exact"], (trace / signal).item())
     offsets = np.cumsum([0] + [p.numel() for p in params])
-    for group in ("embeddings", "attention", "mlp", "norms"):
+    for group in {param_group(n) for n in names}:
         cols = torch.cat(
             [torch.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names) if param_group(n) == group]
         )
         gk, mk = g[:, cols], g[:, cols].mean(0)
-        trace_k = 8 / 7 * ((gk**2).sum(1).mean() - mk.norm() ** 2)
-        assert _close(stats[f"snr_{group}"], ((mk.norm() ** 2 - trace_k / 8) / trace_k).item()), group
-    assert "snr_head" not in stats  # tied embeddings: the head's gradient is the table's
+        trace_k = u / (u - 1) * ((gk**2).sum(1).mean() - mk.norm() ** 2)
+        snr = ((mk.norm() ** 2 - trace_k / u) / trace_k).item()
+        assert _close(stats[f"snr_{group}"], snr, (mk.norm() ** 2 / trace_k).item()), group
+
+
+LOSSES = {
+    "full": (0, "chunked"),
+    "chunked": (24, "chunked"),
+    "fused": (24, "fused"),
+}  # 24: chunks cut sequences
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("kernel", list(LOSSES))
+@pytest.mark.parametrize("unit", ["sequence", "token"])
+def test_units_are_exact_against_loops_of_backward_passes(unit, kernel, tied):
+    """Two micro-batches per step (accumulation), against one backward pass per unit through the
+    plain model (the full loss); the loss kernels' chunks of 24 tokens cut sequences of 16."""
+    torch.manual_seed(0)
+    windows = _windows(8 if unit == "sequence" else 4)
+    reference = _tiny_loss(tied)
+    g = _per_sequence(reference, windows) if unit == "sequence" else _per_token(reference, windows)
+    loss = _tiny_loss(tied, *LOSSES[kernel])
+    named = list(loss.named_parameters())
+    mean, m2, sign, moments, loss_sum = _collect(loss, windows, unit, micro=len(windows) // 2)
+    _assert_exact(g, mean, m2, sign, moments, [n for n, _ in named], [p for _, p in named])
+    with torch.no_grad():
+        assert loss_sum.item() == pytest.approx(reference(windows).item(), rel=1e-5)
+    assert (_key("snr_head", unit) in moments.statistics()) != tied  # tied: the head's is the table's
+
+
+@pytest.mark.parametrize("unit", ["sequence", "token"])
+def test_compiled_layers_and_one_sequence_micro_batches_are_exact(unit):
+    """trainer.compile's regional compile (inductor; the per-unit layers run eagerly between its
+    graphs), micro-batches of one sequence, the chunked loss."""
+    torch.manual_seed(0)
+    windows = _windows(4)
+    reference = _tiny_loss()
+    g = _per_sequence(reference, windows) if unit == "sequence" else _per_token(reference, windows)
+    loss = _tiny_loss(True, 24, "chunked")
+    named = list(loss.named_parameters())
+    mean, m2, sign, moments, _ = _collect(loss, windows, unit, micro=1, compiled=True)
+    _assert_exact(g, mean, m2, sign, moments, [n for n, _ in named], [p for _, p in named])
+
+
+def test_a_parameter_of_an_unknown_module_is_refused_and_gemma_style_norms_are_not_taken():
+    loss = _tiny_loss()
+    named = list(loss.named_parameters())
+    collector = UnitCollector(
+        UnitGradients([p for _, p in named], [n for n, _ in named], False, False), loss, "sequence", SEQ
+    )
+    norm = loss.lm.model.norm
+    assert is_rms_norm(norm)
+
+    class GemmaStyleRMSNorm(type(norm)):  # weight stored as an offset from 1
+        def forward(self, x):
+            return (1 + self.weight) * normalised(self, x)
+
+    norm.__class__ = GemmaStyleRMSNorm
+    assert not is_rms_norm(norm)
+    with pytest.raises(
+        ValueError, match=r"model\.norm\.weight \(a parameter of none of Linear, Embedding, RMSNorm\)"
+    ):
+        install(loss, collector)
+
+
+def test_m2_is_stable_where_the_one_pass_form_cancels():
+    """|mu| / sigma = 1e3 in float32, 4 micro-batches of 8 units: the variance from the merged M2
+    matches a float64 reference to 1e-3 relative; the one-pass form (M - mu^2) does not come near."""
+    gen = torch.Generator().manual_seed(0)
+    mu, sigma = 1000.0, 1.0
+    g64 = mu + sigma * torch.randn(32, 64, generator=gen, dtype=torch.float64)
+    g = g64.float()
+    p = torch.nn.Parameter(torch.zeros(64))
+    units = UnitGradients([p], ["lm.mlp.p"], squares=True, signs=False, norms=False)
+    units.begin()
+    for part in g.split(8):
+        units.merge(0, part)
+        units.close(len(part))
+    moments, _ = units.finish(world=1)
+    assert moments.m2 is not None
+    (variance,) = second_moment_input("micro_adam_var", [p.grad], moments.m2, 32)
+    truth = g.double().var(0)  # of the float32 values the units held, in float64
+    assert ((variance.double() - truth).abs() / truth).max() < 1e-3
+    one_pass = 32 / 31 * ((g * g).mean(0) - g.mean(0) ** 2)
+    assert ((one_pass.double() - truth).abs() / truth).max() > 0.1
 
 
 def test_the_reference_implementations_example():
@@ -110,7 +259,8 @@ def test_the_reference_implementations_example():
     units.begin()
     units.add([per_example(p.detach(), x, t)])
     moments, _ = units.finish(world=1)
-    assert p.grad.item() == -3.0 and moments.mean_sq[0].item() == 14.0
+    assert p.grad.item() == -3.0 and moments.m2 is not None
+    assert moments.m2[0].item() / 4 + p.grad.item() ** 2 == 14.0  # M = M2 / U + mu^2
     assert moments.sums is not None and moments.sums[:2].tolist() == [12.0, 0 + 4 + 16 + 36]
 
 
@@ -120,6 +270,7 @@ def test_second_moment_inputs_in_closed_form():
     u = len(g)
     mean, mean_sq = g.mean(0), (g * g).mean(0)
     var = g.var(0, unbiased=True)
+    m2 = (g - mean).square().sum(0)
     expected = {
         "micro_adam": mean_sq,
         "invariant_adam": mean_sq,
@@ -127,9 +278,9 @@ def test_second_moment_inputs_in_closed_form():
         "micro_adam_msq": mean**2 - var / u,
     }
     for variant, want in expected.items():
-        (got,) = second_moment_input(variant, [mean], [mean_sq], u)
+        (got,) = second_moment_input(variant, [mean], [m2], u)
         assert torch.allclose(got, want, atol=1e-6), variant
-    assert second_moment_input("micro_adam_var", [mean], [mean_sq], u)[0][2] == 0  # no spread, no variance
+    assert second_moment_input("micro_adam_var", [mean], [m2], u)[0][2] == 0  # no spread, no variance
 
 
 def test_variance_and_mean_square_inputs_are_unbiased_by_simulation():
@@ -140,9 +291,10 @@ def test_variance_and_mean_square_inputs_are_unbiased_by_simulation():
     mu = torch.tensor([0.0, 0.3, 1.0, -2.0], dtype=torch.float64)
     sigma, u, draws = 1.5, 4, 20000
     g = mu + sigma * torch.randn(draws, u, len(mu), generator=gen, dtype=torch.float64)
-    mean, mean_sq = g.mean(1), (g * g).mean(1)
+    mean = g.mean(1)
+    m2 = (g - mean[:, None]).square().sum(1)
     for variant, truth in (("micro_adam_var", sigma**2 + 0 * mu), ("micro_adam_msq", mu**2)):
-        (inputs,) = second_moment_input(variant, [mean], [mean_sq], u)
+        (inputs,) = second_moment_input(variant, [mean], [m2], u)
         se = inputs.std(0) / draws**0.5
         assert ((inputs.mean(0) - truth).abs() < 5 * se).all(), variant
     adam = mean**2
@@ -205,11 +357,19 @@ def test_sign_placements_in_closed_form():
 
 
 @pytest.mark.slow
-def test_two_ranks_with_accumulation_log_the_statistics_of_one_rank(prepared_data, tmp_path):
-    """The same 8 sequences per step on one rank (micro 2, vmap, 4 micro-batches) or two (2 each):
-    the same per-example statistics and the same losses; and the statistics leave the run AdamW's."""
+@pytest.mark.parametrize("unit", ["sequence", "token"])
+def test_two_ranks_with_accumulation_log_the_statistics_of_one_rank(prepared_data, tmp_path, unit):
+    """The same 8 sequences per step on one rank (micro 2, 4 micro-batches) or two (2 each), the
+    loss in chunks of 48 tokens (sequences of 32 cut): the same per-example statistics and the same
+    losses; and the statistics leave the run AdamW's."""
     budget = 8 * 32 * 3
-    kw = {"token_budget": budget, "micro_batch_size": 2, "per_example_stats": True}
+    kw = {
+        "token_budget": budget,
+        "micro_batch_size": 2,
+        "per_example_stats": True,
+        "per_example_unit": unit,
+        "loss_chunk_tokens": 48,
+    }
     one = tiny_run(prepared_data, tmp_path / "one", **kw)
     two = tiny_run(prepared_data, tmp_path / "two", **kw)
     run_world(one, 1, tmp_path / "g1.pt")
@@ -217,16 +377,22 @@ def test_two_ranks_with_accumulation_log_the_statistics_of_one_rank(prepared_dat
     for rank in (0, 1):  # the units' own reduction read nothing back to the host either
         assert json.loads((tmp_path / f"g2-reads-{rank}.json").read_text()) == {"steps": 2}
     logged = [rows(Path(c.run_dir)) for c in (one, two)]
-    keys = ["loss", "pe_norm_mean", "pe_norm_std", "noise_trace_exact", "grad_sq_exact", "snr_mlp"]
+    keys = [
+        "loss",
+        *(_key(k, unit) for k in ("pe_norm_mean", "pe_norm_std", "noise_trace_exact", "grad_sq_exact")),
+    ]
+    keys.append(_key("snr_mlp", unit))
     for a, b in zip(*logged, strict=True):
         for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
-    plain = tiny_run(prepared_data, tmp_path / "plain", token_budget=budget, micro_batch_size=2)
+    plain = tiny_run(
+        prepared_data, tmp_path / "plain", token_budget=budget, micro_batch_size=2, loss_chunk_tokens=48
+    )
     run_world(plain, 1, tmp_path / "g3.pt")
     assert [r["loss"] for r in rows(tmp_path / "plain")] == pytest.approx(
         [r["loss"] for r in logged[0]], rel=1e-5
     )
-    assert "pe_norm_mean" not in rows(tmp_path / "plain")[0]
+    assert _key("pe_norm_mean", unit) not in rows(tmp_path / "plain")[0]
 
 
 def test_micro_adam_through_the_trainer_at_one_sequence_per_step_is_adamw(prepared_data, tmp_path):

@@ -2,7 +2,17 @@
 
 Every variant steps with the mean gradient mu_hat of the step's U units (`.grad`) and differs in
 what its second moment (or its sign) is fed. Units are micro-batches for `invariant_adam` and
-sequences for the others.
+sequences (or tokens: `trainer.per_example_unit`) for the others.
+
+What was read, and what is this project's own: of Roulet & Agarwala 2025 (arXiv:2510.00236,
+"Per-example gradients: a new frontier for understanding and improving optimizers") only the
+abstracts of v1 and v2 could be read here, and a summary naming E[g], E[g^2], E[sign g], SignEMA,
+MicroAdamVar and MicroAdamMSQ; the paper's reference code is optax's microbatching
+(`optax.experimental.microbatching.micro_grad`, whose documented example tests/test_per_example.py
+checks). The abstracts say the sign's placement matters and is predicted by a signal-to-noise
+argument, and that Adam's preconditioner does best dominated by the mean squared rather than the
+variance. The update rules below are this project's reconstruction from those names, not the
+paper's equations; docs/trainer.md lists the choices the paper may have made differently.
 
 Second-moment input v_in of the Adam variants (elementwise; expectations over the batch, with mu
 and sigma^2 the per-unit gradient's mean and variance):
@@ -13,11 +23,16 @@ and sigma^2 the per-unit gradient's mean and variance):
     micro_adam_var  U / (U - 1) (M - mu_hat^2)            E = sigma^2             "MicroAdamVar"
     micro_adam_msq  (U mu_hat^2 - M) / (U - 1)            E = mu^2                "MicroAdamMSQ"
 
-(Roulet & Agarwala 2025, arXiv:2510.00236, Section 5; MicroAdam here is theirs, not the compressed
-optimizer of Modoranu et al. 2024 with the same name.) The last two are the unbiased estimators of
+(MicroAdam here is Roulet & Agarwala's name, not the compressed optimizer of Modoranu et al. 2024
+with the same name.) The last two are the unbiased estimators of
 sigma^2 and mu^2 from the U per-unit gradients; `micro_adam_msq`'s input can be negative for one
 step, so its EMA is clamped at zero where the root is taken. Both need U >= 2 sequences. With one
 sequence per step (U = 1) M = mu_hat^2: MicroAdam is Adam.
+
+Each input is formed from mu_hat and the per-unit M2 = sum_u (g_u - mu_hat)^2, which
+train/per_example.py merges stably (Chan's update): M = M2 / U + mu_hat^2, MicroAdamVar's input is
+M2 / (U - 1) and MicroAdamMSQ's mu_hat^2 - M2 / (U (U - 1)). The one-pass form M - mu_hat^2 would
+lose every digit of the variance where |mu| >> sigma.
 
 Then, like AdamW (decoupled weight decay, bias-corrected moments):
 
@@ -25,7 +40,7 @@ Then, like AdamW (decoupled weight decay, bias-corrected moments):
     p = p (1 - lr wd) - lr (m / (1 - beta1^t)) / (sqrt(max(v, 0) / (1 - beta2^t)) + eps)
 
 signSGD with momentum, by where the sign sits in the chain per-unit gradients -> mean -> EMA
-(Roulet & Agarwala 2025, Section 4):
+(the abstract's "placement of the sign operation"):
 
     sign_example  m = EMA_beta1(mean_u sign(g_u));  p -= lr m / (1 - beta1^t)   the sign first
     sign_mean     m = EMA_beta1(sign(mu_hat));      p -= lr m / (1 - beta1^t)   signSGD, then momentum
@@ -58,23 +73,21 @@ VARIANTS = [name for name in OPTIMIZERS if name != "adamw"]  # all but torch's A
 
 
 def second_moment_input(
-    variant: str, mean: list[torch.Tensor], mean_sq: list[torch.Tensor], units: int
+    variant: str, mean: list[torch.Tensor], m2: list[torch.Tensor], units: int
 ) -> list[torch.Tensor]:
-    """What the second moment of `variant` is fed, parameter by parameter, from the mean gradients,
-    the mean squared per-unit gradients and the number of units (the table in the module
-    docstring); foreach ops, one kernel launch per op for all parameters."""
-    if variant in ("invariant_adam", "micro_adam"):
-        return mean_sq
-    if variant == "micro_adam_var":
-        out = list(torch._foreach_sub(mean_sq, torch._foreach_mul(mean, mean)))
-        torch._foreach_mul_(out, units / (units - 1))
-        torch._foreach_clamp_min_(out, 0.0)  # clamp: rounding only
-        return out
-    if variant == "micro_adam_msq":
+    """What the second moment of `variant` is fed, parameter by parameter, from the mean gradients
+    mu_hat, the per-unit M2 = sum_u (g_u - mu_hat)^2 (train/per_example.py forms it stably) and the
+    number of units U (the table in the module docstring, with M = M2 / U + mu_hat^2); foreach
+    ops, one kernel launch per op for all parameters."""
+    if variant in ("invariant_adam", "micro_adam"):  # M
         out = list(torch._foreach_mul(mean, mean))
-        torch._foreach_mul_(out, float(units))
-        torch._foreach_sub_(out, mean_sq)
-        torch._foreach_div_(out, float(units - 1))
+        torch._foreach_add_(out, m2, alpha=1 / units)
+        return out
+    if variant == "micro_adam_var":  # U / (U - 1) (M - mu_hat^2) = M2 / (U - 1): never negative
+        return list(torch._foreach_div(m2, float(units - 1)))
+    if variant == "micro_adam_msq":  # (U mu_hat^2 - M) / (U - 1) = mu_hat^2 - M2 / (U (U - 1))
+        out = list(torch._foreach_mul(mean, mean))
+        torch._foreach_add_(out, m2, alpha=-1 / (units * (units - 1)))
         return out
     raise ValueError(f"{variant} takes no second-moment input")
 
@@ -167,11 +180,11 @@ class VariantAdam(torch.optim.Optimizer):
         if wd != 0:  # a multiply of every weight by 1 otherwise
             torch._foreach_mul_(params, 1 - lr * wd)
         if self.needs_squares:
-            assert moments is not None and moments.mean_sq is not None  # kept for these
+            assert moments is not None and moments.m2 is not None  # kept for these
             v = [self.state[p]["exp_avg_sq"] for p in params]
             torch._foreach_mul_(m, beta1)
             torch._foreach_add_(m, grads, alpha=1 - beta1)
-            v_in = second_moment_input(self.variant, grads, [moments.mean_sq[i] for i in at], moments.units)
+            v_in = second_moment_input(self.variant, grads, [moments.m2[i] for i in at], moments.units)
             torch._foreach_mul_(v, beta2)
             torch._foreach_add_(v, v_in, alpha=1 - beta2)
             # only MSQ's input can be negative: the others' v needs no clamp (no extra copy)

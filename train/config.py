@@ -108,7 +108,9 @@ class OptimizerSpec:
     """What an optimizer needs from a step (train/per_example.py forms it; train/adam_variants.py
     has each one's formula and source)."""
 
-    unit: str = ""  # its per-unit moments are over "micro-batch"es or "sequence"s; "": it steps on the mean
+    # its per-unit moments are over "micro-batch"es or "sequence"s (or tokens, by
+    # trainer.per_example_unit); "": it steps on the mean
+    unit: str = ""
     squares: bool = False  # its second moment is fed a mean of squared per-unit gradients
     signs: bool = False  # it steps on the mean of the per-unit gradients' signs
     min_units: int = 1  # units a step needs: an unbiased variance estimate divides by units - 1
@@ -126,6 +128,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sign_ema": OptimizerSpec(),
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
+PER_EXAMPLE_UNITS = ("sequence", "token")  # trainer.per_example_unit (train/unit_backward.py)
 WandbMode = Literal["offline", "online", "disabled"]  # a str in the dataclass: OmegaConf has no Literal
 WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -189,7 +192,9 @@ class TrainerConfig:
     # log per-example gradient statistics every step (norms, exact B_simple, per-group SNR:
     # train/per_example.py); the per-example optimizers log them anyway
     per_example_stats: bool = False
-    per_example_chunk: int = 0  # sequences per vmap call (each holds one gradient); 0 = the micro-batch
+    # what one per-example gradient is (train/unit_backward.py): a sequence's, or a token
+    # position's contribution; the statistics and the per-example optimizers use it alike
+    per_example_unit: str = "sequence"
 
 
 @dataclass
@@ -293,8 +298,6 @@ class RunConfig:
                 f"{what} does not support fp16: its per-unit gradients bypass the loss scaler "
                 "(use bf16 or fp32)"
             )
-        if self.per_example and t.compile:
-            problems.append(f"{what} runs the model through torch.func.vmap: set trainer.compile=false")
         if self.batch_size < self.spec.min_units:
             problems.append(
                 f"{self.optimizer.name} estimates a per-sequence variance: it needs batch_size >= "
@@ -323,12 +326,10 @@ class RunConfig:
                 "per-example statistics with invariant_adam need trainer.micro_batch_size=1: its units "
                 "are micro-batches, the statistics' are sequences"
             )
-        if self.per_example and (t.loss_chunk_tokens > 0 or t.loss_kernel != "chunked") and several:
+        if self.per_example and t.loss_kernel == "liger":
             problems.append(
-                f"{what} with micro-batches of several sequences runs through torch.func, which "
-                f"cannot differentiate the chunked or fused loss: set trainer.loss_chunk_tokens=0 and "
-                "trainer.loss_kernel=chunked, or trainer.micro_batch_size=1 (one sequence per "
-                "micro-batch needs no vmap)"
+                f"{what} forms the LM head's per-unit gradients itself, which Liger's kernel does not "
+                "expose: set trainer.loss_kernel=fused (the same loss, its gradients formed in the forward)"
             )
         if problems:
             raise InvalidRun(problems)
@@ -383,7 +384,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.noise_scale_decay", lambda v: 0 <= v < 1, "an EMA decay in [0, 1)"),
     ("trainer.noise_probe_every", lambda v: v >= 0, ">= 0 steps (0: no probe)"),
     ("trainer.peak_flops", _at_least(0), "0 (from the GPU's name) or more"),
-    ("trainer.per_example_chunk", _at_least(0), "0 (the whole micro-batch) or more sequences"),
+    ("trainer.per_example_unit", _one_of(PER_EXAMPLE_UNITS), "sequence or token"),
     ("wandb.mode", _one_of(WANDB_MODES), f"one of {', '.join(WANDB_MODES)}"),
 ]
 

@@ -29,8 +29,10 @@ import torch
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """`apply(hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), chunk, dtype,
-    elementwise)` -> the summed cross-entropy of the N tokens, a float32 scalar. `elementwise` is
-    `loss_and_logit_gradient` or its compiled form (`trainer.compile`)."""
+    elementwise, units)` -> the summed cross-entropy of the N tokens, a float32 scalar.
+    `elementwise` is `loss_and_logit_gradient` or its compiled form (`trainer.compile`); `units`,
+    where per-unit gradients are formed (train/unit_backward.py), takes each chunk's (h, dz, first
+    row) in place of the weight's gradient, which is then not formed here."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -42,14 +44,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         dtype: torch.dtype,
         elementwise: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        units: Callable[[torch.Tensor, torch.Tensor, int], None] | None,
     ) -> torch.Tensor:
         n = hidden.size(0)
         step = chunk if chunk > 0 else max(n, 1)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] and units is None else None
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[2] and units is None:
+            grad_bias = torch.zeros_like(bias)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         # The matmuls in `dtype` exactly as written: an ambient autocast must not recast them.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -66,13 +71,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight += dz.t() @ h
                 if grad_bias is not None:
                     grad_bias += dz.float().sum(0)
+                if units is not None:
+                    units(h, dz, i)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def loss_and_logit_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +94,13 @@ def loss_and_logit_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tupl
     return loss, z.to(logits.dtype)
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul of x with weight here: its dtype where autocast is on
+    for x's device, else the weight's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     head: torch.nn.Linear,
@@ -95,13 +109,14 @@ def fused_linear_cross_entropy(
     elementwise: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = (
         loss_and_logit_gradient
     ),
+    units: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """The summed cross-entropy of `head(hidden)` against `targets`, `chunk` tokens at a time (0:
     all at once), with the gradients formed in the forward. The compute dtype is what autocast
-    would give the head's matmul: its dtype where autocast is on for this device, else W's."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    would give the head's matmul: its dtype where autocast is on for this device, else W's.
+    `units`: see `FusedLinearCrossEntropy`."""
+    dtype = compute_dtype(hidden, head.weight)
     loss: torch.Tensor = FusedLinearCrossEntropy.apply(
-        hidden, head.weight, head.bias, targets, chunk, dtype, elementwise
+        hidden, head.weight, head.bias, targets, chunk, dtype, elementwise, units
     )
     return loss

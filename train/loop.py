@@ -18,7 +18,6 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,10 +43,11 @@ from train.data import TokenStream, load_meta, load_split, prepared_problems, va
 from train.distributed import Placement, init_distributed
 from train.model import TokenLoss, build_model
 from train.noise import NoiseSample, NoiseScale
-from train.per_example import Moments, UnitGradients, per_example_gradients
+from train.per_example import Moments, UnitGradients
 from train.runlog import RunLog
 from train.throughput import peak_flops, peak_memory_gb
 from train.train_state import Counters, TrainState, rng_state
+from train.unit_backward import UnitCollector, install
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_CLIP = 1e9  # trainer.grad_clip at or above this: no clipping (the default; the norm is still measured)
@@ -137,10 +137,11 @@ def accumulate_gradients(
     and the step's per-unit moments where `units` asks for them.
 
     With `units` (the variants of train/adam_variants.py, per-example statistics) every unit's
-    gradient is moved into its sums (train/per_example.py): a micro-batch's after its backward,
-    or, with `units.examples`, each sequence's from `vmap` in place of the backward. No
-    micro-batch syncs through DDP: `UnitGradients.finish` reduces the sums itself at the end, and
-    the per-rank norm it returns goes into `local_norm` in place of the hook's.
+    gradient goes into its sums (train/per_example.py): a micro-batch's moved out of `.grad` after
+    its backward, or, with `units.collector`, each sequence's or token's formed inside the
+    backward (train/unit_backward.py; the module is run itself, not through DDP). No micro-batch
+    syncs through DDP: `UnitGradients.finish` reduces the sums itself at the end, and the per-rank
+    norm it returns goes into `local_norm` in place of the hook's.
     """
     world = plan.world_size
     scaling = scaler is not None and scaler.is_enabled()
@@ -150,8 +151,8 @@ def accumulate_gradients(
         units.sums.begin()
     for j in range(plan.grad_accum):
         micro = batch[j * plan.micro_batch_size : (j + 1) * plan.micro_batch_size]
-        if units is not None and units.examples is not None and len(micro) > 1:
-            loss_sum += units.add_examples(micro, autocast)
+        if units is not None and units.collector is not None:
+            loss_sum += units.collector.micro_batch(micro, autocast)
             continue
         sync = not ddp or (j == plan.grad_accum - 1 and units is None)
         with contextlib.nullcontext() if sync else net.no_sync(), autocast():  # type: ignore[operator]
@@ -176,25 +177,12 @@ def accumulate_gradients(
 
 @dataclass
 class Units:
-    """Where a step's per-unit gradients come from: `sums` accumulates them; `examples` (set when
-    the units are sequences) forms each sequence's gradient with vmap, `chunk` sequences at a
-    time, for micro-batches of several sequences (a micro-batch of one is its own backward)."""
+    """Where a step's per-unit gradients come from: `sums` accumulates them; `collector` (set when
+    the units are sequences or tokens) forms them inside each micro-batch's backward
+    (train/unit_backward.py); without it each micro-batch is one unit, moved out of `.grad`."""
 
     sums: UnitGradients
-    examples: Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]] | None = None
-    chunk: int = 0
-
-    def add_examples(self, micro: torch.Tensor, autocast: Any) -> torch.Tensor:
-        """Add every sequence of `micro` as a unit; returns their summed token loss."""
-        assert self.examples is not None  # accumulate_gradients calls this only where it is set
-        step = self.chunk or len(micro)
-        total = torch.zeros((), device=micro.device)
-        for i in range(0, len(micro), step):
-            with autocast():
-                grads, losses = self.examples(micro[i : i + step])
-            self.sums.add(grads)
-            total += losses.detach().sum()
-        return total
+    collector: UnitCollector | None = None
 
 
 def probe_gradient(network: Network, probe: torch.Tensor, plan: BatchPlan, scale: float) -> torch.Tensor:
@@ -636,11 +624,16 @@ class Trainer:
             names = [n for n, _ in named]
             squares = isinstance(optimizer, VariantAdam) and optimizer.needs_squares
             signs = isinstance(optimizer, VariantAdam) and optimizer.needs_signs
-            network.units = Units(UnitGradients(params, names, squares, signs, norms=cfg.per_example))
-            if cfg.per_example:  # units are sequences; several per micro-batch go through vmap
+            unit = cfg.trainer.per_example_unit if cfg.per_example else "micro-batch"
+            sums = UnitGradients(params, names, squares, signs, norms=cfg.per_example, unit=unit)
+            network.units = Units(sums)
+            if cfg.per_example:  # units are sequences or tokens, formed inside the backward
                 network.per_sequence = True
-                network.units.examples = per_example_gradients(loss, names, cfg.trainer.seq_len)
-                network.units.chunk = cfg.trainer.per_example_chunk
+                collector = UnitCollector(
+                    network.units.sums, loss, cfg.trainer.per_example_unit, cfg.trainer.seq_len
+                )
+                install(loss, collector)
+                loss.units = network.units.collector = collector
         return network
 
     def run(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ wrapped so that its forward pass returns the summed next-token loss."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -13,6 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from train.config import LOSS_KERNELS, ModelConfig
 from train.fused_loss import fused_linear_cross_entropy, loss_and_logit_gradient
+from train.unit_backward import UnitCollector
 
 
 def qwen2_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Qwen2Config:
@@ -95,6 +97,9 @@ class TokenLoss(torch.nn.Module):
         self.masks = causal_without_mask(lm)
         self.elementwise = loss_and_logit_gradient  # the fused loss's softmax part
         self.head_loss = self._head_loss  # the chunked loss's chunk
+        # Per-unit gradients (train/unit_backward.py), set where the run forms them: the LM head
+        # is then told which rows of the flattened tokens each loss chunk holds.
+        self.units: UnitCollector | None = None
 
     def compile_regions(self, backend: Any = "inductor") -> None:
         """`trainer.compile`: torch.compile each decoder layer in place, and the loss's
@@ -119,21 +124,26 @@ class TokenLoss(torch.nn.Module):
             logits = self.lm(input_ids=inputs, attention_mask=self.masks).logits
             return _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets)
         hidden = self.hidden_states(inputs)
+        units = self.units if self.units is not None and self.units.active else None
         if self.kernel == "fused":
+            deliver = None
+            if units is not None:  # the head's units are formed with its gradient, in the forward
+                route = units.route_of(self.lm.lm_head)
+                units.use(route)
+                deliver = functools.partial(units.linear, route)
             return fused_linear_cross_entropy(
-                hidden, self.lm.lm_head, targets, self.chunk_tokens, self.elementwise
+                hidden, self.lm.lm_head, targets, self.chunk_tokens, self.elementwise, deliver
             )
         if self.liger is not None:
             head = self.lm.lm_head
             return self.liger(head.weight, hidden, targets, head.bias).float()
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.size(0), self.chunk_tokens):
-            part = checkpoint(
-                self.head_loss,
-                hidden[i : i + self.chunk_tokens],
-                targets[i : i + self.chunk_tokens],
-                use_reentrant=False,
-            )
+            rows = (hidden[i : i + self.chunk_tokens], targets[i : i + self.chunk_tokens])
+            if units is None:
+                part = checkpoint(self.head_loss, *rows, use_reentrant=False)
+            else:  # the head runs eagerly anyway (a graph break): the plain chunk, told its rows
+                part = checkpoint(self._head_loss, *rows, i, use_reentrant=False)
             total = total + part
         return total
 
@@ -153,8 +163,14 @@ class TokenLoss(torch.nn.Module):
         ]
         return torch.cat(losses).view(window.size(0), -1).sum(1)
 
-    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return _cross_entropy_sum(self.lm.lm_head(hidden), targets)
+    def _head_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, first_row: int | None = None
+    ) -> torch.Tensor:
+        """A chunk's summed loss; `first_row`: where the chunk starts in the flattened tokens,
+        for the per-unit head (train/unit_backward.py), None for the plain one."""
+        head = self.lm.lm_head
+        logits = head(hidden) if first_row is None else head(hidden, first_row)
+        return _cross_entropy_sum(logits, targets)
 
 
 def causal_without_mask(lm: Qwen2ForCausalLM) -> dict[str, None] | None:

@@ -1,0 +1,427 @@
+"""Per-unit gradients formed inside the backward, layer by layer, and reduced on the spot.
+
+Every weight of the decoder is used by one of three kinds of module, and for each the gradient
+of one unit (a sequence, or a token position) is cheap to form from what the backward has anyway,
+the layer's input x and the gradient delta of its output:
+
+    Linear     per sequence u:  G_u = sum_{t in u} delta_t x_t^T     a bmm over the micro-batch's
+                                                                      sequences (the mm, split)
+               per token t:     G_t = delta_t x_t^T (rank one), so    sum_t G_t^2 = (delta^2)^T (x^2),
+                                sum_t sign G_t = sign(delta)^T sign(x), |G_t|^2 = |delta_t|^2 |x_t|^2
+    Embedding  row id_t gets delta_t: per sequence, rows summed within the sequence; per token,
+               scatter-adds of delta_t, delta_t^2 and sign(delta_t)
+    RMSNorm    the weight scales its normalised input h: G = sum over the unit of delta_t * h_t
+
+Each module's backward hands its units to a `UnitCollector`, which folds them into the step's sums
+(train/per_example.py: sum, Chan-merged M2, signs, per-group norms) and drops them: at no time
+does a per-unit gradient of the whole model exist, only of one layer (per sequence) or none at all
+(per token: extra GEMMs of the layer's shape). The weight gradient itself is the sum of the units,
+so the mm of the plain backward is replaced, not repeated: no extra matmul FLOPs per sequence,
+two extra GEMMs (squares, signs: only where asked for) per token. This is the pattern of
+CerebrasResearch/nanoGNS (per-example norms formed with the weight gradient) and, per token, of
+BackPACK (Dangel et al. 2019, whose extensions the abstract of Roulet & Agarwala 2025 v2 says it
+builds on; the paper's own derivations were not readable here).
+
+Ghost norms (Opacus: |G_u|^2 = <x_u x_u^T, delta_u delta_u^T>, T^2 (d_in + d_out) per sequence)
+beat the bmm's T d_in d_out only for T < d_in d_out / (d_in + d_out): 21-62 tokens on the tiny
+model, 112-891 on Qwen2.5-0.5B, below the studies' sequence lengths; and they give no elementwise
+squares, which MicroAdam needs.
+
+What a token's gradient is: the contribution of position t to the batch gradient, delta_t x_t^T in
+every layer (the LM head's is exactly token t's loss gradient; deeper layers' also carry the
+losses of later positions through attention). They sum to the batch gradient as the sequences'
+do, but they are not independent draws of it.
+
+A weight used more than once in a micro-batch (the LM head tied to the embedding table; the LM
+head over several loss chunks) keeps its per-sequence gradient (units x shape) until its last use,
+then is folded: exact, at the memory of one such tensor. Per token, the tied head and table meet
+only at row id_t of position t, where the cross terms are added from what the head left behind
+(its logit gradient at id_t and its input h_t).
+
+The trainer drives a micro-batch through `UnitCollector.micro_batch`: the forward through the
+module itself (not through DDP: nothing reduces in its buckets), the backward of the summed loss,
+then `close`. `install` swaps the forward of every Linear, Embedding and RMSNorm of the model for
+one that routes through here while a micro-batch is collected and is the plain forward otherwise
+(evaluation, the noise probe); the swapped forwards run eagerly under torch.compile (graph breaks
+at each), so a compiled layer fuses what lies between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from train.config import PER_EXAMPLE_UNITS
+from train.fused_loss import compute_dtype
+from train.per_example import UnitGradients
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a module's units go: its weight's (and bias's) place in the sums."""
+
+    collector: UnitCollector
+    weight: int
+    bias: int | None = None
+
+
+class UnitCollector:
+    """Receives one micro-batch's per-unit gradients from the layers (see the module docstring)
+    and folds them into `sums`. `index`: each parameter's place in `sums.params`; `unit`: one of
+    `PER_EXAMPLE_UNITS`; `seq_len`: tokens per sequence."""
+
+    def __init__(self, sums: UnitGradients, loss: torch.nn.Module, unit: str, seq_len: int) -> None:
+        if unit not in PER_EXAMPLE_UNITS:
+            raise ValueError(
+                f"trainer.per_example_unit={unit!r}: expected one of {', '.join(PER_EXAMPLE_UNITS)}"
+            )
+        self.sums, self.loss, self.unit, self.seq_len = sums, loss, unit, seq_len
+        self.index = {id(p): i for i, p in enumerate(sums.params)}
+        # A unit's gradient is the mean-token gradient of its sequence, or its position's
+        # contribution to the gradient of the summed loss (the backward here is of the sum).
+        self.factor = 1 / seq_len if unit == "sequence" else 1.0
+        self.active = self.counting = False
+        self.uses = [0] * len(sums.params)
+        self.pending: dict[int, torch.Tensor] = {}
+        self.inputs = torch.empty(0, dtype=torch.long)
+        self.units_in_micro = 0
+        self.unit_sq = torch.empty(0)
+        self.routes: dict[int, Route] = {}  # by id(module), as `install` routed them
+        self.embedded: set[int] = set()  # parameters an Embedding uses (`install` fills it)
+        # Per token, a head tied to an embedding table leaves c_t (its logit gradient at id_t) and
+        # h_t (its input) of every position for the table's cross terms.
+        self.tied: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- a micro-batch
+    def micro_batch(self, micro: torch.Tensor, autocast: Callable[[], Any]) -> torch.Tensor:
+        """Forward and backward of `micro` (n, seq_len + 1) with its units collected; returns its
+        summed token loss (detached)."""
+        n = micro.shape[0]
+        self.inputs = micro[:, :-1]
+        self.units_in_micro = n if self.unit == "sequence" else n * self.seq_len
+        groups = len(self.sums.groups)
+        self.unit_sq = torch.zeros(groups, self.units_in_micro, device=micro.device, dtype=torch.float64)
+        self.uses = [0] * len(self.uses)
+        self.active = self.counting = True
+        try:
+            with autocast():
+                part = self.loss(micro)
+            self.counting = False  # a checkpointed chunk recomputed in backward is not a new use
+            part.backward()
+            for i in sorted(self.pending):
+                self._fold(i, self.pending.pop(i))
+        finally:
+            self.active = self.counting = False
+            self.pending.clear()
+            self.tied.clear()
+        self.sums.add_group_norms(self.unit_sq)
+        self.sums.close(self.units_in_micro)
+        return part.detach()
+
+    def use(self, route: Route) -> None:
+        if self.counting:
+            self.uses[route.weight] += 1
+
+    def route_of(self, module: torch.nn.Module) -> Route:
+        """The route `install` gave `module` (the fused loss delivers the LM head's units itself)."""
+        return self.routes[id(module)]
+
+    # --- what the layers deliver
+    def linear(self, route: Route, x: torch.Tensor, delta: torch.Tensor, first_row: int = 0) -> None:
+        """A Linear's input x and output gradient delta, (n, T, .) for a whole micro-batch or
+        (rows, .) for rows [first_row, first_row + rows) of its flattened tokens (a loss chunk)."""
+        if self.unit == "token":
+            x2, d2 = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
+            self._linear_tokens(route, x2, d2, first_row if x.dim() == 2 else 0)
+            return
+        if x.dim() == 3:
+            per_unit, bias, first = torch.bmm(delta.transpose(1, 2), x), delta.sum(1), 0
+        else:
+            per_unit, bias, first = self._rows_by_sequence(x, delta, first_row)
+        self._deliver(route.weight, per_unit, first)
+        if route.bias is not None:
+            self._deliver(route.bias, bias, first)
+
+    def embedding(self, route: Route, ids: torch.Tensor, delta: torch.Tensor) -> None:
+        """An embedding lookup's ids (n, T) and output gradient (n, T, d)."""
+        i = route.weight
+        weight = self.sums.params[i]
+        d = delta.float()
+        if self.unit == "sequence":
+            pending = self._pending(i, weight)
+            units = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+            pending.index_put_((units, ids), d, accumulate=True)
+            return
+        flat, d2 = ids.reshape(-1), d.reshape(-1, d.shape[-1])
+        total = torch.zeros_like(weight).index_add_(0, flat, d2)
+        squares = torch.zeros_like(weight).index_add_(0, flat, d2 * d2) if self.sums.squares else None
+        signs = torch.zeros_like(weight).index_add_(0, flat, d2.sign()) if self.sums.signs else None
+        norms = (d2 * d2).sum(1)
+        if i in self.tied:  # the head's gradient at row id_t of the same position: the cross terms
+            c, h = self.tied.pop(i)
+            head_row = c[:, None] * h  # the head's gradient of position t, row id_t
+            norms = norms + 2 * (head_row * d2).sum(1)
+            if squares is not None:
+                squares.index_add_(0, flat, 2 * head_row * d2)
+            if signs is not None:
+                signs.index_add_(0, flat, (head_row + d2).sign() - head_row.sign() - d2.sign())
+        self.sums.add_factored(i, total, squares, signs)
+        self.unit_sq[self.sums.group_index[i]] += norms.double()
+
+    def scale(self, route: Route, h: torch.Tensor, delta: torch.Tensor) -> None:
+        """An elementwise weight's (RMSNorm's) normalised input h and output gradient, (n, T, d)."""
+        g = delta * h  # each position's gradient, as autograd's mul forms it
+        if self.unit == "sequence":
+            self._deliver(route.weight, g.sum(1), 0)
+            return
+        g2 = g.reshape(-1, g.shape[-1]).float()
+        squares = (g2 * g2).sum(0) if self.sums.squares else None
+        signs = g2.sign().sum(0) if self.sums.signs else None
+        self.sums.add_factored(route.weight, g2.sum(0), squares, signs)
+        self.unit_sq[self.sums.group_index[route.weight]] += (g2 * g2).sum(1).double()
+
+    # --- internals
+    def _linear_tokens(self, route: Route, x: torch.Tensor, d: torch.Tensor, first_row: int) -> None:
+        rows = slice(first_row, first_row + x.shape[0])
+        i = route.weight
+        squares = ((d * d).t() @ (x * x)).float() if self.sums.squares else None
+        signs = d.sign().float().t() @ x.sign().float() if self.sums.signs else None  # exact counts
+        self.sums.add_factored(i, (d.t() @ x).float(), squares, signs)
+        d_sq = d.float().square().sum(1)
+        self.unit_sq[self.sums.group_index[i], rows] += (d_sq * x.float().square().sum(1)).double()
+        if route.bias is not None:
+            db = d.float()
+            self.sums.add_factored(
+                route.bias,
+                db.sum(0),
+                (db * db).sum(0) if self.sums.squares else None,
+                db.sign().sum(0) if self.sums.signs else None,
+            )
+            self.unit_sq[self.sums.group_index[route.bias], rows] += d_sq.double()
+        if i in self.embedded:  # the head tied to the table: keep what the table's cross terms need
+            if i not in self.tied:
+                n = self.inputs.numel()
+                self.tied[i] = (
+                    x.new_zeros(n, dtype=torch.float32),
+                    x.new_zeros(n, x.shape[1], dtype=torch.float32),
+                )
+            c, h = self.tied[i]
+            c[rows] = d.gather(1, self.inputs.reshape(-1)[rows, None]).squeeze(1).float()
+            h[rows] = x.float()
+
+    def _rows_by_sequence(
+        self, x: torch.Tensor, delta: torch.Tensor, first_row: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The per-sequence gradients of rows [first_row, first_row + rows) of the flattened tokens:
+        one bmm where the rows are whole sequences, else one mm per (part of a) sequence they span."""
+        t, rows = self.seq_len, x.shape[0]
+        first = first_row // t
+        if first_row % t == 0 and rows % t == 0:
+            xs, ds = x.view(rows // t, t, -1), delta.view(rows // t, t, -1)
+            return torch.bmm(ds.transpose(1, 2), xs), ds.sum(1), first
+        last = (first_row + rows - 1) // t
+        parts, biases = [], []
+        for u in range(first, last + 1):
+            a, b = max(u * t, first_row) - first_row, min((u + 1) * t, first_row + rows) - first_row
+            parts.append(delta[a:b].t() @ x[a:b])
+            biases.append(delta[a:b].sum(0))
+        return torch.stack(parts), torch.stack(biases), first
+
+    def _deliver(self, i: int, per_unit: torch.Tensor, first: int) -> None:
+        """Units [first, first + k) of parameter i, raw (gradients of the summed loss)."""
+        k = per_unit.shape[0]
+        if self.uses[i] == 1 and first == 0 and k == self.units_in_micro and i not in self.pending:
+            self._fold(i, per_unit)
+            return
+        self._pending(i, self.sums.params[i])[first : first + k] += per_unit.float()
+
+    def _pending(self, i: int, weight: torch.Tensor) -> torch.Tensor:
+        if i not in self.pending:
+            shape = (self.units_in_micro, *weight.shape)
+            self.pending[i] = torch.zeros(shape, device=weight.device, dtype=torch.float32)
+        return self.pending[i]
+
+    def _fold(self, i: int, per_unit: torch.Tensor) -> None:
+        """Every unit of parameter i in this micro-batch, raw: into the sums and the unit norms."""
+        g = per_unit.to(self.sums.params[i].dtype)  # the tensor is this fold's own: scaled in place
+        if self.factor != 1:
+            g.mul_(self.factor)
+        self.sums.merge(i, g)
+        if self.sums.keep_norms:
+            self.unit_sq[self.sums.group_index[i]] += (
+                torch.linalg.vector_norm(g.flatten(1), dim=1).double() ** 2
+            )
+
+
+# ----------------------------------------------------------------------------- the autograd functions
+
+
+class _UnitLinear(torch.autograd.Function):
+    """F.linear whose weight (and bias) gradient goes to a collector instead of `.grad`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        route: Route,
+        first_row: int,
+    ) -> torch.Tensor:
+        dtype = compute_dtype(x, weight)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xc, w = x.to(dtype), weight.to(dtype)
+            out = F.linear(xc, w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, w)
+        ctx.route, ctx.first_row = route, first_row
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        xc, w = ctx.saved_tensors
+        delta = grad_out.to(w.dtype)
+        ctx.route.collector.linear(ctx.route, xc, delta, ctx.first_row)
+        return delta @ w, None, None, None, None
+
+
+class _UnitEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, ids: torch.Tensor, weight: torch.Tensor, route: Route, padding: int | None
+    ) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(ids)
+        ctx.route, ctx.padding = route, padding
+        return F.embedding(ids, weight, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, ...]:  # type: ignore[override]
+        (ids,) = ctx.saved_tensors
+        if ctx.padding is not None:  # the padding row takes no gradient (F.embedding's rule)
+            grad_out = grad_out.masked_fill((ids == ctx.padding)[..., None], 0)
+        ctx.route.collector.embedding(ctx.route, ids, grad_out)
+        return None, None, None, None
+
+
+class _UnitScale(torch.autograd.Function):
+    """weight * h (an RMSNorm's last operation), the weight's gradient to a collector."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h, weight)
+        ctx.route = route
+        return weight * h
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        h, weight = ctx.saved_tensors
+        ctx.route.collector.scale(ctx.route, h, grad_out)
+        return grad_out * weight, None, None
+
+
+# ----------------------------------------------------------------------------- installing them
+
+
+def _linear_forward(module: torch.nn.Linear, route: Route) -> Callable[..., torch.Tensor]:
+    @torch.compiler.disable
+    def forward(x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        collector = route.collector
+        if not (collector.active and torch.is_grad_enabled()):
+            plain: torch.Tensor = type(module).forward(module, x)
+            return plain
+        collector.use(route)
+        out: torch.Tensor = _UnitLinear.apply(x, module.weight, module.bias, route, first_row)
+        return out
+
+    return forward
+
+
+def _embedding_forward(module: torch.nn.Embedding, route: Route) -> Callable[..., torch.Tensor]:
+    @torch.compiler.disable
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        collector = route.collector
+        if not (collector.active and torch.is_grad_enabled()):
+            plain: torch.Tensor = type(module).forward(module, ids)
+            return plain
+        collector.use(route)
+        out: torch.Tensor = _UnitEmbedding.apply(ids, module.weight, route, module.padding_idx)
+        return out
+
+    return forward
+
+
+def normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's input normalised, in its input dtype, as the Qwen2 / Llama / Mistral RMSNorm
+    forms it before it multiplies by its weight (`weight * normalised(x)` is that forward)."""
+    h = x.float()
+    eps = float(module.variance_epsilon)  # type: ignore[arg-type]  # an RMSNorm's float attribute
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _norm_forward(module: torch.nn.Module, route: Route) -> Callable[..., torch.Tensor]:
+    plain = type(module).forward
+
+    @torch.compiler.disable
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        collector = route.collector
+        if not (collector.active and torch.is_grad_enabled()):
+            out: torch.Tensor = plain(module, x)
+            return out
+        collector.use(route)
+        scaled: torch.Tensor = _UnitScale.apply(normalised(module, x), module.weight, route)
+        return scaled
+
+    return forward
+
+
+def is_rms_norm(module: torch.nn.Module) -> bool:
+    """An RMSNorm whose forward is `weight * normalised(x)`: checked on a probe, not by name
+    alone, so a variant with another formula (Gemma's 1 + weight) is not taken for it."""
+    if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")):
+        return False
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+        return False
+    generator = torch.Generator(device=weight.device).manual_seed(0)  # the run's RNG stays untouched
+    with torch.no_grad():
+        probe = torch.randn(
+            2, 3, weight.shape[0], device=weight.device, dtype=weight.dtype, generator=generator
+        )
+        return bool(torch.equal(type(module).forward(module, probe), weight * normalised(module, probe)))
+
+
+def install(model: torch.nn.Module, collector: UnitCollector) -> None:
+    """Route every Linear, Embedding and RMSNorm of `model` through `collector` (see the module
+    docstring). A trainable parameter of any other module is refused, naming it: its units could
+    not be formed, and the statistics would silently leave it out."""
+    covered: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            bias = None if module.bias is None else collector.index[id(module.bias)]
+            route = Route(collector, collector.index[id(module.weight)], bias)
+            module.forward = _linear_forward(module, route)  # type: ignore[method-assign]
+        elif isinstance(module, torch.nn.Embedding):
+            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+                raise ValueError(
+                    f"per-example statistics cannot form per-unit gradients of an Embedding with "
+                    f"max_norm, scale_grad_by_freq or sparse set ({type(module).__name__})"
+                )
+            route = Route(collector, collector.index[id(module.weight)])
+            collector.embedded.add(route.weight)
+            module.forward = _embedding_forward(module, route)  # type: ignore[method-assign]
+        elif is_rms_norm(module):
+            route = Route(collector, collector.index[id(module.weight)])
+            module.forward = _norm_forward(module, route)  # type: ignore[method-assign]
+        else:
+            continue
+        collector.routes[id(module)] = route
+        covered.update(id(p) for p in module.parameters(recurse=False))
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in covered:
+            raise ValueError(
+                f"per-example statistics cannot form per-unit gradients of {name} "
+                f"(a parameter of none of Linear, Embedding, RMSNorm)"
+            )
