@@ -23,6 +23,7 @@ from analysis import cbs
 from analysis import plots as plot
 from analysis.arms import REGIME_EDGES, arm_context, arms_of, curve_bins
 from analysis.collect import ArmRows, long_table, run_dir_arms
+from analysis.ladders import best_of_ladders
 from analysis.options import BinSpec, Margin
 from analysis.pairs import Spread, pair_name, pair_rows, ranking, yardstick_spreads
 from analysis.verdict import verdict_line
@@ -88,6 +89,8 @@ class Comparison:
     decided: dict[str, dict[str, Any]] = field(default_factory=dict)
     looks: int = 0
     run_pairs: list[str] = field(default_factory=list)  # the pairs (as named in the tables) the looks judged
+    # a variant's arms at several lrs, by variant (analysis/ladders.py): ranked by their best arm
+    lr_ladders: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def compared(self) -> list[list[str]]:
@@ -169,6 +172,7 @@ class Tables:
     runs: pd.DataFrame  # the merged long table (runs.parquet)
     cbs: pd.DataFrame | None = None  # the branched critical batch (cbs.csv)
     cbs_fit: pd.DataFrame | None = None  # the McCandlish fit (cbs_fit.csv)
+    ladders: pd.DataFrame | None = None  # each lr ladder's best arm, ranked (ladders.csv)
     out: Path | None = None
     title: str = ""
 
@@ -193,6 +197,9 @@ def compare(found: list[ArmRows], cmp: Comparison, runs: pd.DataFrame | None = N
         arm_context(arms),
         ranking(arms, pairs),
         runs,
+        ladders=best_of_ladders(arms, cmp.lr_ladders, cmp.spec, cmp.margin, spreads)
+        if cmp.lr_ladders
+        else None,
         title=cmp.title,
     )
 
@@ -227,6 +234,8 @@ def report(
     tables.bins.to_csv(out / "bins.csv", index=False)
     context.to_csv(out / "arms.csv", index=False)
     tables.ranking.to_csv(out / "ranking.csv", index=False)
+    if tables.ladders is not None:
+        tables.ladders.to_csv(out / "ladders.csv", index=False)
     (out / "pairs.tex").write_text(to_latex(pairs, cmp.title))
     tables.yardstick.to_csv(out / "yardstick.csv", index=False)
     text = markdown(tables, cmp, missing or [])
@@ -241,7 +250,7 @@ def report(
     write_json_atomic(out / OPTIONS_FILE, {"options": options_of(cmp), "written": time.time()})
     print(text)
     written = ["pairs.md", "pairs.csv", "pairs.tex", "gaps.csv", "bins.csv", "arms.csv", "ranking.csv"]
-    written += ["yardstick.csv"]
+    written += ["yardstick.csv"] + (["ladders.csv"] if tables.ladders is not None else [])
     written += ["runs.parquet"]
     for name in written + (["cbs.csv", "cbs_fit.csv"] if cmp.ladder else []):
         print(f"wrote {out / name}")
@@ -395,6 +404,21 @@ def verdict_table(pairs: pd.DataFrame) -> str:
     return to_markdown(rows, list(rows.columns))
 
 
+def paired_gap_columns(table: pd.DataFrame) -> dict[str, Any]:
+    """The columns of a table of arms each paired with another: whom, the validation gap with its
+    interval (blank where there is no pair), the verdict."""
+    return {
+        "vs": table["vs"].fillna(""),
+        "val gap [CI]": [
+            f"{fmt(g)} [{fmt(lo)}, {fmt(hi)}]" if isinstance(v, str) else ""
+            for g, lo, hi, v in zip(
+                table["gap"], table["ci_low"], table["ci_high"], table["verdict"], strict=True
+            )
+        ],
+        "verdict": table["verdict"].fillna(""),
+    }
+
+
 def ranking_table(table: pd.DataFrame) -> str:
     """The arms by final validation loss, with the paired gap to the arm each is compared with."""
     rows = pd.DataFrame(
@@ -402,18 +426,34 @@ def ranking_table(table: pd.DataFrame) -> str:
             "arm": table["arm"],
             "B": table["batch_size"],
             "final val loss": table["final_val_loss"].map(fmt),
-            "vs": table["vs"].fillna(""),
-            "val gap [CI]": [
-                f"{fmt(g)} [{fmt(lo)}, {fmt(hi)}]" if isinstance(v, str) else ""
-                for g, lo, hi, v in zip(
-                    table["gap"], table["ci_low"], table["ci_high"], table["verdict"], strict=True
-                )
-            ],
-            "verdict": table["verdict"].fillna(""),
+            **paired_gap_columns(table),
             "regime": table["regime"],
             "state": table["state"],
         }
     )
+    return to_markdown(rows, list(rows.columns))
+
+
+LADDER_NOTE = (
+    "Each best arm is chosen on the validation sequences that then measure its gap, which biases "
+    "every gap toward the leader (a best-of-k choice): read a narrow interval as no ranking."
+)
+
+
+def ladders_table(table: pd.DataFrame) -> str:
+    """Each lr ladder's best arm, best first, with its paired validation gap to the leader's."""
+    rows = pd.DataFrame(
+        {
+            "variant": table["variant"],
+            "ladder": table["ladder"],
+            "best arm": table["best_arm"],
+            "of": table["rungs"],
+            "final val loss": table["final_val_loss"].map(fmt),
+            **paired_gap_columns(table),
+        }
+    )
+    if set(rows["variant"]) == {""}:
+        rows = rows.drop(columns="variant")
     return to_markdown(rows, list(rows.columns))
 
 
@@ -451,6 +491,15 @@ def markdown(tables: Tables, cmp: Comparison, missing: list[str]) -> str:
             "## ranking by final validation loss (gap: this arm minus the one it is compared with)",
             "",
             ranking_table(ranked),
+            "",
+        ]
+    if tables.ladders is not None and len(tables.ladders):
+        text += [
+            "## lr ladders: each variant at its best lr (gap: its best arm minus the leader's)",
+            "",
+            ladders_table(tables.ladders),
+            "",
+            *textwrap.wrap(LADDER_NOTE, 100),
             "",
         ]
     text += ["## detail", "", to_markdown(pairs, DETAIL_COLUMNS), ""]
@@ -607,6 +656,7 @@ def _declared(manifest: dict[str, Any], cmp: Comparison) -> Comparison:
         controls=[list(p) for p in manifest.get("controls", [])],
         yardstick=cmp.yardstick or [list(p) for p in manifest.get("yardstick", [])],
         extra=[*cmp.pairs, *cmp.extra],
+        lr_ladders=cmp.lr_ladders or {k: list(v) for k, v in (manifest.get("lr_ladders") or {}).items()},
     )
     if full.ladder and not full.margin.nats:  # the ladder's pairs are judged against epsilon
         full.margin = replace(full.margin, nats=full.epsilon)

@@ -4,7 +4,8 @@ The sweep writes it (sweep/manifest.py: atomically, under a file lock); `sweep.s
 `sweep.resubmit`, `sweep.cancel` and the analysis read it here. Per job: kind, signature, run dir,
 dependencies, overrides, the arm table's row (`derived`: derived hyperparameters, `base`,
 `variant`, `replicate`, `branch`), the stage to resubmit and its job ids; per sweep: the
-experiment, its pairs, controls, yardstick, arms, batch ladder, branch transient and executor.
+experiment, its pairs, controls, yardstick, lr ladders, arms, batch ladder, branch transient and
+executor.
 
 Paths inside the sweep dir are stored relative to it and resolved against the dir the manifest is
 read from, so a sweep dir copied or moved (`cp -r`, another file system) acts on its own runs,

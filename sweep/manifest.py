@@ -58,6 +58,7 @@ def record_plan(
             cbs=plan.cbs,
             skip_tokens=plan.skip_tokens,
             decide=plan.decide,
+            lr_ladders=plan.lr_ladders,
             executor=executor,
             ops={k: asdict(v) for k, v in plan.ops.items()},
             resources=asdict(plan.resources),
@@ -153,4 +154,5 @@ def plan_from_manifest(sweep_dir: str | Path) -> SweepPlan:
         skip_tokens=manifest.get("skip_tokens", 0),
         controls=manifest.get("controls", []),
         yardstick=manifest.get("yardstick", []),
+        lr_ladders=manifest.get("lr_ladders", {}),
     )

@@ -65,6 +65,7 @@ class SweepPlan:
     yardstick: list[list[str]] = field(default_factory=list)  # the pairs whose spread sets the margin
     # the sequential verdict's options (experiment.decide and the budget); {}: arms run their budget
     decide: dict[str, Any] = field(default_factory=dict)
+    lr_ladders: dict[str, list[str]] = field(default_factory=dict)  # by variant: its arms at several lrs
 
     @property
     def arms(self) -> list[Job]:
@@ -266,6 +267,7 @@ def build_plan(configs: list[Config], overrides: list[list[str]]) -> SweepPlan:
         [list(p) for p in exp.controls],
         [list(p) for p in exp.yardstick],
         {**asdict(exp.decide), "budget": exp.token_budget} if exp.stop_when_decided else {},
+        {k: list(v) for k, v in exp.lr_ladders.items()},
     )
 
 
@@ -295,6 +297,11 @@ def declared_pair_problems(cfg: Config) -> list[str]:
                 problems.append(
                     f"experiment.{key}: {list(pair)} must name two different arms of the experiment ({arms})"
                 )
+    for ladder, names in exp.lr_ladders.items():
+        if not names or any(a not in exp.arms for a in names):
+            problems.append(
+                f"experiment.lr_ladders.{ladder}: {list(names)} must name arms of the experiment ({arms})"
+            )
     in_pairs = {a for p in exp.pairs for a in p}
     control_arms = {a for p in exp.controls for a in p} - in_pairs
     for pair in exp.yardstick:

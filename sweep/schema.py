@@ -94,6 +94,9 @@ class ExperimentConfig:
     # The yardstick of "match": pairs of arms at the same batch size with different operating
     # points (A vs J, H vs B in the seed study). The margin is a fraction of their mean |gap|.
     yardstick: list[list[str]] = field(default_factory=list)
+    # A variant's arms at several lrs (`lr_scale`), by variant: the analysis ranks the variants by
+    # their best arm (analysis/ladders.py), so none is judged at an lr chosen for another.
+    lr_ladders: dict[str, list[str]] = field(default_factory=dict)
     warmup: WarmupSpec = field(default_factory=WarmupSpec)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # arms' lr (and Seesaw batch) schedule
     cbs: CbsSpec = field(default_factory=CbsSpec)  # the `cbs` preset's ladder; empty elsewhere

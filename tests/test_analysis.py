@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 
 from analysis.collect import ArmRows, long_table
+from analysis.ladders import best_of_ladders
 from analysis.options import BinSpec, Margin
 from analysis.paired import LoggedSteps, matched_windows
 from analysis.report import Comparison, analyze
@@ -24,6 +26,7 @@ from analysis.verdict import verdict
 from analysis.wandb_source import WandbSelection, collect_wandb
 from records.manifest import read_manifest
 from records.metrics import read_metrics
+from tests.harness import sim_arm
 from tests.wandb_standin import ENTITY, StandinRun, WandbStandin
 
 REPO = Path(__file__).resolve().parent.parent
@@ -618,3 +621,30 @@ def test_publishing_from_run_dirs_goes_to_the_sweeps_group(exact_sweep: Path, wa
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "published the analysis to W&B group synthetic:" in res.stdout
+
+
+def test_lr_ladders_rank_variants_by_their_best_arm():
+    """Two variants at three lrs each on the same 32 validation sequences (a shared per-sequence
+    difficulty, which the pairing removes): each ladder's best arm is its lowest final loss, the
+    ladders are ranked by it, and the runner-up's paired gap to the leader holds its true 0.05
+    nats within an interval that excludes 0 (per-sequence noise 0.01); a ladder none of whose arms
+    ran is left out."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 0.5, 32)
+    truth = {"X_half": 3.0, "X": 2.9, "X_x2": 3.1, "Y_half": 3.2, "Y": 3.05, "Y_x2": 2.95}
+    arms = {}
+    for name, final in truth.items():
+        arm = sim_arm(name, 16, 3.5 - np.linspace(0, 0.5, 64) + rng.normal(0, 0.01, 64))
+        per_sequence = final + difficulty + rng.normal(0, 0.01, 32)
+        arms[name] = replace(
+            arm,
+            val_tokens=np.array([arm.tokens]),
+            val_loss=np.array([per_sequence.mean()]),
+            val_sequences={arm.tokens: per_sequence},
+        )
+    ladders = {"x": ["X_half", "X", "X_x2"], "y": ["Y_half", "Y", "Y_x2"], "z": ["Z"]}
+    table = best_of_ladders(arms, ladders, BinSpec(), Margin(nats=0.02), {})
+    assert list(table["ladder"]) == ["x", "y"] and list(table["best_arm"]) == ["X", "Y_x2"]
+    assert list(table["rungs"]) == [3, 3]
+    runner_up = table.iloc[1]
+    assert runner_up["vs"] == "X" and 0 < runner_up["ci_low"] < 0.05 < runner_up["ci_high"]

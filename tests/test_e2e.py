@@ -242,14 +242,16 @@ def test_a_rerun_whose_config_redoes_the_warmup_is_refused_for_one_arm(sweep_run
         ("seesaw", ["SD", "SS", "C"]),
         ("linear_vs_sqrt", ["A", "H", "C", "CB", "B", "J"]),
         ("weight_decay", ["A", "H", "T", "B", "J"]),
-        ("per_example_adam", ["A", "M", "V", "Q"]),
+        ("per_example_adam", ["A", "M", "V", "Q", "M_half", "M_x2"]),  # one lr ladder whole
         ("sign_placement", ["E16", "S16", "M16", "E4", "S4", "M4"]),
     ],
 )
 def test_every_preset_runs_on_the_embedded_default(sweep_run, tmp_path, experiment, arms):
     # The sqrt_rule run above covers prepare and warmup: reuse its tokenized data, branch from a seed.
     data = f"data.cache_dir={sweep_run[0].parent / 'data'}"
-    out = _sweep(tmp_path, data, "experiment.warmup.enabled=false", experiment=experiment)
+    out = _sweep(
+        tmp_path, data, "experiment.warmup.enabled=false", f"arm={','.join(arms)}", experiment=experiment
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sweep_dir = tmp_path / experiment
     code, states = sweep_status(sweep_dir)
@@ -282,6 +284,12 @@ def test_every_preset_runs_on_the_embedded_default(sweep_run, tmp_path, experime
         ranked = pd.read_csv(sweep_dir / "results" / "ranking.csv")
         assert sorted(ranked["arm"]) == sorted(arms) and ranked["final_val_loss"].is_monotonic_increasing
         assert set(ranked.dropna(subset=["vs"])["vs"]) == {"A"}
+        ladders = pd.read_csv(sweep_dir / "results" / "ladders.csv").set_index("ladder")
+        assert ladders.loc["micro_adam", "rungs"] == 3 and ladders.loc["adamw", "rungs"] == 1
+        final = ranked.drop_duplicates("arm").set_index("arm")["final_val_loss"]
+        best_m = min(["M_half", "M", "M_x2"], key=final.__getitem__)
+        assert ladders.loc["micro_adam", "best_arm"] == best_m
+        assert ladders["final_val_loss"].is_monotonic_increasing and "lr ladders" in out.stdout
     if experiment == "sign_placement":
         assert "sign_example" in out.stdout and "sign_ema" in out.stdout
         assert "pe_norm_mean" in train["E4"][0] and "pe_norm_mean" not in train["S4"][0]
