@@ -42,8 +42,9 @@ from train.data import TokenStream, load_split, prepare
 from train.distributed import init_distributed
 from train.loop import DTYPES, StopFlag, Trainer, train
 from train.model import TokenLoss, build_model
-from train.per_example import UnitGradients, per_example_gradients
+from train.per_example import UnitGradients
 from train.throughput import peak_flops
+from train.unit_backward import UnitCollector, install
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,8 +65,8 @@ def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
     batch), the gradient norm and clip, AdamW (fused on a GPU, as the trainer), and the loss and
     norm read to the host at the trainer's logging cadence. Nothing else. With invariant Adam or
     per-example statistics, the same per-unit sums the trainer keeps (train/per_example.py's
-    `UnitGradients`, `per_example_gradients`) and, for the statistics, their figures read every
-    logged step."""
+    `UnitGradients`, formed inside the backward by train/unit_backward.py's `UnitCollector`) and,
+    for the statistics, their figures read every logged step."""
     stream = TokenStream(load_split(cfg.data_dir, cfg.split), cfg.trainer.seq_len, cfg.trainer.data_seed)
     loss_module = TokenLoss(build_model(cfg.model, 0, cfg.trainer.attn_implementation).to(device))
     model = loss_module.lm
@@ -80,7 +81,11 @@ def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
         else torch.optim.AdamW(params, fused=device.type == "cuda", **hyper)  # type: ignore[arg-type]
     )
     units = UnitGradients(params, names, invariant, False, t.per_example_stats) if cfg.unit_moments else None
-    examples = per_example_gradients(loss_module, names, t.seq_len) if t.per_example_stats else None
+    collector = None
+    if units is not None and t.per_example_stats:
+        collector = UnitCollector(units, loss_module, t.per_example_unit, t.seq_len)
+        install(loss_module, collector)
+        loss_module.units = collector
     dtype = DTYPES[cfg.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     micro = t.micro_batch_size or cfg.batch_size
@@ -94,11 +99,8 @@ def bare(cfg: RunConfig, steps: int, device: torch.device) -> float:
             units.begin()
         for j in range(0, cfg.batch_size, micro):
             part = batch[j : j + micro]
-            if examples is not None and units is not None and micro > 1:
-                with autocast:
-                    grads, losses = examples(part)
-                units.add(grads)
-                loss_sum += losses.detach().sum()
+            if collector is not None:
+                loss_sum += collector.micro_batch(part, lambda: autocast)
                 continue
             with autocast:
                 logits = model(input_ids=part[:, :-1]).logits

@@ -45,7 +45,10 @@ SWEEP_CASES = [
     (["experiment.arms.H.optimizer=micro_adam", "precision=fp16"], "micro_adam does not support fp16"),
     (["trainer.per_example_stats=true", "trainer.loss_kernel=liger"], "set trainer.loss_kernel=fused"),
     (["trainer.per_example_unit=word"], "trainer.per_example_unit='word': expected sequence or token"),
-    (["+experiment.lr_ladders={x:[A,Z]}"], "experiment.lr_ladders.x: ['A', 'Z'] must name arms of the experiment"),
+    (
+        ["+experiment.lr_ladders={x:[A,Z]}"],
+        "experiment.lr_ladders.x: ['A', 'Z'] must name arms of the experiment",
+    ),
     (["experiment.arms.H.optimizer=micro_adam_var"], "micro_adam_var estimates a per-sequence variance"),
     (["experiment.arms.H.optimizer=adam"], "optimizer.name='adam': expected one of adamw, invariant_adam"),
     (["precision=fp32", "experiment.arms.A.precision=fp8"], "precision='fp8'"),

@@ -103,7 +103,7 @@ def _collect(loss: TokenLoss, windows: torch.Tensor, unit: str, micro: int, comp
     units.collector = loss.units = UnitCollector(units.sums, loss, unit, SEQ)
     if compiled:
         loss.compile_regions()
-    install(loss, units.collector)
+    install(loss, units.collector, compiled)
     plan = plan_batches(len(windows), micro, 1, SEQ, len(windows) * SEQ)
     loss_sum, _, moments = accumulate_gradients(
         loss, windows, plan, False, contextlib.nullcontext, units=units

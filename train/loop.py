@@ -632,7 +632,7 @@ class Trainer:
                 collector = UnitCollector(
                     network.units.sums, loss, cfg.trainer.per_example_unit, cfg.trainer.seq_len
                 )
-                install(loss, collector)
+                install(loss, collector, compiled=cfg.trainer.compile)
                 loss.units = network.units.collector = collector
         return network
 

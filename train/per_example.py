@@ -142,6 +142,9 @@ class UnitGradients:
         device = params[0].device
         self.group_of = torch.tensor(self.group_index, device=device)
         self.units = 0  # units closed so far this step (this rank)
+        # What every delivered unit is multiplied by, once, in `finish` (the sums are linear in it,
+        # M2 and the squared norms quadratic): units may arrive as gradients of the summed loss.
+        self.scale = 1.0
         # Per-token units deliver sum_t g_t^2, not centred sums: `finish` centres them (one-pass).
         self.raw_squares = False
         parts = 1 + signs + squares
@@ -254,7 +257,13 @@ class UnitGradients:
         """Set `.grad` to the mean gradient over every unit of every rank and return the moments,
         plus this rank's squared norm of its own mean gradient (the small-batch half of the
         two-batch noise estimate, taken before the reduction)."""
-        c = self.units
+        c, size = self.units, len(self.flat) // (1 + self.signs + self.squares)
+        if self.scale != 1:
+            self.flat[:size].mul_(self.scale)
+            if self.squares:
+                self.flat[-size:].mul_(self.scale**2)
+            self.norms[:1].mul_(self.scale)
+            self.norms[1:].mul_(self.scale**2)
         if self.squares and self.raw_squares:  # sum_t g_t^2 - (sum_t g_t)^2 / c: see the docstring
             torch._foreach_addcmul_(self.sq, self.sum, self.sum, value=-1 / c)
             torch._foreach_clamp_min_(self.sq, 0.0)
@@ -262,7 +271,7 @@ class UnitGradients:
         local_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.sum)).float()) ** 2
         local_sq /= c**2
         units = c * world  # every rank closes the same number of units
-        linear = self.flat[: self.flat.numel() // (1 + self.signs + self.squares) * (1 + self.signs)]
+        linear = self.flat[: size * (1 + self.signs)]
         if world > 1:
             local_mean = list(torch._foreach_div(self.sum, float(c))) if self.squares else []
             dist.all_reduce(linear)  # sums and signs

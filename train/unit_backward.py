@@ -82,8 +82,9 @@ class UnitCollector:
         self.sums, self.loss, self.unit, self.seq_len = sums, loss, unit, seq_len
         self.index = {id(p): i for i, p in enumerate(sums.params)}
         # A unit's gradient is the mean-token gradient of its sequence, or its position's
-        # contribution to the gradient of the summed loss (the backward here is of the sum).
-        self.factor = 1 / seq_len if unit == "sequence" else 1.0
+        # contribution to the gradient of the summed loss (the backward here is of the sum): the
+        # sums scale what arrives once, at the step's end.
+        sums.scale = 1 / seq_len if unit == "sequence" else 1.0
         self.active = self.counting = False
         self.uses = [0] * len(sums.params)
         self.pending: dict[int, torch.Tensor] = {}
@@ -92,6 +93,7 @@ class UnitCollector:
         self.unit_sq = torch.empty(0)
         self.routes: dict[int, Route] = {}  # by id(module), as `install` routed them
         self.embedded: set[int] = set()  # parameters an Embedding uses (`install` fills it)
+        self.norms: dict[int, list[torch.Tensor]] = {}  # per group: the folded units' norms, this micro-batch
         # Per token, a head tied to an embedding table leaves c_t (its logit gradient at id_t) and
         # h_t (its input) of every position for the table's cross terms.
         self.tied: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,10 +116,13 @@ class UnitCollector:
             part.backward()
             for i in sorted(self.pending):
                 self._fold(i, self.pending.pop(i))
+            for group, norms in self.norms.items():
+                self.unit_sq[group] += torch.stack(norms).double().square().sum(0)
         finally:
             self.active = self.counting = False
             self.pending.clear()
             self.tied.clear()
+            self.norms.clear()
         self.sums.add_group_norms(self.unit_sq)
         self.sums.close(self.units_in_micro)
         return part.detach()
@@ -160,7 +165,7 @@ class UnitCollector:
         total = torch.zeros_like(weight).index_add_(0, flat, d2)
         squares = torch.zeros_like(weight).index_add_(0, flat, d2 * d2) if self.sums.squares else None
         signs = torch.zeros_like(weight).index_add_(0, flat, d2.sign()) if self.sums.signs else None
-        norms = (d2 * d2).sum(1)
+        norms = _row_sq(d2)
         if i in self.tied:  # the head's gradient at row id_t of the same position: the cross terms
             c, h = self.tied.pop(i)
             head_row = c[:, None] * h  # the head's gradient of position t, row id_t
@@ -182,7 +187,7 @@ class UnitCollector:
         squares = (g2 * g2).sum(0) if self.sums.squares else None
         signs = g2.sign().sum(0) if self.sums.signs else None
         self.sums.add_factored(route.weight, g2.sum(0), squares, signs)
-        self.unit_sq[self.sums.group_index[route.weight]] += (g2 * g2).sum(1).double()
+        self.unit_sq[self.sums.group_index[route.weight]] += _row_sq(g2).double()
 
     # --- internals
     def _linear_tokens(self, route: Route, x: torch.Tensor, d: torch.Tensor, first_row: int) -> None:
@@ -191,8 +196,8 @@ class UnitCollector:
         squares = ((d * d).t() @ (x * x)).float() if self.sums.squares else None
         signs = d.sign().float().t() @ x.sign().float() if self.sums.signs else None  # exact counts
         self.sums.add_factored(i, (d.t() @ x).float(), squares, signs)
-        d_sq = d.float().square().sum(1)
-        self.unit_sq[self.sums.group_index[i], rows] += (d_sq * x.float().square().sum(1)).double()
+        d_sq = _row_sq(d)
+        self.unit_sq[self.sums.group_index[i], rows] += (d_sq * _row_sq(x)).double()
         if route.bias is not None:
             db = d.float()
             self.sums.add_factored(
@@ -234,10 +239,13 @@ class UnitCollector:
     def _deliver(self, i: int, per_unit: torch.Tensor, first: int) -> None:
         """Units [first, first + k) of parameter i, raw (gradients of the summed loss)."""
         k = per_unit.shape[0]
-        if self.uses[i] == 1 and first == 0 and k == self.units_in_micro and i not in self.pending:
+        whole = first == 0 and k == self.units_in_micro and i not in self.pending
+        if whole and self.uses[i] == 1:
             self._fold(i, per_unit)
-            return
-        self._pending(i, self.sums.params[i])[first : first + k] += per_unit.float()
+        elif whole:  # the first of several uses, whole: it becomes the pending sum (no zeros, no add)
+            self.pending[i] = per_unit.float()
+        else:
+            self._pending(i, self.sums.params[i])[first : first + k] += per_unit.float()
 
     def _pending(self, i: int, weight: torch.Tensor) -> torch.Tensor:
         if i not in self.pending:
@@ -246,15 +254,21 @@ class UnitCollector:
         return self.pending[i]
 
     def _fold(self, i: int, per_unit: torch.Tensor) -> None:
-        """Every unit of parameter i in this micro-batch, raw: into the sums and the unit norms."""
-        g = per_unit.to(self.sums.params[i].dtype)  # the tensor is this fold's own: scaled in place
-        if self.factor != 1:
-            g.mul_(self.factor)
+        """Every unit of parameter i in this micro-batch, raw (the sums scale them once, at the
+        step's end: `UnitGradients.scale`): into the sums, and its units' norms set aside to be
+        added group by group at the micro-batch's end (a few kernels, not a few per parameter)."""
+        g = per_unit.to(self.sums.params[i].dtype)
         self.sums.merge(i, g)
         if self.sums.keep_norms:
-            self.unit_sq[self.sums.group_index[i]] += (
-                torch.linalg.vector_norm(g.flatten(1), dim=1).double() ** 2
+            self.norms.setdefault(self.sums.group_index[i], []).append(
+                torch.linalg.vector_norm(g.flatten(1), dim=1)
             )
+
+
+def _row_sq(t: torch.Tensor) -> torch.Tensor:
+    """Each row's squared norm, in fp32: one reduction, no squared copy of `t` (the LM head's
+    logit gradient is tokens x vocabulary)."""
+    return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).square()
 
 
 # ----------------------------------------------------------------------------- the autograd functions
@@ -272,10 +286,13 @@ class _UnitLinear(torch.autograd.Function):
         route: Route,
         first_row: int,
     ) -> torch.Tensor:
-        dtype = compute_dtype(x, weight)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            xc, w = x.to(dtype), weight.to(dtype)
-            out = F.linear(xc, w, None if bias is None else bias.to(dtype))
+        if torch.is_autocast_enabled(x.device.type):  # its dtype, as written: not recast again
+            dtype = compute_dtype(x, weight)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                xc, w = x.to(dtype), weight.to(dtype)
+                out = F.linear(xc, w, None if bias is None else bias.to(dtype))
+        else:
+            xc, w, out = x, weight, F.linear(x, weight, bias)
         ctx.save_for_backward(xc, w)
         ctx.route, ctx.first_row = route, first_row
         return out
@@ -325,8 +342,13 @@ class _UnitScale(torch.autograd.Function):
 # ----------------------------------------------------------------------------- installing them
 
 
-def _linear_forward(module: torch.nn.Linear, route: Route) -> Callable[..., torch.Tensor]:
-    @torch.compiler.disable
+def _eager(forward: Callable[..., torch.Tensor], compiled: bool) -> Callable[..., torch.Tensor]:
+    """`forward` as torch.compile must leave it (run eagerly: a graph break) where the model is
+    compiled; as it is otherwise (the disabling wrapper costs a few microseconds a call)."""
+    return torch.compiler.disable(forward) if compiled else forward
+
+
+def _linear_forward(module: torch.nn.Linear, route: Route, compiled: bool) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         collector = route.collector
         if not (collector.active and torch.is_grad_enabled()):
@@ -336,11 +358,12 @@ def _linear_forward(module: torch.nn.Linear, route: Route) -> Callable[..., torc
         out: torch.Tensor = _UnitLinear.apply(x, module.weight, module.bias, route, first_row)
         return out
 
-    return forward
+    return _eager(forward, compiled)
 
 
-def _embedding_forward(module: torch.nn.Embedding, route: Route) -> Callable[..., torch.Tensor]:
-    @torch.compiler.disable
+def _embedding_forward(
+    module: torch.nn.Embedding, route: Route, compiled: bool
+) -> Callable[..., torch.Tensor]:
     def forward(ids: torch.Tensor) -> torch.Tensor:
         collector = route.collector
         if not (collector.active and torch.is_grad_enabled()):
@@ -350,7 +373,7 @@ def _embedding_forward(module: torch.nn.Embedding, route: Route) -> Callable[...
         out: torch.Tensor = _UnitEmbedding.apply(ids, module.weight, route, module.padding_idx)
         return out
 
-    return forward
+    return _eager(forward, compiled)
 
 
 def normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -361,10 +384,9 @@ def normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _norm_forward(module: torch.nn.Module, route: Route) -> Callable[..., torch.Tensor]:
+def _norm_forward(module: torch.nn.Module, route: Route, compiled: bool) -> Callable[..., torch.Tensor]:
     plain = type(module).forward
 
-    @torch.compiler.disable
     def forward(x: torch.Tensor) -> torch.Tensor:
         collector = route.collector
         if not (collector.active and torch.is_grad_enabled()):
@@ -374,7 +396,7 @@ def _norm_forward(module: torch.nn.Module, route: Route) -> Callable[..., torch.
         scaled: torch.Tensor = _UnitScale.apply(normalised(module, x), module.weight, route)
         return scaled
 
-    return forward
+    return _eager(forward, compiled)
 
 
 def is_rms_norm(module: torch.nn.Module) -> bool:
@@ -393,16 +415,17 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
         return bool(torch.equal(type(module).forward(module, probe), weight * normalised(module, probe)))
 
 
-def install(model: torch.nn.Module, collector: UnitCollector) -> None:
+def install(model: torch.nn.Module, collector: UnitCollector, compiled: bool = False) -> None:
     """Route every Linear, Embedding and RMSNorm of `model` through `collector` (see the module
-    docstring). A trainable parameter of any other module is refused, naming it: its units could
-    not be formed, and the statistics would silently leave it out."""
+    docstring); `compiled`: parts of the model are torch.compiled (`trainer.compile`). A trainable
+    parameter of any other module is refused, naming it: its units could not be formed, and the
+    statistics would silently leave it out."""
     covered: set[int] = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             bias = None if module.bias is None else collector.index[id(module.bias)]
             route = Route(collector, collector.index[id(module.weight)], bias)
-            module.forward = _linear_forward(module, route)  # type: ignore[method-assign]
+            module.forward = _linear_forward(module, route, compiled)  # type: ignore[method-assign]
         elif isinstance(module, torch.nn.Embedding):
             if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
                 raise ValueError(
@@ -411,10 +434,10 @@ def install(model: torch.nn.Module, collector: UnitCollector) -> None:
                 )
             route = Route(collector, collector.index[id(module.weight)])
             collector.embedded.add(route.weight)
-            module.forward = _embedding_forward(module, route)  # type: ignore[method-assign]
+            module.forward = _embedding_forward(module, route, compiled)  # type: ignore[method-assign]
         elif is_rms_norm(module):
             route = Route(collector, collector.index[id(module.weight)])
-            module.forward = _norm_forward(module, route)  # type: ignore[method-assign]
+            module.forward = _norm_forward(module, route, compiled)  # type: ignore[method-assign]
         else:
             continue
         collector.routes[id(module)] = route
