@@ -199,9 +199,9 @@ def test_mfu_is_logged_against_a_given_peak(prepared_data, tmp_path):
 
 def test_every_logged_key_is_in_the_metrics_schema_and_every_entry_is_logged(prepared_data, tmp_path):
     """records/metrics.py's FIELDS is what the trainer writes: every key of every row of an fp16 run
-    with a known peak (loss_scale, mfu), a run with per-example statistics and one with accumulation
-    (the noise scale) is in it, and every entry is written by one of them (snr_head needs an untied
-    LM head, which the tiny model has not)."""
+    with a known peak (loss_scale, mfu), runs with per-example statistics per sequence and per token
+    and one with accumulation (the noise scale) is in it, and every entry is written by one of them
+    (snr_head and snr_head_token need an untied LM head, which the tiny model has not)."""
     from records.metrics import FIELDS
     from train.loop import train
 
@@ -209,6 +209,13 @@ def test_every_logged_key_is_in_the_metrics_schema_and_every_entry_is_logged(pre
     runs = [
         tiny_run(prepared_data, tmp_path / "fp16", token_budget=budget, precision="fp16", peak_flops=1e11),
         tiny_run(prepared_data, tmp_path / "pe", token_budget=budget, per_example_stats=True),
+        tiny_run(
+            prepared_data,
+            tmp_path / "tok",
+            token_budget=budget,
+            per_example_stats=True,
+            per_example_unit="token",
+        ),
         # accumulation (micro-batches of 4 of 8) measures the noise scale at every step
         tiny_run(prepared_data, tmp_path / "plain", token_budget=budget, micro_batch_size=4),
     ]
@@ -217,7 +224,7 @@ def test_every_logged_key_is_in_the_metrics_schema_and_every_entry_is_logged(pre
         train(cfg)
         logged |= {key for row in rows(Path(cfg.run_dir), "step") for key in row}
     assert logged - set(FIELDS) == set()
-    assert set(FIELDS) - logged == {"snr_head"}
+    assert set(FIELDS) - logged == {"snr_head", "snr_head_token"}
 
 
 # ----------------------------------------------------------------------------- guards
