@@ -53,7 +53,7 @@ def switches(trainer: Trainer) -> dict[str, Callable[[], None]]:
                 module.__dict__.pop("forward", None)
             if units is not None and units.collector is not None:
                 install(loss, units.collector)
-            network.units, network.per_sequence = units, units is not None
+            network.units = units
             loss.units = None if units is None else units.collector
 
         return switch

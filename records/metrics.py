@@ -30,6 +30,9 @@ class Field:
     read: bool = False  # the analysis reads it
 
 
+# The per-example statistics' parameter groups (train/per_example.py forms them).
+GROUPS = ("embeddings", "attention", "mlp", "norms", "head")
+
 FIELDS: dict[str, Field] = {
     "step": Field("steps", "optimizer steps so far", True),
     "tokens": Field("tokens", "tokens consumed: compare arms on this", True),
@@ -81,7 +84,7 @@ FIELDS: dict[str, Field] = {
         f"snr_{group}": Field(
             "per sequence", f"per-example signal-to-noise ratio |G_k|^2/tr(Sigma_k) of the {group}", False
         )
-        for group in ("embeddings", "attention", "mlp", "norms", "head")
+        for group in GROUPS
     },
     # trainer.per_example_unit=token: the same statistics over token positions, under their own keys
     "pe_norm_mean_token": Field("", "per-token statistics: mean of the per-position gradient norms", False),
@@ -91,7 +94,7 @@ FIELDS: dict[str, Field] = {
     "noise_trace_token": Field("per token", "tr(Sigma) over positions' gradient contributions", False),
     **{
         f"snr_{group}_token": Field("per token", f"per-token signal-to-noise ratio of the {group}", False)
-        for group in ("embeddings", "attention", "mlp", "norms", "head")
+        for group in GROUPS
     },
     "val_loss": Field(
         "nats/token",

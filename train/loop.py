@@ -225,7 +225,12 @@ class Network:
     grad_clip: float
     local_norm: LocalGradNorm
     units: Units | None = None  # per-unit moments (train/per_example.py); None: plain AdamW
-    per_sequence: bool = False  # the units are sequences: their statistics are per-example ones
+
+    @property
+    def per_sequence(self) -> bool:
+        """The units are sequences or tokens (formed inside the backward): their norm sums are
+        the per-example statistics."""
+        return self.units is not None and self.units.collector is not None
 
     def autocast(self) -> Any:
         if self.dtype is None:
@@ -628,7 +633,6 @@ class Trainer:
             sums = UnitGradients(params, names, squares, signs, norms=cfg.per_example, unit=unit)
             network.units = Units(sums)
             if cfg.per_example:  # units are sequences or tokens, formed inside the backward
-                network.per_sequence = True
                 collector = UnitCollector(
                     network.units.sums, loss, cfg.trainer.per_example_unit, cfg.trainer.seq_len
                 )

@@ -45,9 +45,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-# Parameter groups of a Qwen2 decoder for the per-group SNR. With tied embeddings the LM head's
-# gradient is part of the embedding table's, so `head` is empty and `embeddings` holds both.
-GROUPS = ("embeddings", "attention", "mlp", "norms", "head")
+from records.metrics import GROUPS
+
+# Parameter groups of a Qwen2 decoder for the per-group SNR (records/metrics.py's, whose keys they
+# name). With tied embeddings the LM head's gradient is part of the embedding table's, so `head`
+# is empty and `embeddings` holds both.
 
 
 def param_group(name: str) -> str:
@@ -145,8 +147,6 @@ class UnitGradients:
         # What every delivered unit is multiplied by, once, in `finish` (the sums are linear in it,
         # M2 and the squared norms quadratic): units may arrive as gradients of the summed loss.
         self.scale = 1.0
-        # Per-token units deliver sum_t g_t^2, not centred sums: `finish` centres them (one-pass).
-        self.raw_squares = False
         parts = 1 + signs + squares
         size = sum(p.numel() for p in params)
         self.flat = torch.zeros(parts * size, device=device, dtype=params[0].dtype)
@@ -193,7 +193,6 @@ class UnitGradients:
     ) -> None:
         """Add per-token units of parameter i as their sums: sum_t g_t, sum_t g_t^2, sum_t sign g_t
         (train/unit_backward.py forms them without any per-token gradient)."""
-        self.raw_squares = True
         self.sum[i].add_(total)
         if self.squares and squares is not None:
             self.sq[i].add_(squares)
@@ -264,7 +263,9 @@ class UnitGradients:
                 self.flat[-size:].mul_(self.scale**2)
             self.norms[:1].mul_(self.scale)
             self.norms[1:].mul_(self.scale**2)
-        if self.squares and self.raw_squares:  # sum_t g_t^2 - (sum_t g_t)^2 / c: see the docstring
+        # Per-token units arrive as sum_t g_t^2, not centred sums (`add_factored`): centred here,
+        # sum_t g_t^2 - (sum_t g_t)^2 / c, the one-pass form (see the module docstring).
+        if self.squares and self.unit == "token":
             torch._foreach_addcmul_(self.sq, self.sum, self.sum, value=-1 / c)
             torch._foreach_clamp_min_(self.sq, 0.0)
         # |sum / n|^2 from the sums' norms: no copy of the gradients

@@ -143,12 +143,9 @@ class UnitCollector:
             x2, d2 = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
             self._linear_tokens(route, x2, d2, first_row if x.dim() == 2 else 0)
             return
-        if x.dim() == 3:
-            per_unit, bias, first = torch.bmm(delta.transpose(1, 2), x), delta.sum(1), 0
-        else:
-            per_unit, bias, first = self._rows_by_sequence(x, delta, first_row)
+        per_unit, bias, first = self._per_sequence(x, delta, first_row, route.bias is not None)
         self._deliver(route.weight, per_unit, first)
-        if route.bias is not None:
+        if route.bias is not None and bias is not None:
             self._deliver(route.bias, bias, first)
 
     def embedding(self, route: Route, ids: torch.Tensor, delta: torch.Tensor) -> None:
@@ -218,23 +215,27 @@ class UnitCollector:
             c[rows] = d.gather(1, self.inputs.reshape(-1)[rows, None]).squeeze(1).float()
             h[rows] = x.float()
 
-    def _rows_by_sequence(
-        self, x: torch.Tensor, delta: torch.Tensor, first_row: int
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The per-sequence gradients of rows [first_row, first_row + rows) of the flattened tokens:
-        one bmm where the rows are whole sequences, else one mm per (part of a) sequence they span."""
-        t, rows = self.seq_len, x.shape[0]
-        first = first_row // t
-        if first_row % t == 0 and rows % t == 0:
-            xs, ds = x.view(rows // t, t, -1), delta.view(rows // t, t, -1)
-            return torch.bmm(ds.transpose(1, 2), xs), ds.sum(1), first
-        last = (first_row + rows - 1) // t
-        parts, biases = [], []
-        for u in range(first, last + 1):
-            a, b = max(u * t, first_row) - first_row, min((u + 1) * t, first_row + rows) - first_row
-            parts.append(delta[a:b].t() @ x[a:b])
-            biases.append(delta[a:b].sum(0))
-        return torch.stack(parts), torch.stack(biases), first
+    def _per_sequence(
+        self, x: torch.Tensor, delta: torch.Tensor, first_row: int, with_bias: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The per-sequence weight (and, `with_bias`, bias) gradients of x and delta, (n, T, .) or
+        rows [first_row, first_row + rows) of the flattened tokens, and the first unit: one bmm
+        where the rows are whole sequences, else one mm per (part of a) sequence they span. The
+        bias sums are skipped where there is no bias (the LM head's delta is tokens x vocabulary)."""
+        if x.dim() == 2 and (first_row % self.seq_len or x.shape[0] % self.seq_len):
+            t, rows = self.seq_len, x.shape[0]
+            first = first_row // t
+            spans = [
+                (max(u * t, first_row) - first_row, min((u + 1) * t, first_row + rows) - first_row)
+                for u in range(first, (first_row + rows - 1) // t + 1)
+            ]
+            weights = torch.stack([delta[a:b].t() @ x[a:b] for a, b in spans])
+            biases = torch.stack([delta[a:b].sum(0) for a, b in spans]) if with_bias else None
+            return weights, biases, first
+        if x.dim() == 2:  # whole sequences: viewed as (units, T, .)
+            x, delta = x.view(-1, self.seq_len, x.shape[1]), delta.view(-1, self.seq_len, delta.shape[1])
+        weights = torch.bmm(delta.transpose(1, 2), x)
+        return weights, delta.sum(1) if with_bias else None, first_row // self.seq_len
 
     def _deliver(self, i: int, per_unit: torch.Tensor, first: int) -> None:
         """Units [first, first + k) of parameter i, raw (gradients of the summed loss)."""
