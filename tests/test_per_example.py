@@ -205,6 +205,31 @@ def test_compiled_layers_and_one_sequence_micro_batches_are_exact(unit):
     _assert_exact(g, mean, m2, sign, moments, [n for n, _ in named], [p for _, p in named])
 
 
+@pytest.mark.parametrize("unit", ["sequence", "token"])
+def test_under_bf16_autocast_the_mean_is_the_plain_backwards(unit):
+    """The autocast branch of the per-unit Linear (bf16 on a GPU; CPU autocast here): the units'
+    mean gradient is the plain backward's under the same autocast, to bf16's rounding (2^-8 of
+    the largest element, a few roundings)."""
+    torch.manual_seed(0)
+    windows = _windows(4)
+    plain = _tiny_loss(True, 24, "fused")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = plain(windows)
+    (total / total.new_tensor(windows[:, 1:].numel())).backward()
+    truth = _flat_grads(plain)
+    loss = _tiny_loss(True, 24, "fused")
+    named = list(loss.named_parameters())
+    params, names = [p for _, p in named], [n for n, _ in named]
+    units = Units(UnitGradients(params, names, squares=True, signs=False, unit=unit))
+    units.collector = loss.units = UnitCollector(units.sums, loss, unit, SEQ)
+    install(loss, units.collector)
+    plan = plan_batches(len(windows), 2, 1, SEQ, len(windows) * SEQ)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    accumulate_gradients(loss, windows, plan, False, bf16, units=units)
+    mean = torch.cat([p.grad.flatten() for p in params]).double()
+    assert (mean - truth).abs().max() <= 2e-2 * truth.abs().max()
+
+
 def test_a_parameter_of_an_unknown_module_is_refused_and_gemma_style_norms_are_not_taken():
     loss = _tiny_loss()
     named = list(loss.named_parameters())
