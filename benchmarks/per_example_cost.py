@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.trainer_speed import run_config, step_times, stepping_trainer
 from train.loop import Trainer, Units
-from train.model import TokenLoss
+from train.model import TokenLoss, parameter_groups
 from train.per_example import UnitGradients
 from train.unit_backward import UnitCollector, install
 
@@ -39,13 +39,14 @@ def switches(trainer: Trainer) -> dict[str, Callable[[], None]]:
     network = trainer.network
     loss = network.net
     assert isinstance(loss, TokenLoss)  # one process: the module itself
-    names = [n for n, p in loss.named_parameters() if p.requires_grad]
+    by_id = parameter_groups(loss)
+    groups = [by_id[id(p)] for p in network.params]
 
     def setup(how: tuple[str, bool] | None) -> Callable[[], None]:
         units = None
         if how is not None:
             unit, squares = how
-            units = Units(UnitGradients(network.params, names, squares, False))
+            units = Units(UnitGradients(network.params, groups, squares, False))
             units.collector = UnitCollector(units.sums, loss, unit, trainer.cfg.trainer.seq_len)
 
         def switch() -> None:

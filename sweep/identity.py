@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from train.config import RunConfig
+from train.config import ModelConfig, RunConfig
 
 DEFAULT_SPLIT = {"warmup": "warmup", "arm": "experiment"}
 AGREEING_LOSS_KERNELS = ("chunked", "fused")
@@ -39,10 +39,23 @@ def _branches(run: RunConfig) -> bool:
     return bool(run.init_checkpoint)
 
 
+# ModelConfig's fields added after the first signatures, with the value that is the behaviour
+# before them (a Qwen2 shape): they enter the model's identity only where they differ from it.
+MODEL_FIELDS_SINCE = {"arch": "qwen2", "head_dim": 0, "options": {}}
+
+
+def _model(model: ModelConfig) -> dict[str, Any]:
+    """The model's identity: its shape and family; `hf_config` is a path (the config.json's
+    content is in the other fields, read at plan time)."""
+    out = asdict(model)
+    del out["hf_config"]
+    return {k: v for k, v in out.items() if k not in MODEL_FIELDS_SINCE or v != MODEL_FIELDS_SINCE[k]}
+
+
 # Field path in RunConfig -> its place in the identity.
 IDENTITY: dict[str, Key] = {
     "stage": Key("kind"),
-    "model": Key("model", value=asdict),
+    "model": Key("model", value=_model),
     "batch_size": Key("batch_size"),
     "token_budget": Key("token_budget"),
     "precision": Key("precision"),

@@ -403,6 +403,11 @@ class _Planner:
     def add(self, cfg: Config, overrides: list[str], variant: list[str]) -> None:
         """The arm of `cfg` and the stages it needs (tokenizing, its data order's warmup)."""
         assert cfg.arm is not None
+        try:  # model.hf_config: the shape of its config.json, from here on
+            cfg = replace(cfg, model=cfg.model.resolved())
+        except ValueError as exc:
+            self.problems.add(str(exc))
+            return
         data = data_problems(cfg.data, cfg.model.vocab_size)
         for problem in data:
             self.problems.add(problem)

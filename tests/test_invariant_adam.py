@@ -27,7 +27,7 @@ def test_with_one_micro_batch_it_is_adamw():
     hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     ours = VariantAdam(a.parameters(), "invariant_adam", **hyper)
     torch_adamw = torch.optim.AdamW(b.parameters(), **hyper)
-    units = UnitGradients(list(a.parameters()), ["lm.mlp.weight", "lm.mlp.bias"], squares=True, signs=False)
+    units = UnitGradients(list(a.parameters()), ["mlp", "mlp"], squares=True, signs=False)
     for _ in range(5):
         x = torch.randn(4, 6)
         units.begin()
@@ -79,7 +79,7 @@ def _trajectory(kind: str, eta: float) -> torch.Tensor:
         opt = VariantAdam([theta], "invariant_adam", **big)
     else:
         opt = torch.optim.Adam([theta], **big)
-    units = UnitGradients([theta], [".mlp.theta"], squares=True, signs=False)
+    units = UnitGradients([theta], ["mlp"], squares=True, signs=False)
     for s in range(steps // KAPPA):
         grads = [_grad(theta.detach(), x[i : i + 1], y[i : i + 1]) for i in range(s * KAPPA, (s + 1) * KAPPA)]
         if isinstance(opt, VariantAdam):

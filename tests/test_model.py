@@ -7,11 +7,20 @@ import math
 import pytest
 import torch
 import yaml
-from transformers import Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from tests.harness import REPO, rows, tiny_run
 from train.config import ModelConfig
-from train.model import TokenLoss, build_model, matmul_params, qwen2_config
+from train.model import TokenLoss, build_model, hf_config, matmul_params
+
+FAMILY_SHAPES = ["llama_tiny", "mistral_tiny", "olmo2_tiny", "gemma_tiny", "gpt2_tiny"]
+
+
+def shape(name: str, **changes) -> ModelConfig:
+    """A conf/model/ shape, with `changes`."""
+    return ModelConfig(
+        **{**yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text()), **changes}
+    )
 
 
 def test_chunked_loss_and_gradients_equal_the_full_ones():
@@ -45,7 +54,7 @@ def test_per_sequence_losses_add_up_to_the_batch_loss():
 def test_flops_per_token_on_qwen2_5_0_5b():
     values = yaml.safe_load((REPO / "conf" / "model" / "qwen2_5_0_5b.yaml").read_text())
     with torch.device("meta"):
-        lm = Qwen2ForCausalLM(qwen2_config(ModelConfig(**values)))
+        lm = AutoModelForCausalLM.from_config(hf_config(ModelConfig(**values)))
     # The published parameter count of Qwen2.5-0.5B (tied embeddings: the head is the table).
     assert matmul_params(lm) == ModelConfig(**values).matmul_params == 494_032_768
     assert ModelConfig(**values).flops_per_token(2048) == 6 * 494_032_768 + 12 * 24 * 896 * 2048
@@ -59,6 +68,55 @@ def test_untied_head_counts_once_and_the_lookup_not_at_all():
     assert matmul_params(lm) == total - 100 * 16 == cfg.matmul_params
     cfg.tie_word_embeddings = True  # the shape's count is the same, and so is the built model's
     assert matmul_params(build_model(cfg, seed=0)) == cfg.matmul_params
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("name", FAMILY_SHAPES)
+def test_every_family_s_flops_count_is_the_built_model_s(name, tied):
+    """The shape's count (no torch: the dry run's) against the built model's, by module type; the
+    family's own biases switched on where its config has the key."""
+    options = {"attention_bias": True} if name.split("_")[0] in ("llama", "olmo2", "gemma") else {}
+    if name == "llama_tiny":
+        options["mlp_bias"] = True
+    for opts in ({}, options):
+        cfg = shape(name, tie_word_embeddings=tied, options=opts)
+        lm = build_model(cfg, seed=0)
+        assert lm.config.model_type == cfg.arch
+        assert matmul_params(lm) == cfg.matmul_params, opts
+        heads = cfg.num_heads * cfg.head_width
+        assert cfg.flops_per_token(128) == 6 * cfg.matmul_params + 12 * cfg.num_layers * heads * 128
+
+
+@pytest.mark.parametrize("name", FAMILY_SHAPES)
+def test_every_family_s_chunked_and_fused_losses_equal_the_full_one(name):
+    """The loss heads through `get_decoder` / `get_output_embeddings`: the chunked (recomputed)
+    and fused (gradients in the forward) losses over 7-token chunks against the model's own
+    logits, loss and gradients in fp32."""
+    cfg = shape(name, vocab_size=300)
+    window = torch.randint(0, 300, (3, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for chunk, kernel in ((0, "chunked"), (7, "chunked"), (7, "fused")):
+        lm = build_model(cfg, seed=0)
+        loss = TokenLoss(lm, chunk, kernel)(window)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in lm.parameters()]))
+    lm = build_model(cfg, seed=0)
+    logits = lm(input_ids=window[:, :-1]).logits
+    own = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
+    full, g_full = results[0]
+    assert full.item() == pytest.approx(own.item(), rel=1e-6)
+    for value, grads in results[1:]:
+        assert value.item() == pytest.approx(full.item(), rel=1e-6)
+        for a, b in zip(g_full, grads, strict=True):
+            assert (a - b).norm() <= 1e-5 * a.norm() + 1e-12
+
+
+def test_a_family_the_trainer_cannot_serve_is_refused_naming_it():
+    assert "an encoder-decoder" in ModelConfig(arch="t5").problems()[0]
+    assert "not a family this trainer serves" in ModelConfig(arch="mamba").problems()[0]
+    assert "dropout" in ModelConfig(arch="llama", options={"attention_dropout": 0.1}).problems()[0]
+    with pytest.raises(ValueError, match="model.arch='t5' is an encoder-decoder"):
+        build_model(ModelConfig(arch="t5"), 0)
 
 
 @pytest.mark.scale
@@ -113,13 +171,13 @@ def test_the_built_model_applies_the_configured_rope_base(monkeypatch):
     inv_freq = model_module.build_model(cfg, 0).model.rotary_emb.inv_freq.double()
     half = len(inv_freq)  # frequencies base^(-k/half), k < half
     assert inv_freq[1] ** -half == pytest.approx(cfg.rope_theta, rel=1e-4)
-    build = model_module.qwen2_config
+    build = model_module.hf_config
 
     def ignoring_rope(*args, **kwargs):  # type: ignore[no-untyped-def]
         config = build(*args, **kwargs)
         config.rope_parameters = {"rope_type": "default", "rope_theta": 10_000.0}  # as 4.x would leave it
         return config
 
-    monkeypatch.setattr(model_module, "qwen2_config", ignoring_rope)
+    monkeypatch.setattr(model_module, "hf_config", ignoring_rope)
     with pytest.raises(RuntimeError, match="RoPE base is 10000, not model.rope_theta=1e"):
         model_module.build_model(cfg, 0)

@@ -15,29 +15,36 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
 
 from tests.harness import rows, run_world, tiny_run
 from train.adam_variants import VariantAdam, second_moment_input
 from train.batching import plan_batches
 from train.config import ModelConfig, OptimizerConfig
 from train.loop import Units, accumulate_gradients
-from train.model import TokenLoss, build_model
-from train.per_example import Moments, UnitGradients, param_group
-from train.unit_backward import UnitCollector, install, is_rms_norm, normalised
+from train.model import TokenLoss, build_model, parameter_groups
+from train.per_example import Moments, UnitGradients
+from train.unit_backward import UnitCollector, install, norm_offset, normalised
 
 SEQ = 16
 
 
-def _tiny_loss(tied: bool = True, chunk: int = 0, kernel: str = "chunked") -> TokenLoss:
+def _tiny_loss(tied: bool = True, chunk: int = 0, kernel: str = "chunked", arch: str = "qwen2") -> TokenLoss:
     cfg = ModelConfig(
+        arch=arch,
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
         num_heads=2,
-        num_kv_heads=1,
+        num_kv_heads=2 if arch == "gpt2" else 1,
         tie_word_embeddings=tied,
     )
     return TokenLoss(build_model(cfg, seed=0), chunk, kernel)
+
+
+def _groups(loss: TokenLoss) -> list[str]:
+    by_id = parameter_groups(loss)
+    return [by_id[id(p)] for p in loss.parameters()]
 
 
 def _windows(n: int) -> torch.Tensor:
@@ -76,13 +83,22 @@ def _per_token(loss: TokenLoss, windows: torch.Tensor) -> torch.Tensor:
         base = plain(*(None if w is None else w.detach() for w in weights))
         return base + mask.view(n, SEQ, 1) * (plain(*weights) - base)
 
+    def affine(m, x, offset):  # a norm's forward, of its weights
+        h = normalised(m, x)
+        return lambda w, b: (w + offset) * h + (0 if b is None else b)
+
     for m in loss.modules():  # instance forwards, removed again below
         if isinstance(m, torch.nn.Linear):
             m.forward = lambda x, m=m: masked(lambda w, b: F.linear(x, w, b), m.weight, m.bias)
+        elif isinstance(m, Conv1D):  # x @ W + b
+            m.forward = lambda x, m=m: masked(lambda w, b: x @ w + b, m.weight, m.bias)
         elif isinstance(m, torch.nn.Embedding):
-            m.forward = lambda ids, m=m: masked(lambda w: F.embedding(ids, w), m.weight)
-        elif is_rms_norm(m):
-            m.forward = lambda x, m=m: masked(lambda w: w * normalised(m, x), m.weight)
+            scale = getattr(m, "embed_scale", 1.0)
+            m.forward = lambda ids, m=m, s=scale: masked(
+                lambda w: F.embedding(ids, w, m.padding_idx) * s, m.weight
+            )
+        elif (offset := norm_offset(m)) is not None:
+            m.forward = lambda x, m=m, o=offset: masked(affine(m, x, o), m.weight, getattr(m, "bias", None))
     out = []
     try:
         for position in range(n * SEQ):
@@ -97,9 +113,8 @@ def _per_token(loss: TokenLoss, windows: torch.Tensor) -> torch.Tensor:
 
 def _collect(loss: TokenLoss, windows: torch.Tensor, unit: str, micro: int, compiled: bool = False):
     """One step's units as the trainer forms them: the mean gradient, M2, the mean sign, the moments."""
-    named = list(loss.named_parameters())
-    params, names = [p for _, p in named], [n for n, _ in named]
-    units = Units(UnitGradients(params, names, squares=True, signs=True, unit=unit))
+    params = list(loss.parameters())
+    units = Units(UnitGradients(params, _groups(loss), squares=True, signs=True, unit=unit))
     units.collector = loss.units = UnitCollector(units.sums, loss, unit, SEQ)
     if compiled:
         loss.compile_regions()
@@ -127,7 +142,7 @@ def _key(name: str, unit: str) -> str:
     return name if unit == "sequence" else name.removesuffix("_exact") + "_token"
 
 
-def _assert_exact(g: torch.Tensor, mean, m2, sign, moments: Moments, names: list[str], params) -> None:
+def _assert_exact(g: torch.Tensor, mean, m2, sign, moments: Moments, loss: TokenLoss) -> None:
     """The units' sums and the statistics against per-unit rows `g` (float64), to 1e-5."""
     u = len(g)
     assert moments.units == u
@@ -153,11 +168,15 @@ def _assert_exact(g: torch.Tensor, mean, m2, sign, moments: Moments, names: list
     assert _close(stats["pe_norm_std"], norms.std(unbiased=False).item())
     assert _close(stats["noise_trace_exact"], trace.item())
     assert _close(stats["grad_sq_exact"], signal.item(), truth.norm().item() ** 2)
-    assert _close(stats["b_simple_exact"], (trace / signal).item())
-    offsets = np.cumsum([0] + [p.numel() for p in params])
-    for group in {param_group(n) for n in names}:
+    if signal > 0:  # else |G|^2's estimate says no signal: no B_simple is logged
+        assert _close(stats["b_simple_exact"], (trace / signal).item())
+    else:
+        assert "b_simple_exact" not in stats
+    offsets = np.cumsum([0] + [p.numel() for p in loss.parameters()])
+    groups = _groups(loss)
+    for group in set(groups):
         cols = torch.cat(
-            [torch.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names) if param_group(n) == group]
+            [torch.arange(offsets[i], offsets[i + 1]) for i, k in enumerate(groups) if k == group]
         )
         gk, mk = g[:, cols], g[:, cols].mean(0)
         trace_k = u / (u - 1) * ((gk**2).sum(1).mean() - mk.norm() ** 2)
@@ -183,9 +202,8 @@ def test_units_are_exact_against_loops_of_backward_passes(unit, kernel, tied):
     reference = _tiny_loss(tied)
     g = _per_sequence(reference, windows) if unit == "sequence" else _per_token(reference, windows)
     loss = _tiny_loss(tied, *LOSSES[kernel])
-    named = list(loss.named_parameters())
     mean, m2, sign, moments, loss_sum = _collect(loss, windows, unit, micro=len(windows) // 2)
-    _assert_exact(g, mean, m2, sign, moments, [n for n, _ in named], [p for _, p in named])
+    _assert_exact(g, mean, m2, sign, moments, loss)
     with torch.no_grad():
         assert loss_sum.item() == pytest.approx(reference(windows).item(), rel=1e-5)
     assert (_key("snr_head", unit) in moments.statistics()) != tied  # tied: the head's is the table's
@@ -200,9 +218,8 @@ def test_compiled_layers_and_one_sequence_micro_batches_are_exact(unit):
     reference = _tiny_loss()
     g = _per_sequence(reference, windows) if unit == "sequence" else _per_token(reference, windows)
     loss = _tiny_loss(True, 24, "chunked")
-    named = list(loss.named_parameters())
     mean, m2, sign, moments, _ = _collect(loss, windows, unit, micro=1, compiled=True)
-    _assert_exact(g, mean, m2, sign, moments, [n for n, _ in named], [p for _, p in named])
+    _assert_exact(g, mean, m2, sign, moments, loss)
 
 
 @pytest.mark.parametrize("unit", ["sequence", "token"])
@@ -218,9 +235,8 @@ def test_under_bf16_autocast_the_mean_is_the_plain_backwards(unit):
     (total / total.new_tensor(windows[:, 1:].numel())).backward()
     truth = _flat_grads(plain)
     loss = _tiny_loss(True, 24, "fused")
-    named = list(loss.named_parameters())
-    params, names = [p for _, p in named], [n for n, _ in named]
-    units = Units(UnitGradients(params, names, squares=True, signs=False, unit=unit))
+    params = list(loss.parameters())
+    units = Units(UnitGradients(params, _groups(loss), squares=True, signs=False, unit=unit))
     units.collector = loss.units = UnitCollector(units.sums, loss, unit, SEQ)
     install(loss, units.collector)
     plan = plan_batches(len(windows), 2, 1, SEQ, len(windows) * SEQ)
@@ -230,25 +246,51 @@ def test_under_bf16_autocast_the_mean_is_the_plain_backwards(unit):
     assert (mean - truth).abs().max() <= 2e-2 * truth.abs().max()
 
 
-def test_a_parameter_of_an_unknown_module_is_refused_and_gemma_style_norms_are_not_taken():
+def test_a_parameter_of_an_unknown_module_is_refused_and_norms_are_told_by_their_formula():
     loss = _tiny_loss()
-    named = list(loss.named_parameters())
     collector = UnitCollector(
-        UnitGradients([p for _, p in named], [n for n, _ in named], False, False), loss, "sequence", SEQ
+        UnitGradients(list(loss.parameters()), _groups(loss), False, False), loss, "sequence", SEQ
     )
     norm = loss.lm.model.norm
-    assert is_rms_norm(norm)
+    assert norm_offset(norm) == 0.0
+    with torch.no_grad():
+        norm.weight.normal_()  # the probe tells 0 from 1 for any weight
 
-    class GemmaStyleRMSNorm(type(norm)):  # weight stored as an offset from 1
+    class GemmaStyleRMSNorm(type(norm)):  # weight stored as an offset from 1: taken, with offset 1
         def forward(self, x):
             return (1 + self.weight) * normalised(self, x)
 
+    class SquaredRMSNorm(type(norm)):  # another formula: not taken for a norm
+        def forward(self, x):
+            return self.weight.square() * normalised(self, x)
+
     norm.__class__ = GemmaStyleRMSNorm
-    assert not is_rms_norm(norm)
-    with pytest.raises(
-        ValueError, match=r"model\.norm\.weight \(a parameter of none of Linear, Embedding, RMSNorm\)"
-    ):
+    assert norm_offset(norm) == 1.0
+    norm.__class__ = SquaredRMSNorm
+    assert norm_offset(norm) is None
+    with pytest.raises(ValueError, match=r"model\.norm\.weight \(a parameter of none of Linear, Conv1D"):
         install(loss, collector)
+
+
+FAMILIES = ["llama", "mistral", "olmo2", "gemma", "gpt2"]
+
+
+@pytest.mark.parametrize("unit", ["sequence", "token"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_family_s_units_are_exact_against_loops_of_backward_passes(arch, unit):
+    """Each family's own modules (GPT-2's Conv1D, LayerNorm and learned positions; Gemma's scaled
+    table and 1 + weight norms; OLMo2's q/k norms) through the chunked loss with accumulation,
+    tied (GPT-2, Gemma) and untied heads."""
+    torch.manual_seed(0)
+    windows = _windows(4)
+    tied = arch in ("gpt2", "gemma")
+    reference = _tiny_loss(tied, arch=arch)
+    g = _per_sequence(reference, windows) if unit == "sequence" else _per_token(reference, windows)
+    loss = _tiny_loss(tied, 24, "chunked", arch)
+    mean, m2, sign, moments, loss_sum = _collect(loss, windows, unit, micro=2)
+    _assert_exact(g, mean, m2, sign, moments, loss)
+    with torch.no_grad():
+        assert loss_sum.item() == pytest.approx(reference(windows).item(), rel=1e-5)
 
 
 def test_m2_is_stable_where_the_one_pass_form_cancels():
@@ -259,7 +301,7 @@ def test_m2_is_stable_where_the_one_pass_form_cancels():
     g64 = mu + sigma * torch.randn(32, 64, generator=gen, dtype=torch.float64)
     g = g64.float()
     p = torch.nn.Parameter(torch.zeros(64))
-    units = UnitGradients([p], ["lm.mlp.p"], squares=True, signs=False, norms=False)
+    units = UnitGradients([p], ["mlp"], squares=True, signs=False, norms=False)
     units.begin()
     for part in g.split(8):
         units.merge(0, part)
@@ -280,7 +322,7 @@ def test_the_reference_implementations_example():
     p = torch.nn.Parameter(torch.zeros(1))
     x, t = torch.ones(4, 1), torch.tensor([0.0, 2.0, 4.0, 6.0])
     per_example = torch.func.vmap(torch.func.grad(lambda w, xi, ti: 0.5 * (xi @ w - ti) ** 2), (None, 0, 0))
-    units = UnitGradients([p], ["lm.mlp.p"], squares=True, signs=False)
+    units = UnitGradients([p], ["mlp"], squares=True, signs=False)
     units.begin()
     units.add([per_example(p.detach(), x, t)])
     moments, _ = units.finish(world=1)
@@ -327,7 +369,7 @@ def test_variance_and_mean_square_inputs_are_unbiased_by_simulation():
 
 
 def _feed(opt: VariantAdam, param: torch.nn.Parameter, grads: torch.Tensor, signs: bool = False) -> None:
-    units = UnitGradients([param], ["model.layers.0.mlp.w"], squares=opt.needs_squares, signs=signs)
+    units = UnitGradients([param], ["mlp"], squares=opt.needs_squares, signs=signs)
     units.begin()
     units.add([grads])
     moments, _ = units.finish(world=1)

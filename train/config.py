@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, TypeVar
 
+from train import families
 from train.batching import BatchError, BatchPlan, plan_batches
 from train.schedule import Layout, ScheduleConfig, ScheduleError, layout
 
@@ -20,7 +21,9 @@ T = TypeVar("T")
 
 @dataclass
 class ModelConfig:
-    """Shape of a Qwen2-architecture decoder, built from config (never from the hub)."""
+    """A decoder-only causal LM of one of train/families.py's families, built from config with the
+    Auto classes (never from the hub): a written-out shape, or the shape of a `config.json`
+    (`hf_config`: its directory; the shape's fields are then read from it at plan time)."""
 
     name: str = "tiny"
     vocab_size: int = 2048
@@ -34,24 +37,61 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    arch: str = "qwen2"  # the transformers model_type: qwen2, llama, mistral, olmo2, gemma, gpt2
+    head_dim: int = 0  # 0: hidden_size / num_heads
+    hf_config: str = ""  # a directory holding a config.json: the model is that config
+    options: dict[str, Any] = field(default_factory=dict)  # other keys of the family's HF config
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
 
     @property
     def matmul_params(self) -> int:
-        """Parameters that take part in a matmul per token: all but the input embedding table (a
-        lookup), the LM head counted once whether or not it is tied to that table. From the shape
-        alone (no torch), so that a dry run can estimate compute; `train.model.matmul_params`
-        counts the same on a built model (tests hold the two equal)."""
-        d = self.hidden_size
-        kv = self.num_kv_heads * (d // self.num_heads)
-        attention = (d * d + d) + 2 * (d * kv + kv) + d * d  # q, k, v with biases (Qwen2), o without
-        layer = attention + 3 * d * self.intermediate_size + 2 * d  # SwiGLU MLP, two RMSNorm weights
-        return self.num_layers * layer + d + self.vocab_size * d  # final RMSNorm, the LM head
+        """Parameters that take part in a matmul per token: all but the lookups (the input
+        embedding table, a learned position table), the LM head counted once whether or not it is
+        tied to that table. From the shape alone (no torch), so that a dry run can estimate
+        compute; `train.model.matmul_params` counts the same on a built model (tests hold the two
+        equal for every family)."""
+        return families.matmul_params(
+            self.arch,
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_width,
+            self.options,
+        )
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, PaLM's convention (Chowdhery et al. 2022, App. B): 6N for the
-        matmuls of forward + backward, plus 12·L·d·T for attention scores and values (causal
-        masking not discounted). N is `matmul_params`."""
-        return 6 * self.matmul_params + 12 * self.num_layers * self.hidden_size * seq_len
+        matmuls of forward + backward, plus 12·L·(H·d_head)·T for attention scores and values
+        (causal masking not discounted). N is `matmul_params`."""
+        return 6 * self.matmul_params + 12 * self.num_layers * self.num_heads * self.head_width * seq_len
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """`AutoConfig.for_model(self.arch, **these)` is the model (train/families.py)."""
+        shape = {f.name: getattr(self, f.name) for f in fields(self)}
+        return families.hf_kwargs(self.arch, shape, self.head_width, self.options)
+
+    def resolved(self) -> ModelConfig:
+        """The shape itself, with `hf_config`'s config.json read into the fields (plan time)."""
+        if not self.hf_config:
+            return self
+        read = families.read_hf_config(self.hf_config)
+        return replace(self, arch=read.arch, **read.fields, options=read.options)
+
+    def problems(self) -> list[str]:
+        """What the trainer cannot build or train (one line each), before anything is queued."""
+        problems = families.model_problems(self.arch, self.options)
+        if not problems and self.arch == "gpt2" and self.num_kv_heads != self.num_heads:
+            problems.append(
+                f"model.num_kv_heads={self.num_kv_heads}: GPT-2 has no grouped K/V heads "
+                "(set it to num_heads)"
+            )
+        return problems
 
 
 @dataclass
@@ -291,6 +331,7 @@ class RunConfig:
             for path, ok, expected in RANGES
             if not ok(value := _get(self, path))
         ]
+        problems += self.model.problems()
         t = self.trainer
         what = "per-example statistics" if self.optimizer.name == "adamw" else self.optimizer.name
         if self.unit_moments and self.precision == "fp16":

@@ -41,7 +41,7 @@ from train.checkpoint import (
 from train.config import InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
 from train.distributed import Placement, init_distributed
-from train.model import TokenLoss, build_model
+from train.model import TokenLoss, build_model, parameter_groups
 from train.noise import NoiseSample, NoiseScale
 from train.per_example import Moments, UnitGradients
 from train.runlog import RunLog
@@ -626,11 +626,12 @@ class Trainer:
         network = Network(net, params, where, DTYPES[cfg.precision], cfg.trainer.grad_clip, local_norm)
         if cfg.unit_moments:
             optimizer = self.state.optimizer
-            names = [n for n, _ in named]
+            by_id = parameter_groups(loss)
+            groups = [by_id[id(p)] for p in params]
             squares = isinstance(optimizer, VariantAdam) and optimizer.needs_squares
             signs = isinstance(optimizer, VariantAdam) and optimizer.needs_signs
             unit = cfg.trainer.per_example_unit if cfg.per_example else "micro-batch"
-            sums = UnitGradients(params, names, squares, signs, norms=cfg.per_example, unit=unit)
+            sums = UnitGradients(params, groups, squares, signs, norms=cfg.per_example, unit=unit)
             network.units = Units(sums)
             if cfg.per_example:  # units are sequences or tokens, formed inside the backward
                 collector = UnitCollector(

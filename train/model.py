@@ -1,5 +1,6 @@
-"""The model: a Qwen2-architecture decoder built from a written-out config, never from the hub,
-wrapped so that its forward pass returns the summed next-token loss."""
+"""The model: a decoder-only causal LM of one of train/families.py's families, built from a
+written-out config with the Auto classes (never from the hub), wrapped so that its forward pass
+returns the summed next-token loss."""
 
 from __future__ import annotations
 
@@ -10,33 +11,26 @@ from typing import Any
 import torch
 import transformers
 from torch.utils.checkpoint import checkpoint
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from records.metrics import GROUPS
 from train.config import LOSS_KERNELS, ModelConfig
+from train.families import FAMILIES
 from train.fused_loss import fused_linear_cross_entropy, loss_and_logit_gradient
 from train.unit_backward import UnitCollector
 
 
-def qwen2_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Qwen2Config:
-    config = Qwen2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        initializer_range=cfg.initializer_range,
-        use_cache=False,
-    )
+def hf_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> PretrainedConfig:
+    """The transformers config of `cfg`'s family and shape (train/families.py), made locally."""
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    config = AutoConfig.for_model(cfg.arch, **cfg.hf_kwargs())
     config._attn_implementation = attn_implementation
     return config
 
 
-def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") -> Qwen2ForCausalLM:
+def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """A freshly initialised model; the same (cfg, seed) gives the same weights on every rank.
 
     `attn_implementation`: `sdpa` (PyTorch's fused attention: flash / memory-efficient kernels on
@@ -44,9 +38,11 @@ def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") 
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(qwen2_config(cfg, attn_implementation))
+        model = AutoModelForCausalLM.from_config(hf_config(cfg, attn_implementation))
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"model.arch={cfg.arch!r}: the built model has no LM head")
     base = rotary_base(model)
-    if not math.isclose(base, cfg.rope_theta, rel_tol=1e-3):
+    if base is not None and not math.isclose(base, cfg.rope_theta, rel_tol=1e-3):
         # transformers 4.x ignores `rope_parameters` and would train with its default base 10 000.
         raise RuntimeError(
             f"the built model's RoPE base is {base:.6g}, not model.rope_theta={cfg.rope_theta:.6g}: "
@@ -55,19 +51,69 @@ def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") 
     return model
 
 
-def rotary_base(model: Qwen2ForCausalLM) -> float:
-    """RoPE's base as the built model applies it: its frequencies are base^(-2k/d), k < d/2."""
-    inv_freq = model.model.rotary_emb.inv_freq
+def rotary_base(model: PreTrainedModel) -> float | None:
+    """RoPE's base as the built model applies it: its frequencies are base^(-2k/d), k < d/2. None
+    where the model has no default RoPE (learned positions; a scaled RoPE of its config.json)."""
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") != "default":
+        return None
+    inv_freq = rotary.inv_freq
     return float(inv_freq[1].double() ** (-len(inv_freq)))
 
 
-def matmul_params(model: Qwen2ForCausalLM) -> int:
-    """Parameters that take part in a matmul per token, counted on a built model: all of them but
-    the input embedding table (a lookup), the LM head counted once whether or not it is tied to
-    that table. `ModelConfig.matmul_params` gives the same from the shape (FLOPs and MFU use it)."""
+def matmul_params(model: PreTrainedModel) -> int:
+    """Parameters that take part in a matmul per token, counted on a built model by module type:
+    all of them but the lookups (every Embedding: token and learned position tables), the LM head
+    counted once whether or not it is tied to the token table. `ModelConfig.matmul_params` gives
+    the same from the shape (FLOPs and MFU use it)."""
     total = sum(p.numel() for p in model.parameters())  # tied weights are listed once
-    embedding = sum(p.numel() for p in model.get_input_embeddings().parameters())
-    return total if model.config.tie_word_embeddings else total - embedding
+    lookups = {
+        id(p): p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+    }
+    head = model.get_output_embeddings()
+    tied = any(id(p) in lookups for p in head.parameters())
+    return total - sum(lookups.values()) + (sum(p.numel() for p in head.parameters()) if tied else 0)
+
+
+def decoder_layers(lm: PreTrainedModel) -> torch.nn.ModuleList:
+    """The decoder's repeated blocks (`layers` in most families, GPT-2's `h`): the ModuleList as
+    long as the config's layer count."""
+    count = lm.config.num_hidden_layers
+    for module in lm.get_decoder().children():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"{type(lm).__name__}: no list of {count} decoder layers found")
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[int, str]:
+    """The per-group statistics' group (records/metrics.py GROUPS) of every parameter of `model`
+    (an LM, or a module wrapping one), by id, from the type of the module that holds it: lookups
+    (token and position tables; a tied head's weight is the table's) are `embeddings`, the LM head
+    `head`, any norm `norms` (OLMo2's q/k norms too), and a Linear (GPT-2's Conv1D) belongs to the
+    nearest enclosing attention or MLP block. A parameter in none is refused, naming it."""
+    lm = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+    head = {id(p) for p in lm.get_output_embeddings().parameters()}
+    modules = dict(model.named_modules())
+    groups: dict[int, str] = {}
+    for name, module in modules.items():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in groups:
+                continue
+            kind = type(module).__name__
+            if isinstance(module, torch.nn.Embedding):
+                groups[id(p)] = "embeddings"
+            elif id(p) in head:
+                groups[id(p)] = "head"
+            elif isinstance(module, torch.nn.LayerNorm) or kind.endswith("Norm"):
+                groups[id(p)] = "norms"
+            else:
+                parts = name.split(".")
+                owners = [type(modules[".".join(parts[:k])]).__name__ for k in range(len(parts) - 1, 0, -1)]
+                block = next((o for o in owners if "Attention" in o or "MLP" in o), None)
+                if block is None:
+                    raise ValueError(f"parameter {name}.{pname} ({kind}) is in no group of {GROUPS}")
+                groups[id(p)] = "attention" if "Attention" in block else "mlp"
+    return groups
 
 
 class TokenLoss(torch.nn.Module):
@@ -86,7 +132,7 @@ class TokenLoss(torch.nn.Module):
     - `liger`: Liger-Kernel's fused linear cross-entropy (CUDA, where liger-kernel is installed).
     """
 
-    def __init__(self, lm: Qwen2ForCausalLM, chunk_tokens: int = 0, kernel: str = "chunked") -> None:
+    def __init__(self, lm: PreTrainedModel, chunk_tokens: int = 0, kernel: str = "chunked") -> None:
         super().__init__()
         if kernel not in LOSS_KERNELS:
             raise ValueError(f"trainer.loss_kernel={kernel!r}: expected one of {', '.join(LOSS_KERNELS)}")
@@ -95,11 +141,34 @@ class TokenLoss(torch.nn.Module):
         self.kernel = kernel
         self.liger = liger_loss() if kernel == "liger" else None
         self.masks = causal_without_mask(lm)
+        self.learned_positions = FAMILIES[lm.config.model_type].learned_positions
         self.elementwise = loss_and_logit_gradient  # the fused loss's softmax part
         self.head_loss = self._head_loss  # the chunked loss's chunk
         # Per-unit gradients (train/unit_backward.py), set where the run forms them: the LM head
         # is then told which rows of the flattened tokens each loss chunk holds.
         self.units: UnitCollector | None = None
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The decoder stack, whatever the family names it (not a registered submodule: the
+        parameters keep their one name under `lm`)."""
+        decoder: torch.nn.Module = self.lm.get_decoder()
+        return decoder
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """The LM head (tied to the token table or not)."""
+        head: torch.nn.Module = self.lm.get_output_embeddings()
+        return head
+
+    def positions(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`position_ids` of every sequence, for a family that looks them up in a learned table
+        (GPT-2): transformers' default is one row broadcast over the batch, which would merge the
+        table's per-sequence gradients (train/unit_backward.py). Empty for RoPE families."""
+        if not self.learned_positions:
+            return {}
+        steps = torch.arange(inputs.shape[1], device=inputs.device)
+        return {"position_ids": steps.expand(inputs.shape[0], -1)}
 
     def compile_regions(self, backend: Any = "inductor") -> None:
         """`trainer.compile`: torch.compile each decoder layer in place, and the loss's
@@ -108,34 +177,35 @@ class TokenLoss(torch.nn.Module):
         graph serves them all (compile time of one layer, not of the model), and the attention
         masks are settled outside the compiled regions: SDPA keeps `is_causal=True` and grouped
         K/V heads, so flash attention runs (whole-model compile traced an explicit mask)."""
-        for layer in self.lm.model.layers:
+        for layer in decoder_layers(self.lm):
             layer.compile(backend=backend)
         self.elementwise = torch.compile(loss_and_logit_gradient, backend=backend)
         self.head_loss = torch.compile(self._head_loss, backend=backend)
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states, (tokens, hidden)."""
-        hidden = self.lm.model(input_ids=inputs, attention_mask=self.masks).last_hidden_state
+        hidden = self.decoder(input_ids=inputs, attention_mask=self.masks, **self.positions(inputs))
+        hidden = hidden.last_hidden_state
         return hidden.reshape(-1, hidden.size(-1))
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         inputs, targets = window[:, :-1], window[:, 1:].reshape(-1)
         if self.kernel == "chunked" and self.chunk_tokens <= 0:
-            logits = self.lm(input_ids=inputs, attention_mask=self.masks).logits
+            logits = self.lm(input_ids=inputs, attention_mask=self.masks, **self.positions(inputs)).logits
             return _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets)
         hidden = self.hidden_states(inputs)
         units = self.units if self.units is not None and self.units.active else None
         if self.kernel == "fused":
             deliver = None
             if units is not None:  # the head's units are formed with its gradient, in the forward
-                route = units.route_of(self.lm.lm_head)
+                route = units.route_of(self.head)
                 units.use(route)
                 deliver = functools.partial(units.linear, route)
             return fused_linear_cross_entropy(
-                hidden, self.lm.lm_head, targets, self.chunk_tokens, self.elementwise, deliver
+                hidden, self.head, targets, self.chunk_tokens, self.elementwise, deliver
             )
         if self.liger is not None:
-            head = self.lm.lm_head
+            head = self.head
             return self.liger(head.weight, hidden, targets, head.bias).float()
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.size(0), self.chunk_tokens):
@@ -157,7 +227,7 @@ class TokenLoss(torch.nn.Module):
         chunk = self.chunk_tokens if self.chunk_tokens > 0 else hidden.size(0)
         losses = [
             torch.nn.functional.cross_entropy(
-                self.lm.lm_head(hidden[i : i + chunk]).float(), targets[i : i + chunk], reduction="none"
+                self.head(hidden[i : i + chunk]).float(), targets[i : i + chunk], reduction="none"
             )
             for i in range(0, hidden.size(0), chunk)
         ]
@@ -168,12 +238,12 @@ class TokenLoss(torch.nn.Module):
     ) -> torch.Tensor:
         """A chunk's summed loss; `first_row`: where the chunk starts in the flattened tokens,
         for the per-unit head (train/unit_backward.py), None for the plain one."""
-        head = self.lm.lm_head
+        head = self.head
         logits = head(hidden) if first_row is None else head(hidden, first_row)
         return _cross_entropy_sum(logits, targets)
 
 
-def causal_without_mask(lm: Qwen2ForCausalLM) -> dict[str, None] | None:
+def causal_without_mask(lm: PreTrainedModel) -> dict[str, None] | None:
     """The attention masks to hand the decoder so that it builds none: every window is one
     unpadded causal sequence, so with SDPA no mask is the right mask (`is_causal=True`, K/V heads
     left grouped: `enable_gqa`). Left to itself, transformers inspects `position_ids` for packed
@@ -183,7 +253,9 @@ def causal_without_mask(lm: Qwen2ForCausalLM) -> dict[str, None] | None:
     attention kernels (eager attention adds the mask it is given: without one it would not be
     causal) and for sliding-window layers."""
     config = lm.config
-    if config._attn_implementation != "sdpa" or set(config.layer_types or ()) != {"full_attention"}:
+    if config._attn_implementation != "sdpa" or set(getattr(config, "layer_types", None) or ()) != {
+        "full_attention"
+    }:
         return None
     return {"full_attention": None}
 

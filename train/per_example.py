@@ -47,25 +47,6 @@ import torch.distributed as dist
 
 from records.metrics import GROUPS
 
-# Parameter groups of a Qwen2 decoder for the per-group SNR (records/metrics.py's, whose keys they
-# name). With tied embeddings the LM head's gradient is part of the embedding table's, so `head`
-# is empty and `embeddings` holds both.
-
-
-def param_group(name: str) -> str:
-    """The group of a parameter of `Qwen2ForCausalLM` (or of a module wrapping it) by its name."""
-    if "embed_tokens" in name:
-        return "embeddings"
-    if "lm_head" in name:
-        return "head"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    if "norm" in name:
-        return "norms"
-    raise ValueError(f"parameter {name} is in no group of {GROUPS}")
-
 
 @dataclass
 class Moments:
@@ -112,11 +93,11 @@ class Moments:
 
 
 class UnitGradients:
-    """Accumulates the per-unit sums of one step (see the module docstring) for `params`, named
-    `names` (for their groups); `squares` and `signs` say which elementwise sums to keep, `norms`
-    whether to keep the norm sums the statistics need (invariant Adam's step does not: skipping
-    them spares every micro-batch a norm pass); `unit` names what a unit is (for the statistics'
-    keys).
+    """Accumulates the per-unit sums of one step (see the module docstring) for `params`, in
+    `groups` (records/metrics.py GROUPS, one per parameter: train/model.py `parameter_groups`);
+    `squares` and `signs` say which elementwise sums to keep, `norms` whether to keep the norm
+    sums the statistics need (invariant Adam's step does not: skipping them spares every
+    micro-batch a norm pass); `unit` names what a unit is (for the statistics' keys).
 
     The sums live in one flat buffer ([sum, sign, M2], allocated once, zeroed each step): the
     all-reduces over ranks take it in two slices (no gather into a temporary), and no step
@@ -130,7 +111,7 @@ class UnitGradients:
     def __init__(
         self,
         params: list[torch.nn.Parameter],
-        names: list[str],
+        groups: list[str],
         squares: bool,
         signs: bool,
         norms: bool = True,
@@ -138,7 +119,6 @@ class UnitGradients:
     ) -> None:
         self.params, self.unit = params, unit
         self.squares, self.signs, self.keep_norms = squares, signs, norms
-        groups = [param_group(n) for n in names]
         self.groups = [k for k in GROUPS if k in groups]
         self.group_index = [self.groups.index(k) for k in groups]  # per parameter, on the host
         device = params[0].device

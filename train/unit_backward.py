@@ -10,7 +10,9 @@ the layer's input x and the gradient delta of its output:
                                 sum_t sign G_t = sign(delta)^T sign(x), |G_t|^2 = |delta_t|^2 |x_t|^2
     Embedding  row id_t gets delta_t: per sequence, rows summed within the sequence; per token,
                scatter-adds of delta_t, delta_t^2 and sign(delta_t)
-    RMSNorm    the weight scales its normalised input h: G = sum over the unit of delta_t * h_t
+    Norm       the weight scales its normalised input h: G = sum over the unit of delta_t * h_t
+               (RMSNorm; Gemma's (1 + weight); LayerNorm, whose bias takes sum delta_t)
+    Conv1D     GPT-2's Linear with its weight stored (in, out): the transposed units
 
 Each module's backward hands its units to a `UnitCollector`, which folds them into the step's sums
 (train/per_example.py: sum, Chan-merged M2, signs, per-group norms) and drops them: at no time
@@ -54,6 +56,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
 
 from train.config import PER_EXAMPLE_UNITS
 from train.fused_loss import compute_dtype
@@ -67,6 +70,8 @@ class Route:
     collector: UnitCollector
     weight: int
     bias: int | None = None
+    # GPT-2's Conv1D stores its weight (in, out), as x @ W: its units are the transposes
+    transposed: bool = False
 
 
 class UnitCollector:
@@ -143,7 +148,9 @@ class UnitCollector:
             x2, d2 = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
             self._linear_tokens(route, x2, d2, first_row if x.dim() == 2 else 0)
             return
-        per_unit, bias, first = self._per_sequence(x, delta, first_row, route.bias is not None)
+        per_unit, bias, first = self._per_sequence(
+            x, delta, first_row, route.bias is not None, route.transposed
+        )
         self._deliver(route.weight, per_unit, first)
         if route.bias is not None and bias is not None:
             self._deliver(route.bias, bias, first)
@@ -175,24 +182,36 @@ class UnitCollector:
         self.unit_sq[self.sums.group_index[i]] += norms.double()
 
     def scale(self, route: Route, h: torch.Tensor, delta: torch.Tensor) -> None:
-        """An elementwise weight's (RMSNorm's) normalised input h and output gradient, (n, T, d)."""
-        g = delta * h  # each position's gradient, as autograd's mul forms it
+        """A norm's normalised input h and output gradient, (n, T, d): its weight scales h
+        elementwise, its bias (LayerNorm's, if any) is added."""
+        self._elementwise(route.weight, delta * h)  # each position's gradient, as autograd's mul forms it
+        if route.bias is not None:
+            self._elementwise(route.bias, delta)
+
+    def _elementwise(self, i: int, g: torch.Tensor) -> None:
+        """Parameter i's gradient at each position, (n, T, d), summed over each unit."""
         if self.unit == "sequence":
-            self._deliver(route.weight, g.sum(1), 0)
+            self._deliver(i, g.sum(1), 0)
             return
         g2 = g.reshape(-1, g.shape[-1]).float()
         squares = (g2 * g2).sum(0) if self.sums.squares else None
         signs = g2.sign().sum(0) if self.sums.signs else None
-        self.sums.add_factored(route.weight, g2.sum(0), squares, signs)
-        self.unit_sq[self.sums.group_index[route.weight]] += _row_sq(g2).double()
+        self.sums.add_factored(i, g2.sum(0), squares, signs)
+        self.unit_sq[self.sums.group_index[i]] += _row_sq(g2).double()
 
     # --- internals
     def _linear_tokens(self, route: Route, x: torch.Tensor, d: torch.Tensor, first_row: int) -> None:
         rows = slice(first_row, first_row + x.shape[0])
         i = route.weight
-        squares = ((d * d).t() @ (x * x)).float() if self.sums.squares else None
-        signs = d.sign().float().t() @ x.sign().float() if self.sums.signs else None  # exact counts
-        self.sums.add_factored(i, (d.t() @ x).float(), squares, signs)
+
+        def outer(
+            a: torch.Tensor, b: torch.Tensor
+        ) -> torch.Tensor:  # sum_t a_t b_t^T, as the weight is laid out
+            return b.t() @ a if route.transposed else a.t() @ b
+
+        squares = outer(d * d, x * x).float() if self.sums.squares else None
+        signs = outer(d.sign().float(), x.sign().float()) if self.sums.signs else None  # exact counts
+        self.sums.add_factored(i, outer(d, x).float(), squares, signs)
         d_sq = _row_sq(d)
         self.unit_sq[self.sums.group_index[i], rows] += (d_sq * _row_sq(x)).double()
         if route.bias is not None:
@@ -216,7 +235,7 @@ class UnitCollector:
             h[rows] = x.float()
 
     def _per_sequence(
-        self, x: torch.Tensor, delta: torch.Tensor, first_row: int, with_bias: bool
+        self, x: torch.Tensor, delta: torch.Tensor, first_row: int, with_bias: bool, transposed: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """The per-sequence weight (and, `with_bias`, bias) gradients of x and delta, (n, T, .) or
         rows [first_row, first_row + rows) of the flattened tokens, and the first unit: one bmm
@@ -229,12 +248,13 @@ class UnitCollector:
                 (max(u * t, first_row) - first_row, min((u + 1) * t, first_row + rows) - first_row)
                 for u in range(first, (first_row + rows - 1) // t + 1)
             ]
-            weights = torch.stack([delta[a:b].t() @ x[a:b] for a, b in spans])
+            left, right = (x, delta) if transposed else (delta, x)
+            weights = torch.stack([left[a:b].t() @ right[a:b] for a, b in spans])
             biases = torch.stack([delta[a:b].sum(0) for a, b in spans]) if with_bias else None
             return weights, biases, first
         if x.dim() == 2:  # whole sequences: viewed as (units, T, .)
             x, delta = x.view(-1, self.seq_len, x.shape[1]), delta.view(-1, self.seq_len, delta.shape[1])
-        weights = torch.bmm(delta.transpose(1, 2), x)
+        weights = torch.bmm(x.transpose(1, 2), delta) if transposed else torch.bmm(delta.transpose(1, 2), x)
         return weights, delta.sum(1) if with_bias else None, first_row // self.seq_len
 
     def _deliver(self, i: int, per_unit: torch.Tensor, first: int) -> None:
@@ -324,20 +344,30 @@ class _UnitEmbedding(torch.autograd.Function):
         return None, None, None, None
 
 
-class _UnitScale(torch.autograd.Function):
-    """weight * h (an RMSNorm's last operation), the weight's gradient to a collector."""
+class _UnitAffine(torch.autograd.Function):
+    """(offset + weight) * h + bias (a norm's last operations: offset 0, or 1 for Gemma's norms;
+    a bias for LayerNorm), the weight's and bias's gradients to a collector."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, route: Route) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(h, weight)
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        offset: float,
+        route: Route,
+    ) -> torch.Tensor:
+        scale = weight + offset if offset else weight
+        ctx.save_for_backward(h, scale)
         ctx.route = route
-        return weight * h
+        out = scale * h
+        return out if bias is None else out + bias
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        h, weight = ctx.saved_tensors
+        h, scale = ctx.saved_tensors
         ctx.route.collector.scale(ctx.route, h, grad_out)
-        return grad_out * weight, None, None
+        return grad_out * scale, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- installing them
@@ -349,14 +379,15 @@ def _eager(forward: Callable[..., torch.Tensor], compiled: bool) -> Callable[...
     return torch.compiler.disable(forward) if compiled else forward
 
 
-def _linear_forward(module: torch.nn.Linear, route: Route, compiled: bool) -> Callable[..., torch.Tensor]:
+def _linear_forward(module: torch.nn.Module, route: Route, compiled: bool) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         collector = route.collector
         if not (collector.active and torch.is_grad_enabled()):
             plain: torch.Tensor = type(module).forward(module, x)
             return plain
         collector.use(route)
-        out: torch.Tensor = _UnitLinear.apply(x, module.weight, module.bias, route, first_row)
+        weight = module.weight.t() if route.transposed else module.weight
+        out: torch.Tensor = _UnitLinear.apply(x, weight, module.bias, route, first_row)
         return out
 
     return _eager(forward, compiled)
@@ -372,20 +403,26 @@ def _embedding_forward(
             return plain
         collector.use(route)
         out: torch.Tensor = _UnitEmbedding.apply(ids, module.weight, route, module.padding_idx)
-        return out
+        scale = getattr(module, "embed_scale", None)  # Gemma's scaled table: its gradient is scaled too
+        return out if scale is None else out * scale.to(module.weight.dtype)
 
     return _eager(forward, compiled)
 
 
 def normalised(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An RMSNorm's input normalised, in its input dtype, as the Qwen2 / Llama / Mistral RMSNorm
-    forms it before it multiplies by its weight (`weight * normalised(x)` is that forward)."""
+    """A norm's input normalised, in its input dtype, as the norm forms it before its weight (and
+    bias) apply: LayerNorm's (x - mean) / std, or an RMSNorm's x / rms (Qwen2, Llama, Mistral,
+    OLMo2, Gemma)."""
+    if isinstance(module, torch.nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     h = x.float()
-    eps = float(module.variance_epsilon)  # type: ignore[arg-type]  # an RMSNorm's float attribute
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 0.0)))
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _norm_forward(module: torch.nn.Module, route: Route, compiled: bool) -> Callable[..., torch.Tensor]:
+def _norm_forward(
+    module: torch.nn.Module, route: Route, offset: float, compiled: bool
+) -> Callable[..., torch.Tensor]:
     plain = type(module).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -394,51 +431,75 @@ def _norm_forward(module: torch.nn.Module, route: Route, compiled: bool) -> Call
             out: torch.Tensor = plain(module, x)
             return out
         collector.use(route)
-        scaled: torch.Tensor = _UnitScale.apply(normalised(module, x), module.weight, route)
+        bias = getattr(module, "bias", None)
+        scaled: torch.Tensor = _UnitAffine.apply(normalised(module, x), module.weight, bias, offset, route)
         return scaled
 
     return _eager(forward, compiled)
 
 
-def is_rms_norm(module: torch.nn.Module) -> bool:
-    """An RMSNorm whose forward is `weight * normalised(x)`: checked on a probe, not by name
-    alone, so a variant with another formula (Gemma's 1 + weight) is not taken for it."""
-    if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")):
-        return False
+def norm_offset(module: torch.nn.Module) -> float | None:
+    """For a norm whose forward is `(offset + weight) * normalised(x) (+ bias)`, its offset: 0
+    (LayerNorm; the Qwen2 / Llama / OLMo2 RMSNorm) or 1 (Gemma's). Checked on a probe, not by
+    name alone, so a norm with another formula is not taken for one. None: not such a norm."""
+    layer_norm = isinstance(module, torch.nn.LayerNorm)
+    rms = type(module).__name__.endswith("RMSNorm") and (
+        hasattr(module, "variance_epsilon") or hasattr(module, "eps")
+    )
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
-        return False
+    if not (layer_norm or rms) or not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+        return None
+    bias = getattr(module, "bias", None)
     generator = torch.Generator(device=weight.device).manual_seed(0)  # the run's RNG stays untouched
     with torch.no_grad():
         probe = torch.randn(
             2, 3, weight.shape[0], device=weight.device, dtype=weight.dtype, generator=generator
         )
-        return bool(torch.equal(type(module).forward(module, probe), weight * normalised(module, probe)))
+        out = type(module).forward(module, probe)
+        h = normalised(module, probe)
+        for offset in (0.0, 1.0):
+            expected = (weight + offset) * h + (0 if bias is None else bias)
+            if torch.allclose(out, expected, rtol=1e-6, atol=1e-6):
+                return offset
+    return None
+
+
+def _bias(collector: UnitCollector, module: torch.nn.Module) -> int | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else collector.index[id(bias)]
 
 
 def install(model: torch.nn.Module, collector: UnitCollector, compiled: bool = False) -> None:
-    """Route every Linear, Embedding and RMSNorm of `model` through `collector` (see the module
-    docstring); `compiled`: parts of the model are torch.compiled (`trainer.compile`). A trainable
-    parameter of any other module is refused, naming it: its units could not be formed, and the
-    statistics would silently leave it out."""
+    """Route every Linear (and GPT-2's Conv1D), Embedding and norm (RMSNorm, Gemma's, LayerNorm)
+    of `model` through `collector` (see the module docstring); `compiled`: parts of the model are
+    torch.compiled (`trainer.compile`). A trainable parameter of any other module is refused,
+    naming it: its units could not be formed, and the statistics would silently leave it out."""
     covered: set[int] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            bias = None if module.bias is None else collector.index[id(module.bias)]
-            route = Route(collector, collector.index[id(module.weight)], bias)
+        offset = None
+        if isinstance(module, torch.nn.Linear | Conv1D):
+            route = Route(
+                collector,
+                collector.index[id(module.weight)],
+                _bias(collector, module),
+                isinstance(module, Conv1D),
+            )
             module.forward = _linear_forward(module, route, compiled)  # type: ignore[method-assign]
         elif isinstance(module, torch.nn.Embedding):
-            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            custom = type(module).forward is not torch.nn.Embedding.forward and not hasattr(
+                module, "embed_scale"
+            )
+            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse or custom:
                 raise ValueError(
                     f"per-example statistics cannot form per-unit gradients of an Embedding with "
-                    f"max_norm, scale_grad_by_freq or sparse set ({type(module).__name__})"
+                    f"max_norm, scale_grad_by_freq, sparse set or its own forward ({type(module).__name__})"
                 )
             route = Route(collector, collector.index[id(module.weight)])
             collector.embedded.add(route.weight)
             module.forward = _embedding_forward(module, route, compiled)  # type: ignore[method-assign]
-        elif is_rms_norm(module):
-            route = Route(collector, collector.index[id(module.weight)])
-            module.forward = _norm_forward(module, route, compiled)  # type: ignore[method-assign]
+        elif (offset := norm_offset(module)) is not None:
+            route = Route(collector, collector.index[id(module.weight)], _bias(collector, module))
+            module.forward = _norm_forward(module, route, offset, compiled)  # type: ignore[method-assign]
         else:
             continue
         collector.routes[id(module)] = route
@@ -447,5 +508,5 @@ def install(model: torch.nn.Module, collector: UnitCollector, compiled: bool = F
         if p.requires_grad and id(p) not in covered:
             raise ValueError(
                 f"per-example statistics cannot form per-unit gradients of {name} "
-                f"(a parameter of none of Linear, Embedding, RMSNorm)"
+                f"(a parameter of none of Linear, Conv1D, Embedding, RMSNorm, LayerNorm)"
             )
