@@ -110,6 +110,19 @@ def tiny_run(data_dir: Path, run_dir: Path, **changes):
     return RunConfig(**fields)
 
 
+FAMILY_SHAPES = ["llama_tiny", "mistral_tiny", "olmo2_tiny", "gemma_tiny", "gpt2_tiny"]  # beyond Qwen2
+
+
+def model_shape(name: str, **changes):
+    """A conf/model/ shape as a ModelConfig, with `changes`."""
+    import yaml
+
+    from train.config import ModelConfig
+
+    values = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
+    return ModelConfig(**{**values, **changes})
+
+
 def compose(overrides: list[str]):
     """The typed Config `python -m sweep` would build for these overrides."""
     from hydra import compose as hydra_compose
