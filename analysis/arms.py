@@ -40,6 +40,7 @@ class Arm:
     tokens_per_s: float = math.nan
     gpu_hours: float = math.nan
     branch: str = ""  # the weights it started from (`warmup:<signature>`); "" where not recorded
+    branch_tokens: float = math.nan  # tokens its branch point was trained on (experiment.branch_from)
 
 
 def _median(x: np.ndarray) -> float:
@@ -117,6 +118,7 @@ def arms_of(runs: pd.DataFrame, spec: BinSpec, found: dict[str, ArmRows]) -> dic
             tokens_per_s=_median(df["tokens_per_s"].to_numpy(np.float64)[window]),
             gpu_hours=float(np.nanmax(df["gpu_hours"].to_numpy(np.float64), initial=-np.inf)),
             branch=found[str(name)].branch if str(name) in found else "",
+            branch_tokens=found[str(name)].branch_tokens if str(name) in found else math.nan,
         )
     return out
 
@@ -141,6 +143,7 @@ def arm_context(arms: dict[str, Arm]) -> pd.DataFrame:
             "b_simple": a.b_simple,
             "tokens_per_s": a.tokens_per_s,
             "gpu_hours": a.gpu_hours,
+            "branch_tokens": a.branch_tokens,
         }
         for a in arms.values()
     ]
@@ -164,6 +167,7 @@ ARMS_CSV_COLUMNS = [
     "b_simple",
     "tokens_per_s",
     "gpu_hours",
+    "branch_tokens",
 ]
 
 

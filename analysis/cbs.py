@@ -9,7 +9,9 @@ so the critical batch comes with an interval: its low end is the largest batch (
 smaller one) whose CI lies below epsilon, its high end the batch before the first whose CI lies
 entirely above it. Several branch points are the ladder swept over warmups of several lengths
 (`experiment.warmup.token_budget=...`): a shorter warmup is exactly the prefix of a longer one
-(same data order, same seed, constant lr), so each is a checkpoint of one reference run.
+(same data order, same seed, constant lr), so each is a checkpoint of one reference run; or over
+checkpoints of the researcher's own run (`-m experiment.branch_from=/ckpt/10B,/ckpt/50B`), as
+Merrill et al. branch from checkpoints of a pretraining run, each at the tokens it records.
 
 McCandlish fit (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", eq. 2.11):
 to reach a given loss a run at batch B needs S steps and E = B S samples, with
@@ -92,11 +94,16 @@ def bootstrap_b_crit(
     return float(lo), float(hi)
 
 
-def _branch_of(variant: str) -> tuple[str, float]:
-    """A sweep variant's label and its branch point in tokens (from experiment.warmup.token_budget)."""
+def branch_of(variant: str, arms: pd.DataFrame | None = None) -> tuple[str, float]:
+    """A sweep variant's label and its branch point in tokens: from experiment.warmup.token_budget,
+    or what the checkpoint of experiment.branch_from records (its arms' `branch_tokens`)."""
     for part in variant.split(","):
         if "warmup.token_budget=" in part:
             return variant, float(part.split("=", 1)[1])
+    if arms is not None and "branch_tokens" in arms and len(arms):
+        recorded = arms.loc[arms["variant"] == variant, "branch_tokens"].dropna()
+        if len(recorded):
+            return variant or "branch_from", float(recorded.iloc[0])
     return variant or "warmup", math.nan
 
 
@@ -145,7 +152,7 @@ def branched(
         sure = _last_passing(points, smallest, lambda p: p["high"] < epsilon)  # CI below epsilon
         maybe = _last_passing(points, smallest, lambda p: p["low"] <= epsilon)  # not surely beyond
         estimate = _last_passing(points, smallest, lambda p: (p["low"] + p["high"]) / 2 <= epsilon)
-        label, tokens = _branch_of(variant)
+        label, tokens = branch_of(variant, arms)
         first_run = arms[(arms["base"] == first) & (arms["variant"] == variant)]
         rows.append(
             {
@@ -195,7 +202,7 @@ def mccandlish(
             lo, hi = bootstrap_b_crit(np.array(b), np.array(s), level)
             rows.append(
                 {
-                    "branch": _branch_of(str(variant))[0],
+                    "branch": branch_of(str(variant))[0],
                     "target_loss": float(target),
                     "b_crit": b_crit,
                     "b_crit_low": lo,

@@ -9,6 +9,7 @@ Nothing here imports the trainer: run files are read through `records/`, which n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ class ArmRows:
     replicate: str = ""  # e.g. "data_seed=1" where the sweep has several data orders
     val_sequences: dict[int, np.ndarray] = field(default_factory=dict)  # tokens -> per-sequence val loss
     branch: str = ""  # the weights it started from (arm table `branch`: `warmup:<signature>`); "" unknown
+    branch_tokens: float = math.nan  # tokens its branch point was trained on, where recorded
 
     @classmethod
     def from_job(
@@ -78,6 +80,7 @@ class ArmRows:
             str(row.get("replicate") or ""),
             sequences or {},
             str(row.get("branch") or ""),
+            float(row.get("branch_tokens") or math.nan),
         )
 
 

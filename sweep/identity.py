@@ -100,7 +100,7 @@ EXCLUDED: dict[str, str] = {
     "signature": "the result of this hash",
     "run_dir": "a path (named by the signature)",
     "data_dir": "a path: the data enter by the signature of the prepare job",
-    "init_checkpoint": "a path: the branch point enters by the warmup's signature",
+    "init_checkpoint": "a path: the branch point enters by the warmup's signature or its content hash",
     "trainer.val_every_tokens": "a logging interval",
     "trainer.checkpoint_every_tokens": "a checkpoint interval (resume is exact)",
     "trainer.keep_checkpoints": "disk housekeeping",
@@ -153,11 +153,13 @@ def digest(content: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def run_signature(run: RunConfig, data: str, branch: str | None) -> str:
-    """The signature of `run` reading the data prepared as `data`, branching from the run `branch`."""
+def run_signature(run: RunConfig, data: str, branch: str | None, checkpoint: str | None = None) -> str:
+    """The signature of `run` reading the data prepared as `data`, branching from the run `branch`
+    (a warmup's signature) or from the weights whose content hash is `checkpoint`
+    (experiment.branch_from: a moved directory keeps the signature, changed weights change it)."""
     inputs = {"data": data}
-    if branch is not None:
+    if branch is not None or checkpoint is not None:
         if not _branches(run):
             raise ValueError(f"run {run.name}: a branch signature without an init_checkpoint")
-        inputs["init"] = f"warmup:{branch}"
+        inputs["init"] = f"warmup:{branch}" if branch is not None else f"checkpoint:{checkpoint}"
     return digest(content(run, inputs))

@@ -20,6 +20,7 @@ from tabulate import tabulate
 from sweep.identity import DEFAULT_SPLIT, run_signature
 from sweep.schema import ArmSpec, Config, ResourcesConfig
 from sweep.stage import StageJob
+from train.branch_point import BranchPoint, read_branch_point, shape_problem
 from train.config import DataConfig, InvalidRun, OptimizerConfig, RunConfig, Steps, StopRule
 from train.data import data_dir_for, data_problems, data_signature, prepared_problems
 from train.rules import OperatingPoint, RuleError, apply_rule, half_life, weight_decay_timescale
@@ -106,6 +107,7 @@ def _run_config(
     init: Job | None,
     run_root: Path,
     spec: ArmSpec | None = None,
+    branch: BranchPoint | None = None,
 ) -> tuple[RunConfig, Steps]:
     """The run of one job, checked and named; `spec` (arms only) adds its optimizer, precision,
     schedule and lr scale. Raises PlanError with every problem of the run."""
@@ -129,14 +131,17 @@ def _run_config(
         batch_size=batch_size,
         token_budget=budget,
         # Carrying the optimizer state needs a branch point to carry it from.
-        trainer=replace(cfg.trainer, carry_optimizer=cfg.trainer.carry_optimizer and init is not None),
+        trainer=replace(
+            cfg.trainer,
+            carry_optimizer=cfg.trainer.carry_optimizer and (init is not None or branch is not None),
+        ),
         split=DEFAULT_SPLIT[kind],
         lr_warmup_tokens=(
             cfg.experiment.warmup.lr_warmup_tokens if kind == "warmup" else cfg.experiment.rewarmup_tokens
         ),
         schedule=schedule,
         precision=spec.precision or cfg.precision.dtype,
-        init_checkpoint=str(init.run_dir) if init else "",
+        init_checkpoint=str(init.run_dir) if init else (branch.path if branch else ""),
         sweep_name=cfg.experiment.name,
         wandb=cfg.wandb,
     )
@@ -150,7 +155,9 @@ def _run_config(
         raise PlanError(*problems)
     # The micro-batch the first batch really uses (0 or more than the per-rank batch: all of it).
     run.trainer.micro_batch_size = steps.plans[batch_size].micro_batch_size
-    run.signature = run_signature(run, data_signature(cfg.data), init.signature if init else None)
+    run.signature = run_signature(
+        run, data_signature(cfg.data), init.signature if init else None, branch.content if branch else None
+    )
     run.run_dir = str(run_root / f"{name}-{run.signature}")
     return run, steps
 
@@ -399,6 +406,7 @@ class _Planner:
         # Run dirs already on disk by signature: a run made under another name (an arm first swept
         # alone, then as replicate 0 of several) is the same run and continues where it is.
         self._on_disk = {p.name.rsplit("-", 1)[-1]: p for p in runs.iterdir()} if runs.is_dir() else {}
+        self.branch_points: dict[str, BranchPoint] = {}  # experiment.branch_from, by path
 
     def add(self, cfg: Config, overrides: list[str], variant: list[str]) -> None:
         """The arm of `cfg` and the stages it needs (tokenizing, its data order's warmup)."""
@@ -415,7 +423,15 @@ class _Planner:
             return
         prepare = self.jobs.setdefault("prepare", _prepare_job(cfg.data))
         init: Job | None = None
-        if cfg.experiment.warmup.enabled:
+        branch: BranchPoint | None = None
+        if cfg.experiment.branch_from:  # the researcher's weights: no warmup runs
+            problems = self._branch_problems(cfg)
+            for problem in problems:
+                self.problems.add(problem)
+            if problems:
+                return
+            branch = self.branch_points[cfg.experiment.branch_from]
+        elif cfg.experiment.warmup.enabled:
             try:
                 init = self._reuse(
                     _warmup_job(cfg, self.dir / "runs", prepare.name, _warmup_overrides(variant))
@@ -428,7 +444,7 @@ class _Planner:
                 self.problems.add("jobs of this sweep need different warmups: sweep one warmup at a time")
                 return
         try:
-            arm = _arm_job(cfg, overrides, variant, self.dir / "runs", init, [(init or prepare).name])
+            arm = _arm_job(cfg, overrides, variant, self.dir / "runs", init, [(init or prepare).name], branch)
         except PlanError as exc:
             for problem in exc.problems:
                 self.problems.add(problem, cfg.arm)
@@ -444,6 +460,23 @@ class _Planner:
         else:
             self.jobs[arm.name] = arm
             self._arm_by_signature[arm.signature] = arm.name
+
+    def _branch_problems(self, cfg: Config) -> list[str]:
+        """What stops every arm from branching from experiment.branch_from (read once per path)."""
+        path = cfg.experiment.branch_from
+        if path not in self.branch_points:
+            try:
+                self.branch_points[path] = read_branch_point(path)
+            except ValueError as exc:
+                return [str(exc)]
+        point = self.branch_points[path]
+        problems = [p for p in [shape_problem(point, asdict(cfg.model))] if p]
+        if cfg.trainer.carry_optimizer and not point.has_optimizer:
+            problems.append(
+                f"trainer.carry_optimizer=true: experiment.branch_from={path!r} holds no optimizer "
+                "state (a save_pretrained directory; only a run of this project carries Adam's moments)"
+            )
+        return problems
 
     def _reuse(self, job: Job) -> Job:
         """`job`, in the run dir its signature already has on disk, if any."""
@@ -506,7 +539,13 @@ def _warmup_job(cfg: Config, run_root: Path, prepare: str, replicate: list[str])
 
 
 def _arm_job(
-    cfg: Config, overrides: list[str], variant: list[str], run_root: Path, init: Job | None, deps: list[str]
+    cfg: Config,
+    overrides: list[str],
+    variant: list[str],
+    run_root: Path,
+    init: Job | None,
+    deps: list[str],
+    branch: BranchPoint | None = None,
 ) -> Job:
     assert cfg.arm is not None
     point = _derive(cfg.arm, cfg)
@@ -514,13 +553,19 @@ def _arm_job(
     budget = spec.token_budget or cfg.experiment.token_budget
     # Sweeping other keys than `arm` (e.g. trainer.init_seed=0,1) makes variants of one arm.
     name = cfg.arm if not variant else f"{cfg.arm}[{','.join(variant)}]"
-    run, steps = _run_config(cfg, name, "arm", point, point.reference_batch, budget, init, run_root, spec)
+    run, steps = _run_config(
+        cfg, name, "arm", point, point.reference_batch, budget, init, run_root, spec, branch
+    )
     run.tags = [f"op:{spec.op or 'arm:' + spec.from_arm}", f"rule:{spec.rule}"]
     run.stop = stop_rule(cfg, cfg.arm, run_root.parent)
     op = spec.op or f"arm {spec.from_arm}"
     row = _row(name, op, spec.rule, run, steps, cfg.arm, variant)
     # The weights it starts from: arms compared in a pair must share them (analysis/pairs.py).
     row["branch"] = f"warmup:{init.signature}" if init else f"init_seed:{run.trainer.init_seed}"
+    if branch is not None:
+        row["branch"] = f"checkpoint:{branch.content[:16]}"
+        if math.isfinite(branch.tokens):
+            row["branch_tokens"] = branch.tokens
     run.extra_config = {"arm": row, "experiment": cfg.experiment.name, "overrides": overrides}
     return Job(
         name,

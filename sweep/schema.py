@@ -98,6 +98,10 @@ class ExperimentConfig:
     # their best arm (analysis/ladders.py), so none is judged at an lr chosen for another.
     lr_ladders: dict[str, list[str]] = field(default_factory=dict)
     warmup: WarmupSpec = field(default_factory=WarmupSpec)
+    # The researcher's own weights every arm branches from, in place of the warmup (which then does
+    # not run): a save_pretrained directory or a finished run of this project (train/branch_point.py).
+    # Several branch points: sweep it, `-m experiment.branch_from=/ckpt/10B,/ckpt/50B`.
+    branch_from: str = ""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # arms' lr (and Seesaw batch) schedule
     cbs: CbsSpec = field(default_factory=CbsSpec)  # the `cbs` preset's ladder; empty elsewhere
     rewarmup_tokens: int = 0  # arms ramp their lr linearly over this many tokens (0: none)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.cbs import branched, fit_hyperbola, mccandlish, steps_to_target
+from analysis.cbs import branch_of, branched, fit_hyperbola, mccandlish, steps_to_target
 
 SEQ = 128
 BATCHES = [4, 8, 16, 32, 64, 128]  # six batch sizes around B_crit = 32
@@ -118,3 +118,21 @@ def test_branched_critical_batch_from_paired_segments():
     row = out.iloc[0]
     assert (row["critical_batch"], row["critical_low"], row["critical_high"]) == (4, 4, 8)
     assert row["b_noise"] == 3.0 and row["batches"] == "2 4 8 16"
+
+
+def test_a_branch_point_of_experiment_branch_from_is_placed_at_the_tokens_its_checkpoint_records():
+    """Branch points swept over the researcher's checkpoints: the x of cbs.csv / cbs.png is what
+    each checkpoint records (the arms' branch_tokens), nan where it records nothing."""
+    arms = pd.DataFrame(
+        {
+            "variant": ["experiment.branch_from=/ckpt/10B", "experiment.branch_from=/ckpt/50B", "x=1"],
+            "branch_tokens": [1e10, 5e10, math.nan],
+        }
+    )
+    assert branch_of("experiment.branch_from=/ckpt/50B", arms) == (
+        "experiment.branch_from=/ckpt/50B",
+        5e10,
+    )
+    label, tokens = branch_of("x=1", arms)
+    assert label == "x=1" and math.isnan(tokens)
+    assert branch_of("experiment.warmup.token_budget=8192", arms)[1] == 8192

@@ -371,3 +371,99 @@ def test_data_order_replicates_share_a_warmup_per_seed_and_are_pooled(sweep_run,
     assert set(pairs["replicates"]) == {2}
     arms = pd.read_csv(sweep_dir / "results" / "arms.csv")
     assert set(arms["replicate"].dropna()) == {"data_seed=0", "data_seed=1"}
+
+
+def _save_tiny_llama(directory: Path, seed: int) -> None:
+    """A tiny Llama trained 3 AdamW steps on random tokens, saved as sharded safetensors."""
+    import torch
+
+    from tests.harness import model_shape
+    from train.model import TokenLoss, build_model
+
+    cfg = model_shape("llama_tiny", hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    lm = build_model(cfg, seed)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    windows = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(seed))
+    for _ in range(3):
+        TokenLoss(lm)(windows).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    lm.save_pretrained(directory, max_shard_size="200KB")
+    (directory / "trainer_state.json").write_text(json.dumps({"num_input_tokens_seen": 1000 * (seed + 1)}))
+
+
+def test_arms_branch_from_the_researchers_own_checkpoint(sweep_run, tmp_path):
+    """experiment.branch_from: a tiny Llama saved with save_pretrained (sharded) is the start of a
+    3-arm sqrt_rule sweep with no warmup; each arm's first validation loss is the saved model's on
+    the same sequences; its signatures survive moving the directory and change with its weights;
+    a model of another shape is refused naming the field."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sweep.plan import PlanError, build_plan
+    from tests.harness import compose
+    from train.data import load_split, validation_windows
+    from train.model import TokenLoss
+
+    ckpt = tmp_path / "ckpt"
+    _save_tiny_llama(ckpt, seed=0)
+    assert len(list(ckpt.glob("model-*.safetensors"))) > 1  # sharded, with its index
+    data = f"data.cache_dir={sweep_run[0].parent / 'data'}"
+    given = [data, "model=llama_tiny", f"model.hf_config={ckpt}", f"experiment.branch_from={ckpt}"]
+    out = _sweep(tmp_path / "sweeps", *given, "arm=A,H,B")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "sqrt_rule"
+    code, states = sweep_status(sweep_dir)
+    assert code == 0 and set(states) == {"prepare", "A", "H", "B"}, states  # no warmup
+    manifest = read_manifest(sweep_dir)
+    run = json.loads((Path(manifest["jobs"]["A"]["run_dir"]) / "status.json").read_text())
+    lm = AutoModelForCausalLM.from_pretrained(ckpt)
+    seq_len, samples = 128, 32  # the embedded study's trainer.seq_len and val_samples (defaults)
+    windows = validation_windows(
+        load_split(Path(manifest["jobs"]["prepare"]["run_dir"]), "validation"), seq_len, samples
+    )
+    with torch.no_grad():
+        expected = TokenLoss(lm).per_sequence(torch.from_numpy(windows)).sum().item() / (samples * seq_len)
+    for arm in ("A", "H", "B"):
+        rows = [
+            json.loads(x)
+            for x in (Path(manifest["jobs"][arm]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        ]
+        first = next(r for r in rows if "val_loss" in r)
+        assert first["tokens"] == 0 and first["val_loss"] == pytest.approx(expected, abs=1e-6), arm
+    assert manifest["jobs"]["A"]["derived"]["branch"].startswith("checkpoint:") and run
+
+    def signatures(path: Path) -> dict[str, str]:
+        jobs = [
+            [
+                data,
+                "model=llama_tiny",
+                f"model.hf_config={path}",
+                f"experiment.branch_from={path}",
+                *TINY,
+                f"arm={a}",
+            ]
+            for a in "AHB"
+        ]
+        for j in jobs:
+            j.insert(0, "+experiment=sqrt_rule")
+        plan = build_plan([compose(j) for j in jobs], jobs)
+        return {j.name: j.signature for j in plan.arms}
+
+    before = signatures(ckpt)
+    assert before == {a: manifest["jobs"][a]["signature"] for a in "AHB"}
+    moved = tmp_path / "moved"
+    ckpt.rename(moved)
+    assert signatures(moved) == before
+    _save_tiny_llama(moved, seed=1)  # other weights, same shape: other signatures
+    assert set(signatures(moved).values()).isdisjoint(before.values())
+    job = [
+        "+experiment=sqrt_rule",
+        data,
+        "model=llama_tiny",
+        f"experiment.branch_from={moved}",
+        *TINY,
+        "arm=A",
+    ]
+    with pytest.raises(PlanError, match=r"its config.json has hidden_size=32, the model hidden_size=64"):
+        build_plan([compose(job)], [job])

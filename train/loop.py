@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from records.metrics import VAL_SEQUENCES
-from records.run_status import RunClaim, RunInUse, RunState, mark_failed, read_status
+from records.run_status import STATUS_FILE, RunClaim, RunInUse, RunState, mark_failed, read_status
 from train.adam_variants import VariantAdam
 from train.batching import BatchPlan
 from train.checkpoint import (
@@ -41,7 +41,7 @@ from train.checkpoint import (
 from train.config import InvalidRun, RunConfig, Steps
 from train.data import TokenStream, load_meta, load_split, prepared_problems, validation_windows
 from train.distributed import Placement, init_distributed
-from train.model import TokenLoss, build_model, parameter_groups
+from train.model import TokenLoss, build_model, load_pretrained, parameter_groups
 from train.noise import NoiseSample, NoiseScale
 from train.per_example import Moments, UnitGradients
 from train.runlog import RunLog
@@ -590,7 +590,11 @@ class Trainer:
     # hyperparameters, also over a carried optimizer state.
     def branch(self) -> None:
         cfg, state = self.cfg, self.state
-        if cfg.init_checkpoint:
+        if cfg.init_checkpoint and not (Path(cfg.init_checkpoint) / STATUS_FILE).exists():
+            load_pretrained(
+                state.model, cfg.init_checkpoint
+            )  # experiment.branch_from: the researcher's weights
+        elif cfg.init_checkpoint:
             point = _branch_point(cfg.init_checkpoint, self.where)
             state.model.load_state_dict(point["model"])
             if cfg.trainer.carry_optimizer:

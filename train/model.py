@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from records.metrics import GROUPS
+from train.branch_point import weight_files
 from train.config import LOSS_KERNELS, ModelConfig
 from train.families import FAMILIES
 from train.fused_loss import fused_linear_cross_entropy, loss_and_logit_gradient
@@ -49,6 +51,31 @@ def build_model(cfg: ModelConfig, seed: int, attn_implementation: str = "sdpa") 
             f"transformers {transformers.__version__} did not take `rope_parameters` (needs 5.x)"
         )
     return model
+
+
+def load_pretrained(model: PreTrainedModel, directory: str) -> None:
+    """The weights of a `save_pretrained` directory (safetensors, sharded or not) into `model`, in
+    place. Every parameter and persistent buffer must be there, but those tied to one that is (a
+    tied LM head, which save_pretrained writes once); a tensor of another shape or name is refused."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for path in weight_files(Path(directory)):
+        weights.update(load_file(str(path)))
+    own = model.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    if unexpected:
+        raise ValueError(f"{directory}: weights the model does not have: {', '.join(unexpected[:5])}")
+    for name, tensor in weights.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(
+                f"{directory}: {name} is {tuple(tensor.shape)}, the model's {tuple(own[name].shape)}"
+            )
+    loaded = {own[n].data_ptr() for n in weights}
+    missing = [n for n in own if n not in weights and own[n].data_ptr() not in loaded]
+    if missing:
+        raise ValueError(f"{directory}: weights missing for {', '.join(missing[:5])}")
+    model.load_state_dict(weights, strict=False)
 
 
 def rotary_base(model: PreTrainedModel) -> float | None:
