@@ -83,6 +83,78 @@ def test_a_max_tokens_the_shards_cannot_supply_fails_and_leaves_nothing(fineweb,
     assert held // 2 <= sum(tokens.values()) < held // 2 + 5000  # stops at the first document past the cap
 
 
+def _token_shards(fineweb, root: Path) -> tuple[Path, int, int]:
+    """The parquet shards' rows, in the order `prepare` reads them, encoded by the same local
+    tokenizer with EOS after each: two .bin shards and one .npy (documents never cut)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from train.data import shard_files
+
+    tok = AutoTokenizer.from_pretrained(fineweb.tokenizer)
+    rows = datasets.load_dataset(
+        "parquet", data_files=shard_files(fineweb.parquet), split="train", streaming=True
+    )
+    docs = [
+        np.array([*tok(r["text"], add_special_tokens=False)["input_ids"], tok.eos_token_id]) for r in rows
+    ]
+    root.mkdir()
+    third = len(docs) // 3
+    for i, part in enumerate([docs[:third], docs[third : 2 * third], docs[2 * third :]]):
+        flat = np.concatenate(part).astype(np.uint16)
+        if i == 2:
+            np.save(root / f"shard-{i}.npy", flat)
+        else:
+            flat.tofile(root / f"shard-{i}.bin")
+    return root, tok.eos_token_id, len(tok)
+
+
+def test_pre_tokenized_shards_give_the_split_files_of_the_text_and_bad_ones_are_refused(
+    fineweb, one_process, tmp_path
+):
+    """data.source=tokens: the same documents as token ids give byte-identical split files (dealt
+    whole, in order, memory-mapped); each bad input is a one-line error before anything is written."""
+    from train.config import TokenFilesConfig
+
+    root, eos, vocab = _token_shards(fineweb, tmp_path / "tokens")
+    cache = tmp_path / "cache"
+    good = DataConfig(
+        source="tokens",
+        path=str(root / "shard-*"),
+        tokens=TokenFilesConfig(dtype="uint16", eos_id=eos, vocab_size=vocab),
+        splits=SplitConfig(warmup=0.2, validation=0.05, experiment=0.75),
+        cache_dir=str(cache),
+    )
+    assert data_problems(good, model_vocab=vocab) == []
+    assert _bins(prepare(good, progress=False)) == _bins(one_process)
+    assert data_problems(good, model_vocab=vocab - 1) == [
+        f"data.tokens.vocab_size={vocab} is more than model.vocab_size={vocab - 1}: "
+        "token ids past the embedding table"
+    ]
+    assert data_problems(replace(good, path=str(root / "none-*")))[0].startswith("data.path=")
+    assert (
+        "data.tokens.eos_id is not set"
+        in data_problems(replace(good, tokens=TokenFilesConfig(vocab_size=vocab)))[0]
+    )
+    np.save(root / "shard-3.npy", np.array([5, eos], dtype=np.uint32))  # another dtype
+    assert data_problems(good) == [
+        f"{root / 'shard-3.npy'}: a 1-d uint32 array, not the flat uint16 of data.tokens.dtype"
+    ]
+    (root / "shard-3.npy").unlink()
+    bad = tmp_path / "bad"
+    for ids, message in [
+        ([5, 6, eos, 7], f"does not end with data.tokens.eos_id={eos}"),  # the EOS id missing at the end
+        ([5, vocab + 3, eos], f"token id {vocab + 3} is past data.tokens.vocab_size={vocab}"),
+    ]:
+        bad.mkdir(exist_ok=True)
+        np.array(ids, dtype=np.uint16).tofile(bad / "shard.bin")
+        cfg = replace(good, path=str(bad / "*.bin"), cache_dir=str(tmp_path / "bad-cache"))
+        assert data_problems(cfg) == []  # found by prepare's scan, before it writes
+        with pytest.raises(ValueError, match=message):
+            prepare(cfg, progress=False)
+        assert [p.name for p in (tmp_path / "bad-cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
 @pytest.mark.e2e
 def test_prepare_warmup_and_an_arm_from_local_fineweb_shards(fineweb, tmp_path):
     cmd = [

@@ -118,6 +118,17 @@ class SplitConfig:
 
 
 @dataclass
+class TokenFilesConfig:
+    """`data.source=tokens`: pre-tokenized shards (`data.path`, a glob): flat arrays of token ids
+    (`.bin`: raw, nanoGPT / Megatron style; `.npy`: with numpy's header), each document ended by
+    `eos_id`, made by a tokenizer of `vocab_size` ids."""
+
+    dtype: str = "uint16"  # uint16 | uint32: what a .bin holds (a .npy says it, and must agree)
+    eos_id: int = -1  # the id that ends every document (required)
+    vocab_size: int = 0  # the tokenizer's vocabulary (required): checked against the model's
+
+
+@dataclass
 class DataConfig:
     """Where text comes from and how it becomes token splits.
 
@@ -125,7 +136,9 @@ class DataConfig:
     (every `*.txt` under `path`, one document per file), `hf` (`datasets.load_dataset(name,
     subset, split=hf_split, streaming=True)`), or local shards in FineWeb-Edu's layout: `parquet`
     or `jsonl` (`datasets.load_dataset("parquet" | "json", data_files=<the files `path`, a glob,
-    matches, sorted>, streaming=True)`). Rows are documents, their text in `text_field`.
+    matches, sorted>, streaming=True)`). Rows are documents, their text in `text_field`. Or
+    `tokens`: token ids already on disk (`path` a glob of shards; `tokens` says how to read them),
+    no tokenizer run.
     """
 
     source: str = "shakespeare"
@@ -135,6 +148,7 @@ class DataConfig:
     path: str = ""
     text_field: str = "text"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokens: TokenFilesConfig = field(default_factory=TokenFilesConfig)  # data.source=tokens only
     splits: SplitConfig = field(default_factory=SplitConfig)
     seed: int = 0
     cache_dir: str = "sweeps/data"

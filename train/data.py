@@ -41,10 +41,13 @@ NOT_IN_SIGNATURE = ("cache_dir", "num_proc")
 
 
 def data_signature(cfg: DataConfig) -> str:
-    """Hash of everything that decides the prepared tokens."""
+    """Hash of everything that decides the prepared tokens (`tokens` only for data.source=tokens,
+    which came after the first signatures: theirs stay as they were)."""
     content = asdict(cfg)
     for key in NOT_IN_SIGNATURE:
         content.pop(key)
+    if cfg.source != "tokens":
+        content.pop("tokens")
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -52,7 +55,9 @@ def data_dir_for(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / f"{cfg.source}-{data_signature(cfg)}"
 
 
-SOURCES = ("shakespeare", "text_files", "hf", "parquet", "jsonl")
+SOURCES = ("shakespeare", "text_files", "hf", "parquet", "jsonl", "tokens")
+TOKEN_SUFFIXES = (".bin", ".npy")  # data.source=tokens: raw arrays, numpy arrays
+TOKEN_DTYPES = ("uint16", "uint32")
 SHARD_SOURCES = {"parquet": "parquet", "jsonl": "json"}  # source -> datasets' packaged loader
 TOKENIZERS = ("bpe", "hf")
 BYTE_LEVEL_VOCAB = 257  # the 256 bytes a byte-level BPE starts from, and EOS
@@ -98,6 +103,12 @@ def data_problems(cfg: DataConfig, model_vocab: int | None = None) -> list[str]:
         problems.append("data.source=hf streams a hub dataset: set data.name and data.splits.max_tokens")
     if cfg.source in SHARD_SOURCES:
         problems += _shard_problems(cfg.source, cfg.path, cfg.text_field, cfg.splits.max_tokens)
+    if cfg.source == "tokens":
+        problems += token_file_problems(cfg, model_vocab)
+        shares = {s: getattr(cfg.splits, s) for s in SPLITS}
+        if any(not v > 0 for v in shares.values()):
+            problems.append(f"data.splits {shares}: every split needs a positive share")
+        return problems
     if cfg.tokenizer.kind not in TOKENIZERS:
         problems.append(
             f"data.tokenizer.kind={cfg.tokenizer.kind!r}: expected one of {', '.join(TOKENIZERS)}"
@@ -128,6 +139,64 @@ def data_problems(cfg: DataConfig, model_vocab: int | None = None) -> list[str]:
     shares = {s: getattr(cfg.splits, s) for s in SPLITS}
     if any(not v > 0 for v in shares.values()):
         problems.append(f"data.splits {shares}: every split needs a positive share")
+    return problems
+
+
+def token_files(path: str) -> list[Path]:
+    """data.source=tokens: the shards `path` (a glob, or one file) matches, sorted."""
+    return [Path(p) for p in sorted(glob.glob(os.path.expanduser(path)))]
+
+
+def _token_array(file: Path, dtype: str) -> np.ndarray:
+    """A shard memory-mapped (nothing read but a .npy's header)."""
+    if file.suffix == ".npy":
+        array: np.ndarray = np.load(file, mmap_mode="r")
+        return array
+    return np.memmap(file, dtype=dtype, mode="r")
+
+
+def token_file_problems(cfg: DataConfig, model_vocab: int | None = None) -> list[str]:
+    """What makes data.source=tokens unreadable, from the config and the shards' sizes and headers
+    (prepare scans the ids themselves before it writes anything: `_token_documents`)."""
+    t = cfg.tokens
+    problems = []
+    if t.dtype not in TOKEN_DTYPES:
+        problems.append(f"data.tokens.dtype={t.dtype!r}: expected one of {', '.join(TOKEN_DTYPES)}")
+    if t.eos_id < 0:
+        problems.append("data.tokens.eos_id is not set: give the id that ends every document")
+    if t.vocab_size <= 0 or t.eos_id >= t.vocab_size:
+        problems.append(
+            f"data.tokens.vocab_size={t.vocab_size}: give the vocabulary of the tokenizer that made the "
+            f"tokens (more than data.tokens.eos_id={t.eos_id})"
+        )
+    elif model_vocab is not None and t.vocab_size > model_vocab:
+        problems.append(
+            f"data.tokens.vocab_size={t.vocab_size} is more than model.vocab_size={model_vocab}: "
+            "token ids past the embedding table"
+        )
+    if problems:
+        return problems
+    files = token_files(cfg.path)
+    if not files:
+        return [
+            f"data.path={cfg.path!r} matches no file (data.source=tokens reads a glob of .bin / .npy shards)"
+        ]
+    for file in files:
+        if file.suffix not in TOKEN_SUFFIXES:
+            problems.append(f"{file}: not a .bin or .npy token shard")
+        elif file.suffix == ".bin" and file.stat().st_size % np.dtype(t.dtype).itemsize:
+            problems.append(f"{file}: {file.stat().st_size} bytes is not a whole number of {t.dtype} ids")
+        elif file.suffix == ".npy":
+            try:
+                array = _token_array(file, t.dtype)
+            except (ValueError, OSError) as exc:
+                problems.append(f"{file}: not a readable .npy array ({exc})")
+                continue
+            if array.dtype != np.dtype(t.dtype) or array.ndim != 1:
+                problems.append(
+                    f"{file}: a {array.ndim}-d {array.dtype} array, not the flat {t.dtype} of "
+                    "data.tokens.dtype"
+                )
     return problems
 
 
@@ -384,29 +453,90 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     return final
 
 
-def _write_splits(cfg: DataConfig, out: Path, progress: bool) -> None:
-    from tqdm import tqdm
+def _token_documents(cfg: DataConfig) -> Iterator[tuple[str, bytes, np.ndarray]]:
+    """data.source=tokens: (name, hashed bytes, ids ending in EOS) of every document, shard by
+    shard in name order, each a view of its memory-mapped shard. Every shard's ids are checked
+    first (each below data.tokens.vocab_size, the shard ended by EOS): nothing is written from
+    tokens that would fail."""
+    t = cfg.tokens
+    problems = token_file_problems(cfg)
+    if problems:
+        raise ValueError(problems[0])
+    arrays = [(file, _token_array(file, t.dtype)) for file in token_files(cfg.path)]
+    block = 1 << 26
+    for file, array in arrays:
+        if not len(array):
+            raise ValueError(f"{file}: an empty token shard")
+        top = max(int(array[i : i + block].max()) for i in range(0, len(array), block))
+        if top >= t.vocab_size:
+            raise ValueError(f"{file}: token id {top} is past data.tokens.vocab_size={t.vocab_size}")
+        if int(array[-1]) != t.eos_id:
+            raise ValueError(
+                f"{file}: does not end with data.tokens.eos_id={t.eos_id} (every document must end with "
+                "it: is the EOS id right?)"
+            )
+    for file, array in arrays:
+        ends = np.flatnonzero(array == t.eos_id) + 1
+        start = 0
+        for end in ends.tolist():
+            doc = array[start:end]
+            yield f"{file.name}:{start}", doc.tobytes(), doc
+            start = end
 
+
+def _write_splits(cfg: DataConfig, out: Path, progress: bool) -> None:
+
+    if cfg.source == "tokens":
+        _deal(
+            cfg,
+            out,
+            progress,
+            _token_documents(cfg),
+            Tokenizer(Path(), cfg.tokens.eos_id, cfg.tokens.vocab_size),
+            None,
+            1,
+        )
+        return
     if cfg.tokenizer.kind == "bpe":
         tokenizer = _train_bpe(cfg, out)
     elif cfg.tokenizer.kind == "hf":
         tokenizer = _hf_tokenizer(cfg, out)
     else:
         raise ValueError(f"unknown data.tokenizer.kind {cfg.tokenizer.kind!r} (bpe | hf)")
+    docs, n_docs = _documents(cfg)
+    procs = tokenizing_processes(cfg)
+    encoded = (
+        (name, text.encode(), np.append(ids, tokenizer.eos_id))
+        for name, text, ids in _encoded(docs, tokenizer, procs)
+    )
+    _deal(cfg, out, progress, encoded, tokenizer, n_docs, procs)
+
+
+def _deal(
+    cfg: DataConfig,
+    out: Path,
+    progress: bool,
+    encoded: Iterator[tuple[str, bytes, np.ndarray]],
+    tokenizer: Tokenizer,
+    n_docs: int | None,
+    procs: int,
+) -> None:
+    """Deal (name, source bytes, ids ending in EOS) documents whole, in order, to the split
+    furthest below its share; write the splits and meta.json."""
+    from tqdm import tqdm
+
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     targets = {"warmup": cfg.splits.warmup, "experiment": cfg.splits.experiment}
     targets["validation"] = cfg.splits.validation
     counts = dict.fromkeys(SPLITS, 0)
     documents = dict.fromkeys(SPLITS, 0)
     source_hash = hashlib.sha256()
-    docs, n_docs = _documents(cfg)
-    procs = tokenizing_processes(cfg)
     files = {split: open(out / f"{split}.bin", "wb") for split in SPLITS}  # noqa: SIM115
     bar = tqdm(total=n_docs, desc=f"prepare {cfg.source} ({procs} proc)", unit="doc", disable=not progress)
     try:
-        for name, text, ids in _encoded(docs, tokenizer, procs):
-            source_hash.update(name.encode() + b"\0" + text.encode() + b"\0")
-            tokens = np.append(ids, tokenizer.eos_id).astype(dtype)
+        for name, source, ids in encoded:
+            source_hash.update(name.encode() + b"\0" + source + b"\0")
+            tokens = ids.astype(dtype, copy=False)
             total = sum(counts.values()) + len(tokens)
             split = max(SPLITS, key=lambda s: targets[s] * total - counts[s])
             tokens.tofile(files[split])
@@ -430,7 +560,11 @@ def _write_splits(cfg: DataConfig, out: Path, progress: bool) -> None:
     meta = {
         "config": asdict(cfg),
         "signature": data_signature(cfg),
-        "tokenizer": {"kind": cfg.tokenizer.kind, "name": cfg.tokenizer.name},
+        "tokenizer": (
+            {"kind": "none", "name": ""}
+            if cfg.source == "tokens"
+            else {"kind": cfg.tokenizer.kind, "name": cfg.tokenizer.name}
+        ),
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "dtype": np.dtype(dtype).name,
