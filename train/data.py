@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -359,15 +359,22 @@ def _hf_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
 
 
 # The tokenizer of this process (`_start_worker`). `encode_batch_fast` (tokenizers >= 0.21) skips
-# the character offsets nobody reads here: about a third faster, the same ids.
+# the character offsets nobody reads here: about a third faster, the same ids. Where tiktoken
+# gives the same ids (train/fast_encoder.py: byte-level BPE such as Qwen's), it encodes instead.
 _worker_tokenizer: Any = None
+_worker_fast: Callable[[list[str]], list[list[int]]] | None = None
 
 
-def _start_worker(file: str) -> None:
-    global _worker_tokenizer
+def _start_worker(file: str) -> str:
+    """Load the tokenizer in this process; returns which encoder encodes (`tiktoken` or `tokenizers`)."""
+    global _worker_tokenizer, _worker_fast
     from tokenizers import Tokenizer as HFTokenizer
 
+    from train.fast_encoder import encoder
+
     _worker_tokenizer = HFTokenizer.from_file(file)
+    _worker_fast = encoder(file)
+    return "tokenizers" if _worker_fast is None else "tiktoken"
 
 
 def _start_pool_worker(file: str) -> None:
@@ -378,9 +385,12 @@ def _start_pool_worker(file: str) -> None:
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `texts`, concatenated, and each text's count (one array each: cheap to pickle)."""
-    tok = _worker_tokenizer
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    if _worker_fast is not None:
+        ids = _worker_fast(texts)
+    else:
+        tok = _worker_tokenizer
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
     flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=sum(map(len, ids)))
     return flat, np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
 
@@ -389,10 +399,9 @@ def _encoded(
     docs: Iterator[tuple[str, str]], tokenizer: Tokenizer, procs: int, batch: int = 64
 ) -> Iterator[tuple[str, str, np.ndarray]]:
     """(name, text, ids) of every document, in order. With `procs` > 1, batches of documents are
-    tokenized by that many processes, a bounded number in flight; the order is the documents'."""
-    _start_worker(
-        str(tokenizer.file)
-    )  # here too: a file that does not load fails here, not in a pool that respawns
+    tokenized by that many processes, a bounded number in flight; the order is the documents'.
+    This process's tokenizer is loaded already (`_start_worker`: a file that does not load fails
+    there, not in a pool that respawns)."""
     if procs <= 1:
         for name, text in docs:  # one at a time: a batch of one keeps the tokenizer on this core
             yield name, text, _encode([text])[0]
@@ -505,11 +514,12 @@ def _write_splits(cfg: DataConfig, out: Path, progress: bool) -> None:
         raise ValueError(f"unknown data.tokenizer.kind {cfg.tokenizer.kind!r} (bpe | hf)")
     docs, n_docs = _documents(cfg)
     procs = tokenizing_processes(cfg)
+    encoder = _start_worker(str(tokenizer.file))
     encoded = (
         (name, text.encode(), np.append(ids, tokenizer.eos_id))
         for name, text, ids in _encoded(docs, tokenizer, procs)
     )
-    _deal(cfg, out, progress, encoded, tokenizer, n_docs, procs)
+    _deal(cfg, out, progress, encoded, tokenizer, n_docs, procs, encoder)
 
 
 def _deal(
@@ -520,6 +530,7 @@ def _deal(
     tokenizer: Tokenizer,
     n_docs: int | None,
     procs: int,
+    encoder: str = "",
 ) -> None:
     """Deal (name, source bytes, ids ending in EOS) documents whole, in order, to the split
     furthest below its share; write the splits and meta.json."""
@@ -532,7 +543,8 @@ def _deal(
     documents = dict.fromkeys(SPLITS, 0)
     source_hash = hashlib.sha256()
     files = {split: open(out / f"{split}.bin", "wb") for split in SPLITS}  # noqa: SIM115
-    bar = tqdm(total=n_docs, desc=f"prepare {cfg.source} ({procs} proc)", unit="doc", disable=not progress)
+    how = f"{procs} proc" + (f", {encoder}" if encoder else "")
+    bar = tqdm(total=n_docs, desc=f"prepare {cfg.source} ({how})", unit="doc", disable=not progress)
     try:
         for name, source, ids in encoded:
             source_hash.update(name.encode() + b"\0" + source + b"\0")
@@ -571,6 +583,7 @@ def _deal(
         "tokens": counts,
         "documents": documents,
         "source_sha256": source_hash.hexdigest(),
+        "encoder": encoder,  # what encoded the text (train/fast_encoder.py); "" for token files
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
