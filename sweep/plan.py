@@ -411,6 +411,7 @@ class _Planner:
     def add(self, cfg: Config, overrides: list[str], variant: list[str]) -> None:
         """The arm of `cfg` and the stages it needs (tokenizing, its data order's warmup)."""
         assert cfg.arm is not None
+        arm_name = cfg.arm
         try:  # model.hf_config: the shape of its config.json, from here on
             cfg = replace(cfg, model=cfg.model.resolved())
         except ValueError as exc:
@@ -447,7 +448,7 @@ class _Planner:
             arm = _arm_job(cfg, overrides, variant, self.dir / "runs", init, [(init or prepare).name], branch)
         except PlanError as exc:
             for problem in exc.problems:
-                self.problems.add(problem, cfg.arm)
+                self.problems.add(problem, arm_name)
             return
         arm = self._reuse(arm)
         if arm.name in self.jobs:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sweep.plan import PlanError, build_plan
-from tests.harness import DRY_RUN, REPO, compose
+from tests.harness import DRY_RUN, FAMILY_SHAPES, REPO, compose
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -59,6 +59,26 @@ def test_every_experiment_composes_and_dry_runs(experiment, tmp_path):
     assert keys | {"eps", "token_budget", "signature"} <= set(plan[0])
     assert not (tmp_path / experiment / "runs").exists()  # a dry run runs nothing
     assert "signature" in out.stdout and "beta2" in out.stdout  # the arm table was printed
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_preset_plans_on_another_family(experiment, tmp_path):
+    """`model=llama_tiny` etc.: each preset plans on a family's tiny shape (the families taken in
+    turn: every one serves some preset), its FLOPs from that family's count. The rules, batches
+    and per-example optimizers depend on no family; planning costs, so one family a preset."""
+    from tests.harness import model_shape
+
+    model = FAMILY_SHAPES[EXPERIMENTS.index(experiment) % len(FAMILY_SHAPES)]
+    shape = model_shape(model)
+    arms = _arms(experiment)
+    jobs = [
+        [f"+experiment={experiment}", f"model={model}", f"sweep.root={tmp_path}", f"arm={a}"] for a in arms
+    ]
+    plan = build_plan([compose(j) for j in jobs], jobs)
+    assert {j.name for j in [*plan.arms, *plan.aliases]} == set(arms)
+    for job in plan.arms:
+        assert job.stage.run is not None and job.stage.run.model.arch == shape.arch
+        assert job.stage.run.model.matmul_params == shape.matmul_params
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -183,9 +183,9 @@ class TokenLoss(torch.nn.Module):
         return decoder
 
     @property
-    def head(self) -> torch.nn.Module:
-        """The LM head (tied to the token table or not)."""
-        head: torch.nn.Module = self.lm.get_output_embeddings()
+    def head(self) -> torch.nn.Linear:
+        """The LM head (tied to the token table or not): a Linear in every family served."""
+        head: torch.nn.Linear = self.lm.get_output_embeddings()
         return head
 
     def positions(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:

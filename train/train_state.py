@@ -22,7 +22,7 @@ from train.noise import NoiseScale
 from train.schedule import Layout
 
 if TYPE_CHECKING:
-    from transformers import Qwen2ForCausalLM
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -57,7 +57,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class TrainState:
     """The model and everything else that decides the next step; `step` steps are done."""
 
-    model: Qwen2ForCausalLM
+    model: PreTrainedModel
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     noise: NoiseScale

@@ -386,8 +386,10 @@ def _linear_forward(module: torch.nn.Module, route: Route, compiled: bool) -> Ca
             plain: torch.Tensor = type(module).forward(module, x)
             return plain
         collector.use(route)
-        weight = module.weight.t() if route.transposed else module.weight
-        out: torch.Tensor = _UnitLinear.apply(x, weight, module.bias, route, first_row)
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]  # a Linear's or Conv1D's
+        out: torch.Tensor = _UnitLinear.apply(
+            x, weight.t() if route.transposed else weight, module.bias, route, first_row
+        )
         return out
 
     return _eager(forward, compiled)
