@@ -290,7 +290,18 @@ def free_port() -> int:
 
 
 def ddp_worker(rank: int, world: int, port: int, cfg: RunConfig, out: Path) -> None:
-    """One rank: step-0 gradients through the trainer's own accumulation, then `train(cfg)`."""
+    """One rank: step-0 gradients through the trainer's own accumulation, then `train(cfg)`; what
+    ends it with an exception is left in `<out>-error-<rank>.txt` for `run_world` to show."""
+    try:
+        _ddp_rank(rank, world, port, cfg, out)
+    except BaseException:
+        import traceback
+
+        out.with_name(f"{out.stem}-error-{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _ddp_rank(rank: int, world: int, port: int, cfg: RunConfig, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
@@ -351,7 +362,8 @@ def run_world(cfg: RunConfig, world: int, out: Path) -> None:
         p.start()
     for p in procs:
         p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0] * world
+    errors = [f.read_text()[-3000:] for f in sorted(out.parent.glob(f"{out.stem}-error-*.txt"))]
+    assert [p.exitcode for p in procs] == [0] * world, "\n".join(errors)
 
 
 def submitit_env(rank: int, world: int, job_id: str) -> dict[str, str]:

@@ -111,6 +111,23 @@ def test_every_family_s_chunked_and_fused_losses_equal_the_full_one(name):
             assert (a - b).norm() <= 1e-5 * a.norm() + 1e-12
 
 
+@pytest.mark.parametrize("name", ["tiny", *FAMILY_SHAPES])
+def test_a_config_json_is_read_into_the_shape_that_builds_its_config(name, tmp_path):
+    """`model.hf_config`: the config.json save_pretrained writes, read without transformers into a
+    shape (and the family's other keys), builds the same config and counts the same FLOPs."""
+    options = {"attention_bias": True} if name.split("_")[0] in ("llama", "olmo2", "gemma") else {}
+    lm = build_model(shape(name, options=options), seed=0)
+    lm.config.save_pretrained(tmp_path)
+    read = ModelConfig(hf_config=str(tmp_path)).resolved()
+    assert read.arch == lm.config.model_type and read.matmul_params == matmul_params(lm)
+    ignored = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "use_cache"}
+
+    def keys(config):  # noqa: ANN001
+        return {k: v for k, v in config.to_dict().items() if k not in ignored}
+
+    assert keys(hf_config(read)) == keys(lm.config)
+
+
 def test_a_family_the_trainer_cannot_serve_is_refused_naming_it():
     assert "an encoder-decoder" in ModelConfig(arch="t5").problems()[0]
     assert "not a family this trainer serves" in ModelConfig(arch="mamba").problems()[0]

@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from tests.harness import (
-    FAMILY_SHAPES,
     REPO,
     finish,
-    model_shape,
     rows,
     run_world,
     start,
@@ -60,46 +58,6 @@ def test_two_rank_ddp_with_accumulation_matches_one_rank_with_the_whole_batch(pr
     sequences = [[r["val_sequence_loss"] for r in rows(Path(c.run_dir), "val_loss")] for c in (one, two)]
     assert len(sequences[0][0]) == 32
     assert np.array(sequences[1]) == pytest.approx(np.array(sequences[0]), abs=1e-5)
-
-
-# ----------------------------------------------------------------------------- every family
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", FAMILY_SHAPES)
-def test_every_family_trains_resumes_exactly_after_sigkill_and_ddp_matches_one_process(
-    prepared_data, tmp_path, name
-):
-    """Each family through the real trainer: a run killed after step 2 and resumed logs the
-    uninterrupted run bit for bit; 2-rank gloo DDP with accumulation gives its step-0 gradients
-    and its losses."""
-    kv = 2 if name.startswith("gpt2") else 1
-    model = model_shape(
-        name, vocab_size=320, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=kv
-    )
-    budget, every = 8 * 32 * 4, 8 * 32
-    cfg = tiny_run(
-        prepared_data, tmp_path / "one", model=model, token_budget=budget, checkpoint_every_tokens=every
-    )
-    code, err = finish(start(cfg))
-    assert code == 0, err[-3000:]
-    expected = trace(tmp_path / "one")
-    killed = replace(cfg, run_dir=str(tmp_path / "killed"))
-    proc = start(killed)
-    wait_for_rows(tmp_path / "killed", 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    code, err = finish(start(killed))
-    assert code == 0, err[-3000:]
-    assert trace(tmp_path / "killed") == expected
-    one = replace(cfg, run_dir=str(tmp_path / "g1"))
-    two = replace(cfg, run_dir=str(tmp_path / "g2"), trainer=replace(cfg.trainer, micro_batch_size=2))
-    run_world(one, 1, tmp_path / "g1.pt")
-    run_world(two, 2, tmp_path / "g2.pt")
-    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
-    for param, grad in g1.items():
-        assert (g2[param] - grad).norm() <= 1e-6 * grad.norm(), param
-    assert [r["loss"] for r in rows(tmp_path / "g2")] == pytest.approx([e[1] for e in expected[:4]], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- exact resume
