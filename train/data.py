@@ -365,22 +365,26 @@ _worker_tokenizer: Any = None
 _worker_fast: Callable[[list[str]], list[list[int]]] | None = None
 
 
-def _start_worker(file: str) -> str:
-    """Load the tokenizer in this process; returns which encoder encodes (`tiktoken` or `tokenizers`)."""
+def _start_worker(file: str, use: str = "") -> str:
+    """Load the tokenizer in this process; returns which encoder encodes (`tiktoken` or
+    `tokenizers`). `use`: what the parent found (a pool's processes skip its checks)."""
     global _worker_tokenizer, _worker_fast
     from tokenizers import Tokenizer as HFTokenizer
 
     from train.fast_encoder import encoder
 
+    if use == "tiktoken":
+        _worker_fast = encoder(file, check=False)
+        return use
     _worker_tokenizer = HFTokenizer.from_file(file)
-    _worker_fast = encoder(file)
+    _worker_fast = encoder(file) if not use else None
     return "tokenizers" if _worker_fast is None else "tiktoken"
 
 
-def _start_pool_worker(file: str) -> None:
+def _start_pool_worker(file: str, use: str) -> None:
     # One core per process: the pool is the parallelism, not the tokenizer's own thread pool.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _start_worker(file)
+    _start_worker(file, use)
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -409,7 +413,10 @@ def _encoded(
     import multiprocessing
 
     # spawn, not fork: the parent may hold threads (progress bar, datasets' readers).
-    with multiprocessing.get_context("spawn").Pool(procs, _start_pool_worker, (str(tokenizer.file),)) as pool:
+    use = "tiktoken" if _worker_fast is not None else "tokenizers"  # as this process found
+    with multiprocessing.get_context("spawn").Pool(
+        procs, _start_pool_worker, (str(tokenizer.file), use)
+    ) as pool:
         pending: deque[tuple[list[tuple[str, str]], Any]] = deque()
         while True:
             while len(pending) < 4 * procs and (chunk := list(islice(docs, batch))):

@@ -133,10 +133,11 @@ def tiktoken_encoding(tokenizer_json: str | Path) -> tuple[Any, Callable[[str], 
     return encoding, normalise
 
 
-def encoder(tokenizer_json: str | Path) -> Callable[[list[str]], list[list[int]]] | None:
+def encoder(tokenizer_json: str | Path, check: bool = True) -> Callable[[list[str]], list[list[int]]] | None:
     """A batch encoder by tiktoken for this tokenizer, if it gives the Hugging Face ids on
-    `PROBES` (added tokens in the text are matched as `tokenizers` matches them); else None, and
-    None where the environment says BSS_ENCODER=tokenizers (the slower path, never tiktoken)."""
+    `PROBES` (added tokens in the text are matched as `tokenizers` matches them; `check=False`:
+    another process checked it); else None, and None where the environment says
+    BSS_ENCODER=tokenizers (the slower path, never tiktoken)."""
     if os.environ.get("BSS_ENCODER") == "tokenizers":
         return None
     found = tiktoken_encoding(tokenizer_json)
@@ -147,6 +148,8 @@ def encoder(tokenizer_json: str | Path) -> Callable[[list[str]], list[list[int]]
     def encode(texts: list[str]) -> list[list[int]]:
         return [encoding.encode(normalise(t), allowed_special="all") for t in texts]
 
+    if not check:
+        return encode
     from tokenizers import Tokenizer
 
     reference = Tokenizer.from_file(str(tokenizer_json))
