@@ -62,23 +62,29 @@ def test_every_experiment_composes_and_dry_runs(experiment, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_preset_plans_on_another_family(experiment, tmp_path):
-    """`model=llama_tiny` etc.: each preset plans on a family's tiny shape (the families taken in
-    turn: every one serves some preset), its FLOPs from that family's count. The rules, batches
-    and per-example optimizers depend on no family; planning costs, so one family a preset."""
+def test_every_preset_plans_on_every_family(experiment, tmp_path):
+    """`model=llama_tiny` etc.: each preset plans on every family's tiny shape, its FLOPs from that
+    family's count. Hydra composes the preset with one family (the families taken in turn: each
+    is composed with some preset); the others are the same configs with their model swapped (no
+    preset sets a model key), which keeps the suite's composing to one pass a preset."""
+    from dataclasses import replace
+
     from tests.harness import model_shape
 
-    model = FAMILY_SHAPES[EXPERIMENTS.index(experiment) % len(FAMILY_SHAPES)]
-    shape = model_shape(model)
+    composed = FAMILY_SHAPES[EXPERIMENTS.index(experiment) % len(FAMILY_SHAPES)]
     arms = _arms(experiment)
     jobs = [
-        [f"+experiment={experiment}", f"model={model}", f"sweep.root={tmp_path}", f"arm={a}"] for a in arms
+        [f"+experiment={experiment}", f"model={composed}", f"sweep.root={tmp_path}", f"arm={a}"] for a in arms
     ]
-    plan = build_plan([compose(j) for j in jobs], jobs)
-    assert {j.name for j in [*plan.arms, *plan.aliases]} == set(arms)
-    for job in plan.arms:
-        assert job.stage.run is not None and job.stage.run.model.arch == shape.arch
-        assert job.stage.run.model.matmul_params == shape.matmul_params
+    configs = [compose(j) for j in jobs]
+    for model in FAMILY_SHAPES:
+        shape = model_shape(model)
+        assert model != composed or all(c.model == shape for c in configs)
+        plan = build_plan([replace(c, model=shape) for c in configs], jobs)
+        assert {j.name for j in [*plan.arms, *plan.aliases]} == set(arms), model
+        for job in plan.arms:
+            assert job.stage.run is not None and job.stage.run.model.arch == shape.arch
+            assert job.stage.run.model.matmul_params == shape.matmul_params
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
