@@ -1,6 +1,6 @@
-"""Regional compile (`trainer.compile`): each decoder layer compiled in place, the attention masks
-settled outside, so SDPA keeps `is_causal=True` and grouped K/V heads (flash attention on a GPU);
-and the compiled trainer's losses against eager ones."""
+"""Regional compile (`trainer.compile`): each decoder layer compiled in place, SDPA run without
+masks (CAUSAL_SDPA), so it keeps `is_causal=True` and grouped K/V heads (flash attention on a
+GPU); and the compiled trainer's losses against eager ones."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from tests.harness import rows, tiny_run
 from train.config import ModelConfig
-from train.model import TokenLoss, build_model
+from train.model import CAUSAL_SDPA, TokenLoss, build_model
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -60,20 +60,27 @@ def test_compiled_layers_call_sdpa_causal_with_grouped_heads_and_no_mask():
     assert compiled.item() == pytest.approx(TokenLoss(_lm(), 8, "fused")(window).item(), rel=1e-6)
 
 
-def test_whole_model_compile_left_to_transformers_traces_a_mask_and_expands_the_heads():
-    """Why the masks are settled outside the compiled regions: compiling the model as transformers
-    runs it traces an explicit (B, 1, T, T) mask, SDPA gets `is_causal=False` and K/V repeated to
-    every head, and flash attention cannot run. (If a transformers release changes this, the
-    regional compile is still right; this test then says the reason is gone.)"""
-    torch._dynamo.reset()
-    lm = _lm()
-    recorder = SdpaCalls()
+def test_whole_model_compile_traces_a_mask_under_transformers_sdpa_and_none_under_causal_sdpa():
+    """Why the model runs SDPA as CAUSAL_SDPA (train/model.py): compiling the model as transformers
+    runs its own `sdpa` traces an explicit (B, 1, T, T) mask, SDPA gets `is_causal=False` and K/V
+    repeated to every head, and flash attention cannot run; under CAUSAL_SDPA transformers builds
+    no mask, so even the whole model compiled calls SDPA causal with grouped heads. (If a
+    transformers release changes the first, this test says the reason is gone.)"""
     window = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
-    torch.compile(lambda w: lm(input_ids=w).logits, backend=recorder)(window)
-    assert recorder.calls
-    for call in recorder.calls:
-        assert call["is_causal"] is False and call["attn_mask"] is not None
-        assert call["heads"] == [4, 4, 4] and not call.get("enable_gqa")
+    for kernel in ("sdpa", CAUSAL_SDPA):
+        torch._dynamo.reset()
+        lm = _lm()
+        lm.config._attn_implementation = kernel
+        recorder = SdpaCalls()
+        torch.compile(lambda w, lm=lm: lm(input_ids=w).logits, backend=recorder)(window)
+        assert recorder.calls
+        for call in recorder.calls:
+            if kernel == "sdpa":
+                assert call["is_causal"] is False and call["attn_mask"] is not None
+                assert call["heads"] == [4, 4, 4] and not call.get("enable_gqa")
+            else:
+                assert call["is_causal"] is True and call["attn_mask"] is None
+                assert call.get("enable_gqa") is True and call["heads"] == [4, 2, 2]
 
 
 @pytest.mark.slow

@@ -89,9 +89,10 @@ def test_every_family_s_flops_count_is_the_built_model_s(name, tied):
 
 @pytest.mark.parametrize("name", FAMILY_SHAPES)
 def test_every_family_s_chunked_and_fused_losses_equal_the_full_one(name):
-    """The loss heads through `get_decoder` / `get_output_embeddings`: the chunked (recomputed)
-    and fused (gradients in the forward) losses over 7-token chunks against the model's own
-    logits, loss and gradients in fp32."""
+    """The loss heads through `get_decoder` / `get_output_embeddings`, on SDPA without masks
+    (CAUSAL_SDPA): the full, chunked (recomputed) and fused (gradients in the forward) losses over
+    7-token chunks against each other and the loss of the model's own logits under eager
+    attention with the causal masks transformers builds, in fp32."""
     cfg = shape(name, vocab_size=300)
     window = torch.randint(0, 300, (3, 17), generator=torch.Generator().manual_seed(0))
     results = []
@@ -100,7 +101,8 @@ def test_every_family_s_chunked_and_fused_losses_equal_the_full_one(name):
         loss = TokenLoss(lm, chunk, kernel)(window)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in lm.parameters()]))
-    lm = build_model(cfg, seed=0)
+    lm = build_model(cfg, seed=0, attn_implementation="eager")  # with the masks transformers builds
+    assert lm.config._attn_implementation == "eager"
     logits = lm(input_ids=window[:, :-1]).logits
     own = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
     full, g_full = results[0]

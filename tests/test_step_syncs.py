@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.harness import counting_host_reads, optimizer_steps, tiny_run
+from tests.harness import FAMILY_SHAPES, counting_host_reads, model_shape, optimizer_steps, tiny_run
 from train.config import OptimizerConfig
 
 STEPS = {
@@ -27,6 +27,21 @@ STEPS = {
         optimizer=OptimizerConfig(name="sign_example", lr=3e-3, weight_decay=0.1)
     ),
 }
+
+
+# Every family, on the fused loss with per-example statistics (the most the trainer does in a step):
+# their masks are built by transformers (SDPA without a mask is Qwen2's), GPT-2's positions given.
+for _name in FAMILY_SHAPES:
+    _kv = 2 if _name.startswith("gpt2") else 1
+    STEPS[_name] = dict(
+        model=model_shape(
+            _name, vocab_size=320, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=_kv
+        ),
+        loss_kernel="fused",
+        loss_chunk_tokens=64,
+        per_example_stats=True,
+        micro_batch_size=4,
+    )
 
 
 @pytest.mark.parametrize("kind", list(STEPS))

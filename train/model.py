@@ -12,7 +12,14 @@ from typing import Any
 import torch
 import transformers
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from records.metrics import GROUPS
 from train.branch_point import weight_files
@@ -21,6 +28,27 @@ from train.families import FAMILIES
 from train.fused_loss import fused_linear_cross_entropy, loss_and_logit_gradient
 from train.unit_backward import UnitCollector
 
+# PyTorch's SDPA under a name of its own. Every window is one unpadded causal sequence, so no mask
+# is the right mask (`is_causal=True`, K/V heads left grouped: `enable_gqa`), and transformers
+# builds none for an attention kernel it has no mask function for. Left to itself it inspects
+# `position_ids` for packed sequences on every forward (a host read of a device value: a GPU
+# sync), and under torch.compile it traces an explicit (B, 1, T, T) mask, which sends SDPA
+# `is_causal=False` with K/V expanded to all heads: no flash attention.
+CAUSAL_SDPA = "causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+def attention_kernel(config: PretrainedConfig, requested: str) -> str:
+    """`trainer.attn_implementation` as the model is given it: SDPA without masks (CAUSAL_SDPA)
+    where every layer attends to the whole causal past; the kernel asked for otherwise (eager
+    attention adds the mask it is given: without one it would not be causal; sliding windows need
+    their masks)."""
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(
+        config, "use_sliding_window", True
+    )
+    layers = set(getattr(config, "layer_types", None) or {"full_attention"})
+    return CAUSAL_SDPA if requested == "sdpa" and not windowed and layers == {"full_attention"} else requested
+
 
 def hf_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> PretrainedConfig:
     """The transformers config of `cfg`'s family and shape (train/families.py), made locally."""
@@ -28,7 +56,7 @@ def hf_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Pretrained
     if problems:
         raise ValueError("; ".join(problems))
     config = AutoConfig.for_model(cfg.arch, **cfg.hf_kwargs())
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = attention_kernel(config, attn_implementation)
     return config
 
 
@@ -167,7 +195,6 @@ class TokenLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.kernel = kernel
         self.liger = liger_loss() if kernel == "liger" else None
-        self.masks = causal_without_mask(lm)
         self.learned_positions = FAMILIES[lm.config.model_type].learned_positions
         self.elementwise = loss_and_logit_gradient  # the fused loss's softmax part
         self.head_loss = self._head_loss  # the chunked loss's chunk
@@ -201,9 +228,8 @@ class TokenLoss(torch.nn.Module):
         """`trainer.compile`: torch.compile each decoder layer in place, and the loss's
         memory-bound part (the fused kernel's softmax and its gradient, the chunked kernel's head
         + cross-entropy), as torchtitan compiles per block. The layers are alike, so one compiled
-        graph serves them all (compile time of one layer, not of the model), and the attention
-        masks are settled outside the compiled regions: SDPA keeps `is_causal=True` and grouped
-        K/V heads, so flash attention runs (whole-model compile traced an explicit mask)."""
+        graph serves them all (compile time of one layer, not of the model). SDPA runs without
+        masks (CAUSAL_SDPA), so it keeps `is_causal=True` and grouped K/V heads: flash attention."""
         for layer in decoder_layers(self.lm):
             layer.compile(backend=backend)
         self.elementwise = torch.compile(loss_and_logit_gradient, backend=backend)
@@ -211,14 +237,14 @@ class TokenLoss(torch.nn.Module):
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states, (tokens, hidden)."""
-        hidden = self.decoder(input_ids=inputs, attention_mask=self.masks, **self.positions(inputs))
+        hidden = self.decoder(input_ids=inputs, **self.positions(inputs))
         hidden = hidden.last_hidden_state
         return hidden.reshape(-1, hidden.size(-1))
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         inputs, targets = window[:, :-1], window[:, 1:].reshape(-1)
         if self.kernel == "chunked" and self.chunk_tokens <= 0:
-            logits = self.lm(input_ids=inputs, attention_mask=self.masks, **self.positions(inputs)).logits
+            logits = self.lm(input_ids=inputs, **self.positions(inputs)).logits
             return _cross_entropy_sum(logits.reshape(-1, logits.size(-1)), targets)
         hidden = self.hidden_states(inputs)
         units = self.units if self.units is not None and self.units.active else None
@@ -268,23 +294,6 @@ class TokenLoss(torch.nn.Module):
         head = self.head
         logits = head(hidden) if first_row is None else head(hidden, first_row)
         return _cross_entropy_sum(logits, targets)
-
-
-def causal_without_mask(lm: PreTrainedModel) -> dict[str, None] | None:
-    """The attention masks to hand the decoder so that it builds none: every window is one
-    unpadded causal sequence, so with SDPA no mask is the right mask (`is_causal=True`, K/V heads
-    left grouped: `enable_gqa`). Left to itself, transformers inspects `position_ids` for packed
-    sequences on every forward (a host read of a device value: a GPU sync), and under
-    torch.compile it traces an explicit (B, 1, T, T) mask, which sends SDPA `is_causal=False` with
-    K/V expanded to all heads: no flash attention. None (transformers builds its masks) for other
-    attention kernels (eager attention adds the mask it is given: without one it would not be
-    causal) and for sliding-window layers."""
-    config = lm.config
-    if config._attn_implementation != "sdpa" or set(getattr(config, "layer_types", None) or ()) != {
-        "full_attention"
-    }:
-        return None
-    return {"full_attention": None}
 
 
 def liger_loss() -> torch.nn.Module:
