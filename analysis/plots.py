@@ -241,7 +241,7 @@ def critical_batch(branch: pd.DataFrame, fit: pd.DataFrame, path: Path, title: s
         x = np.arange(len(branch), dtype=np.float64)
         ax.set_xticks(x, branch["branch"])
     else:
-        ax.set_xlabel("branch point (warmup tokens)")
+        ax.set_xlabel("branch point (tokens trained: the warmup's, or the checkpoint's record)")
     mid = branch["critical_batch"].to_numpy(np.float64)
     lo, hi = branch["critical_low"].to_numpy(np.float64), branch["critical_high"].to_numpy(np.float64)
     ax.errorbar(x, mid, yerr=[mid - lo, hi - mid], fmt="o", capsize=4, label="critical batch (branched, CI)")
