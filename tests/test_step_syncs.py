@@ -29,8 +29,9 @@ STEPS = {
 }
 
 
-# Every family, on the fused loss with per-example statistics (the most the trainer does in a step):
-# their masks are built by transformers (SDPA without a mask is Qwen2's), GPT-2's positions given.
+# Every other family on the fused loss with per-example statistics (the most the trainer does in a
+# step): their decoders would build masks and read position_ids back but for causal_sdpa
+# (train/model.py); GPT-2's positions are given.
 for _name in FAMILY_SHAPES:
     _kv = 2 if _name.startswith("gpt2") else 1
     STEPS[_name] = dict(
