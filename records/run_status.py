@@ -21,6 +21,10 @@ from typing import Any
 from records.atomic import write_json_atomic
 
 STATUS_FILE = "status.json"
+# A run's checkpoints (train/checkpoint.py writes them): `<run_dir>/checkpoints/step-<step>.pt`, each
+# completed by `step-<step>.pt.sha256` holding its SHA-256 (a branch point's content: train/branch_point.py).
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_MARKER = ".sha256"
 
 
 class RunState(StrEnum):

@@ -22,12 +22,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from records.run_status import STATUS_FILE, RunState
+from records.run_status import CHECKPOINT_DIR, CHECKPOINT_MARKER, STATUS_FILE, RunState
 from train.families import HfShape, read_hf_config
 
 CACHE_FILE = ".bss-content.json"  # the content hash, beside the weight files
 INDEX_FILE = "model.safetensors.index.json"
-MARKER = ".sha256"  # train/checkpoint.py's completion marker: the checkpoint's digest
 # The shape's fields a checkpoint must match, in the order a mismatch is reported.
 SHAPE_FIELDS = (
     "arch",
@@ -106,6 +105,11 @@ def _tokens_of_pretrained(directory: Path) -> float:
         return math.nan
 
 
+def is_project_run(directory: str | Path) -> bool:
+    """A run directory of this project (its status file), not a save_pretrained one."""
+    return (Path(directory) / STATUS_FILE).is_file()
+
+
 def read_branch_point(path: str) -> BranchPoint:
     """The branch point at `path`; ValueError with a one-line message naming it where it is not one."""
     where = f"experiment.branch_from={path!r}"
@@ -113,11 +117,11 @@ def read_branch_point(path: str) -> BranchPoint:
     if not directory.is_dir():
         raise ValueError(f"{where}: not a directory")
     status_file = directory / STATUS_FILE
-    if status_file.is_file():
+    if is_project_run(directory):
         status = json.loads(status_file.read_text())
         if status.get("state") != RunState.COMPLETED:
             raise ValueError(f"{where}: a run of this project that has not completed ({status.get('state')})")
-        final = sorted((directory / "checkpoints").glob(f"step-*.pt{MARKER}"))
+        final = sorted((directory / CHECKPOINT_DIR).glob(f"step-*.pt{CHECKPOINT_MARKER}"))
         if not final:
             raise ValueError(f"{where}: a completed run without a complete checkpoint")
         return BranchPoint(

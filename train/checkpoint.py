@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 
+from records.run_status import CHECKPOINT_DIR, CHECKPOINT_MARKER
+
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
-MARKER = ".sha256"
+MARKER = CHECKPOINT_MARKER
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINT_DIR
 
 
 class _Hashing:

@@ -103,12 +103,20 @@ def data_problems(cfg: DataConfig, model_vocab: int | None = None) -> list[str]:
         problems.append("data.source=hf streams a hub dataset: set data.name and data.splits.max_tokens")
     if cfg.source in SHARD_SOURCES:
         problems += _shard_problems(cfg.source, cfg.path, cfg.text_field, cfg.splits.max_tokens)
-    if cfg.source == "tokens":
+    if cfg.source == "tokens":  # no tokenizer runs: the token files' checks instead of its
         problems += token_file_problems(cfg, model_vocab)
-        shares = {s: getattr(cfg.splits, s) for s in SPLITS}
-        if any(not v > 0 for v in shares.values()):
-            problems.append(f"data.splits {shares}: every split needs a positive share")
-        return problems
+    else:
+        problems += _tokenizer_problems(cfg, model_vocab)
+    shares = {s: getattr(cfg.splits, s) for s in SPLITS}
+    if any(not v > 0 for v in shares.values()):
+        problems.append(f"data.splits {shares}: every split needs a positive share")
+    return problems
+
+
+def _tokenizer_problems(cfg: DataConfig, model_vocab: int | None) -> list[str]:
+    """What is wrong with data.tokenizer: an unknown kind, a BPE too small, a local directory
+    without tokenizer.json, more tokens than the model's vocabulary."""
+    problems = []
     if cfg.tokenizer.kind not in TOKENIZERS:
         problems.append(
             f"data.tokenizer.kind={cfg.tokenizer.kind!r}: expected one of {', '.join(TOKENIZERS)}"
@@ -136,9 +144,6 @@ def data_problems(cfg: DataConfig, model_vocab: int | None = None) -> list[str]:
             f"the tokenizer ({which}) has {vocab} tokens, more than model.vocab_size={model_vocab}: "
             "token ids past the embedding table"
         )
-    shares = {s: getattr(cfg.splits, s) for s in SPLITS}
-    if any(not v > 0 for v in shares.values()):
-        problems.append(f"data.splits {shares}: every split needs a positive share")
     return problems
 
 
@@ -377,7 +382,7 @@ def _start_worker(file: str, use: str = "") -> str:
         _worker_fast = encoder(file, check=False)
         return use
     _worker_tokenizer = HFTokenizer.from_file(file)
-    _worker_fast = encoder(file) if not use else None
+    _worker_fast = encoder(file, reference=_worker_tokenizer) if not use else None
     return "tokenizers" if _worker_fast is None else "tiktoken"
 
 
@@ -478,12 +483,19 @@ def _token_documents(cfg: DataConfig) -> Iterator[tuple[str, bytes, np.ndarray]]
     problems = token_file_problems(cfg)
     if problems:
         raise ValueError(problems[0])
-    arrays = [(file, _token_array(file, t.dtype)) for file in token_files(cfg.path)]
+    # One pass over each shard, a block at a time (no shard-sized temporary): its largest id and
+    # where its documents end.
+    shards = []
     block = 1 << 26
-    for file, array in arrays:
+    for file in token_files(cfg.path):
+        array = _token_array(file, t.dtype)
         if not len(array):
             raise ValueError(f"{file}: an empty token shard")
-        top = max(int(array[i : i + block].max()) for i in range(0, len(array), block))
+        top, ends = 0, []
+        for i in range(0, len(array), block):
+            part = array[i : i + block]
+            top = max(top, int(part.max()))
+            ends.append(np.flatnonzero(part == t.eos_id) + (i + 1))
         if top >= t.vocab_size:
             raise ValueError(f"{file}: token id {top} is past data.tokens.vocab_size={t.vocab_size}")
         if int(array[-1]) != t.eos_id:
@@ -491,10 +503,10 @@ def _token_documents(cfg: DataConfig) -> Iterator[tuple[str, bytes, np.ndarray]]
                 f"{file}: does not end with data.tokens.eos_id={t.eos_id} (every document must end with "
                 "it: is the EOS id right?)"
             )
-    for file, array in arrays:
-        ends = np.flatnonzero(array == t.eos_id) + 1
+        shards.append((file, array, np.concatenate(ends)))
+    for file, array, doc_ends in shards:
         start = 0
-        for end in ends.tolist():
+        for end in doc_ends.tolist():
             doc = array[start:end]
             yield f"{file.name}:{start}", doc.tobytes(), doc
             start = end

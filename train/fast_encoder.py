@@ -133,10 +133,13 @@ def tiktoken_encoding(tokenizer_json: str | Path) -> tuple[Any, Callable[[str], 
     return encoding, normalise
 
 
-def encoder(tokenizer_json: str | Path, check: bool = True) -> Callable[[list[str]], list[list[int]]] | None:
+def encoder(
+    tokenizer_json: str | Path, check: bool = True, reference: Any = None
+) -> Callable[[list[str]], list[list[int]]] | None:
     """A batch encoder by tiktoken for this tokenizer, if it gives the Hugging Face ids on
     `PROBES` (added tokens in the text are matched as `tokenizers` matches them; `check=False`:
-    another process checked it); else None, and None where the environment says
+    another process checked it; `reference`: the file as a `tokenizers.Tokenizer` already loaded);
+    else None, and None where the environment says
     BSS_ENCODER=tokenizers (the slower path, never tiktoken)."""
     if os.environ.get("BSS_ENCODER") == "tokenizers":
         return None
@@ -150,8 +153,9 @@ def encoder(tokenizer_json: str | Path, check: bool = True) -> Callable[[list[st
 
     if not check:
         return encode
-    from tokenizers import Tokenizer
+    if reference is None:
+        from tokenizers import Tokenizer
 
-    reference = Tokenizer.from_file(str(tokenizer_json))
+        reference = Tokenizer.from_file(str(tokenizer_json))
     expected = [e.ids for e in reference.encode_batch(PROBES, add_special_tokens=False)]
     return encode if encode(PROBES) == expected else None

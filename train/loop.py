@@ -27,9 +27,10 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from records.metrics import VAL_SEQUENCES
-from records.run_status import STATUS_FILE, RunClaim, RunInUse, RunState, mark_failed, read_status
+from records.run_status import RunClaim, RunInUse, RunState, mark_failed, read_status
 from train.adam_variants import VariantAdam
 from train.batching import BatchPlan
+from train.branch_point import is_project_run
 from train.checkpoint import (
     checkpoint_dir,
     find_checkpoint,
@@ -590,7 +591,7 @@ class Trainer:
     # hyperparameters, also over a carried optimizer state.
     def branch(self) -> None:
         cfg, state = self.cfg, self.state
-        if cfg.init_checkpoint and not (Path(cfg.init_checkpoint) / STATUS_FILE).exists():
+        if cfg.init_checkpoint and not is_project_run(cfg.init_checkpoint):
             load_pretrained(
                 state.model, cfg.init_checkpoint
             )  # experiment.branch_from: the researcher's weights
